@@ -1,0 +1,56 @@
+//! Collectives between ranks.
+//!
+//! [`Communicator`] is the one interface every transport implements: in-process threads
+//! ([`local`]), and later shared memory, gRPC and NCCL. [`suite`] is a transport-generic test
+//! suite: each transport runs the same checks against a float64 reference.
+
+pub mod local;
+pub mod suite;
+
+use std::fmt::Debug;
+
+use candle_core::Tensor;
+
+use crate::error::Result;
+
+pub use local::LocalGroup;
+
+/// Collective operations among the ranks of one tensor-parallel group.
+///
+/// Calls are blocking and must be made by every rank in the same order (as with NCCL).
+/// Every wait has a deadline: a rank that is gone or late is reported by number in an
+/// [`crate::Error::Comm`], never waited on forever.
+pub trait Communicator: Send + Sync + Debug {
+    /// This rank's index, `0..world_size`.
+    fn rank(&self) -> usize;
+
+    /// Number of ranks in the group.
+    fn world_size(&self) -> usize;
+
+    /// Element-wise sum of `t` over all ranks, returned on every rank. Supports f32, bf16
+    /// and f16; the result has the input's dtype and shape, and is identical on every rank.
+    ///
+    /// # Errors
+    /// Shape or dtype differs between ranks, unsupported dtype, or a peer is gone.
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
+
+    /// Concatenation of every rank's `t` along `dim`, in rank order. Pieces may differ in
+    /// size along `dim` (uneven splits); other dimensions must agree.
+    ///
+    /// # Errors
+    /// Mismatched shapes or dtypes between ranks, or a peer is gone.
+    fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor>;
+
+    /// Rank `root`'s `t`, returned on every rank. Every rank passes a tensor of the same
+    /// shape and dtype (its content is ignored except on `root`).
+    ///
+    /// # Errors
+    /// `root` out of range, mismatched shapes, or a peer is gone.
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor>;
+
+    /// Returns once every rank has called it.
+    ///
+    /// # Errors
+    /// A peer is gone or does not arrive before the deadline.
+    fn barrier(&self) -> Result<()>;
+}

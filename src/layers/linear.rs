@@ -1,0 +1,250 @@
+//! The parallel linear layer and the one function that loads a linear weight.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Tensor, D};
+
+use super::lora::Lora;
+use crate::comm::Communicator;
+use crate::error::{Error, LayerContext, Result};
+use crate::quant::{GgmlLinear, IsqType, QuantConfig, QuantMethod, UnquantLinear};
+use crate::shard::Shard;
+use crate::weights::WeightSource;
+
+/// How a layer's per-rank outputs combine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reduce {
+    /// Each rank keeps its own output: replicated layers, and column-parallel layers whose
+    /// output feeds a row-parallel layer.
+    None,
+    /// Partial sums are all-reduced (row-parallel); the bias is added once, after.
+    AllReduce,
+    /// Output slices are concatenated along the last dimension (column-parallel with a full
+    /// output, e.g. a vocab-parallel lm_head).
+    AllGather,
+}
+
+/// One weight tensor (or one chunk of a packed tensor) a rank loads: `{name}.weight` of full
+/// shape `[out, in]`, narrowed by `shard` (dimension 0: output rows; 1: input columns).
+#[derive(Debug, Clone)]
+pub struct Piece {
+    /// Tensor prefix; the weight is `{name}.weight`, the bias `{name}.bias`.
+    pub name: String,
+    /// Full output dimension of the tensor.
+    pub out: usize,
+    /// Full input dimension of the tensor.
+    pub inp: usize,
+    /// This rank's part.
+    pub shard: Shard,
+    /// Adapter merged into this piece at load.
+    pub lora: Option<Lora>,
+}
+
+impl Piece {
+    /// A piece covering `name` with the given shard and no adapter.
+    pub fn new(name: impl Into<String>, out: usize, inp: usize, shard: Shard) -> Self {
+        Self {
+            name: name.into(),
+            out,
+            inp,
+            shard,
+            lora: None,
+        }
+    }
+
+    /// Adds a LoRA adapter.
+    pub fn with_lora(mut self, lora: Option<Lora>) -> Self {
+        self.lora = lora;
+        self
+    }
+}
+
+/// Loads one piece: the only place that turns a quantization config into a layer.
+///
+/// With `bias` set, `{name}.bias` is loaded and sharded with the weight's output rows; a
+/// bias of a row shard (input columns) is not this layer's to add and must be loaded by
+/// the caller (see [`ParallelLinear::load`]).
+///
+/// # Errors
+/// Missing tensors, shape or dtype mismatches (named), or shards that do not fit.
+pub fn load_linear(
+    quant: &QuantConfig,
+    src: &dyn WeightSource,
+    piece: &Piece,
+    bias: bool,
+) -> Result<Arc<dyn QuantMethod>> {
+    let w_name = format!("{}.weight", piece.name);
+    src.expect_shape(&w_name, &[piece.out, piece.inp])?;
+    let b = if bias && piece.shard.dim() == 0 {
+        src.expect_shape(&format!("{}.bias", piece.name), &[piece.out])?;
+        Some(src.read(&format!("{}.bias", piece.name), &piece.shard, DType::F32)?)
+    } else {
+        None
+    };
+    let layer: Arc<dyn QuantMethod> = match quant {
+        QuantConfig::Unquantized { dtype } => {
+            let b = b.map(|b| b.to_dtype(*dtype)).transpose()?;
+            Arc::new(UnquantLinear::new(src.read(&w_name, &piece.shard, *dtype)?, b)?)
+        }
+        QuantConfig::Ggml => match src.read_quantized(&w_name, &piece.shard)? {
+            Some(q) => Arc::new(GgmlLinear::new(q, b)?),
+            None => Arc::new(UnquantLinear::new(
+                src.read(&w_name, &piece.shard, DType::F32)?,
+                b,
+            )?),
+        },
+    };
+    match &piece.lora {
+        Some(lora) => layer.add_delta_w(&lora.delta(piece.out, piece.inp, &piece.shard)?),
+        None => Ok(layer),
+    }
+}
+
+/// A tensor-parallel linear layer: this rank's weight pieces and how outputs combine.
+#[derive(Debug, Clone)]
+pub struct ParallelLinear {
+    name: String,
+    parts: Vec<Arc<dyn QuantMethod>>,
+    reduce: Reduce,
+    /// Row-parallel bias, added once after the all-reduce.
+    bias_after: Option<Tensor>,
+    comm: Arc<dyn Communicator>,
+}
+
+impl ParallelLinear {
+    /// Loads a layer from its pieces.
+    ///
+    /// Column-parallel: pieces sharded on dimension 0, their outputs concatenated (merged
+    /// chunks such as q/k/v or gate/up), biases sharded with them. Row-parallel
+    /// (`Reduce::AllReduce`): one piece sharded on dimension 1; the full bias is added after
+    /// the reduction. Replicated: full pieces, `Reduce::None`.
+    ///
+    /// # Errors
+    /// As [`load_linear`], plus inconsistent pieces; errors name the layer.
+    pub fn load(
+        name: &str,
+        quant: &QuantConfig,
+        src: &dyn WeightSource,
+        pieces: &[Piece],
+        bias: bool,
+        reduce: Reduce,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
+        let inner = || -> Result<Self> {
+            if pieces.is_empty() {
+                return Err(Error::Config {
+                    field: "pieces".into(),
+                    reason: "a linear layer needs at least one piece".into(),
+                });
+            }
+            let parts = pieces
+                .iter()
+                .map(|p| load_linear(quant, src, p, bias).in_layer(&p.name))
+                .collect::<Result<Vec<_>>>()?;
+            let row_bias = bias && pieces.iter().any(|p| p.shard.dim() == 1);
+            if row_bias && pieces.len() != 1 {
+                return Err(Error::Config {
+                    field: "pieces".into(),
+                    reason: "a row-parallel layer has exactly one piece".into(),
+                });
+            }
+            let bias_after = if row_bias {
+                let p = &pieces[0];
+                let name = format!("{}.bias", p.name);
+                src.expect_shape(&name, &[p.out])?;
+                Some(src.read(&name, &Shard::full(), DType::F32)?)
+            } else {
+                None
+            };
+            Ok(Self {
+                name: name.to_string(),
+                parts,
+                reduce,
+                bias_after,
+                comm,
+            })
+        };
+        inner().in_layer(name)
+    }
+
+    /// Builds a layer from already-loaded parts (tests, tools).
+    pub fn from_parts(
+        name: &str,
+        parts: Vec<Arc<dyn QuantMethod>>,
+        reduce: Reduce,
+        bias_after: Option<Tensor>,
+        comm: Arc<dyn Communicator>,
+    ) -> Self {
+        Self {
+            name: name.to_string(),
+            parts,
+            reduce,
+            bias_after,
+            comm,
+        }
+    }
+
+    /// Layer name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// This rank's weight pieces.
+    pub fn parts(&self) -> &[Arc<dyn QuantMethod>] {
+        &self.parts
+    }
+
+    /// How outputs combine.
+    pub fn reduce(&self) -> Reduce {
+        self.reduce
+    }
+
+    /// Output widths of the pieces on this rank (to split merged outputs).
+    pub fn part_widths(&self) -> Vec<usize> {
+        self.parts.iter().map(|p| p.shape().0).collect()
+    }
+
+    /// `x @ W^T`, combined across ranks as the layer says, plus the bias.
+    ///
+    /// # Errors
+    /// Kernel or collective errors, naming the layer.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let run = || -> Result<Tensor> {
+            let ys = self
+                .parts
+                .iter()
+                .map(|p| p.forward(x))
+                .collect::<Result<Vec<_>>>()?;
+            let y = if ys.len() == 1 {
+                ys.into_iter().next().unwrap_or_else(|| unreachable!())
+            } else {
+                Tensor::cat(&ys, D::Minus1)?
+            };
+            let y = match self.reduce {
+                Reduce::None => y,
+                Reduce::AllReduce => self.comm.all_reduce_sum(&y)?,
+                Reduce::AllGather => {
+                    let last = y.rank() - 1;
+                    self.comm.all_gather(&y, last)?
+                }
+            };
+            crate::quant::add_bias(y, self.bias_after.as_ref())
+        };
+        run().in_layer(&self.name)
+    }
+
+    /// Quantizes every piece to `ty` (with the block-alignment fallback per piece).
+    ///
+    /// # Errors
+    /// Kernel errors, naming the layer.
+    pub fn apply_isq(&mut self, ty: IsqType) -> Result<()> {
+        let parts = self
+            .parts
+            .iter()
+            .map(|p| p.apply_isq(ty, &self.name))
+            .collect::<Result<Vec<_>>>()
+            .in_layer(&self.name)?;
+        self.parts = parts;
+        Ok(())
+    }
+}

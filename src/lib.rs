@@ -1,0 +1,26 @@
+//! shardwise: run a transformer tensor-parallel across ranks and hosts.
+//!
+//! A map of the crate, in data-flow order:
+//!
+//! - [`weights`]: read tensors, or one rank's shard of them, from safetensors or GGUF files,
+//!   copying only the shard's bytes.
+//! - [`shard`]: which slice a rank owns; the split planner for uneven, block-aligned splits
+//!   (any world size runs any model) and the attention-head planner.
+//! - [`quant`]: how a weight is stored and multiplied ([`quant::QuantMethod`]): dense or GGML
+//!   blocks, and in-situ quantization with the block-alignment fallback.
+//! - [`layers`]: Megatron-style parallel layers built on one wrapper
+//!   ([`layers::ParallelLinear`]): column, row (all-reduced, bias once), replicated, merged
+//!   chunks, KV sharding with replication, LoRA merged at load.
+//! - [`comm`]: collectives ([`comm::Communicator`]) and a test suite every transport passes.
+//! - [`bench`]: measurements behind `shardwise bench`.
+//! - [`error`]: one error type carrying file, tensor, rank and layer context.
+
+pub mod bench;
+pub mod comm;
+pub mod error;
+pub mod layers;
+pub mod quant;
+pub mod shard;
+pub mod weights;
+
+pub use error::{Error, Result};
