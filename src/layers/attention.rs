@@ -103,7 +103,7 @@ pub fn expand_kv(kv: &Tensor, heads: &HeadShard) -> Result<Tensor> {
     }
     let idx: Vec<u32> = heads.kv_of_q.iter().map(|&k| k as u32).collect();
     let idx = Tensor::from_vec(idx, heads.kv_of_q.len(), &Device::Cpu)?.to_device(kv.device())?;
-    Ok(kv.index_select(&idx, 1)?)
+    Ok(kv.contiguous()?.index_select(&idx, 1)?)
 }
 
 impl AttentionProjections {
