@@ -6,6 +6,7 @@
 
 pub mod copy;
 pub mod gguf;
+pub mod memory;
 pub mod safetensors;
 
 use std::fmt::Debug;
@@ -18,6 +19,7 @@ use crate::error::{Error, Result};
 use crate::shard::Shard;
 
 pub use self::gguf::GgufSource;
+pub use self::memory::MemorySource;
 pub use self::safetensors::SafetensorsSource;
 
 /// Storage type of a tensor in a file.

@@ -13,7 +13,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::Dtype as StDtype;
 
-use super::copy::copy_shard;
+use super::copy::{copy_shard, copy_shard_typed};
 use super::{check_target, FileDType, TensorMeta, WeightSource};
 use crate::error::{Error, Result};
 use crate::shard::Shard;
@@ -53,6 +53,42 @@ struct Entry {
     shape: Vec<usize>,
     /// Absolute byte range in the file.
     bytes: Range<usize>,
+}
+
+/// Builds a tensor of `dtype` from a shard of `bytes`, copying once into its final buffer.
+fn typed_tensor(
+    dtype: DType,
+    bytes: &[u8],
+    dims: &[usize],
+    dim: usize,
+    offset: usize,
+    len: usize,
+    shape: &[usize],
+) -> Result<Tensor> {
+    fn build<T: candle_core::WithDType>(
+        bytes: &[u8],
+        dims: &[usize],
+        dim: usize,
+        offset: usize,
+        len: usize,
+        shape: &[usize],
+    ) -> Result<Tensor> {
+        let v = copy_shard_typed::<T>(bytes, dims, dim, offset, len);
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+    }
+    match dtype {
+        DType::F32 => build::<f32>(bytes, dims, dim, offset, len, shape),
+        DType::F16 => build::<half::f16>(bytes, dims, dim, offset, len, shape),
+        DType::BF16 => build::<half::bf16>(bytes, dims, dim, offset, len, shape),
+        DType::F64 => build::<f64>(bytes, dims, dim, offset, len, shape),
+        DType::F8E4M3 => build::<float8::F8E4M3>(bytes, dims, dim, offset, len, shape),
+        other => Ok(Tensor::from_raw_buffer(
+            &copy_shard(bytes, dims, other.size_in_bytes(), dim, offset, len),
+            other,
+            shape,
+            &Device::Cpu,
+        )?),
+    }
 }
 
 /// One memory-mapped safetensors file.
@@ -235,14 +271,18 @@ impl WeightSource for SafetensorsSource {
             .sharded_shape(&e.shape)
             .map_err(|err| err.in_layer(name))?;
         let bytes = &file.mmap[e.bytes.clone()];
-        let data = if e.shape.is_empty() {
-            bytes.to_vec()
+        let (dim, offset, len) = if e.shape.is_empty() {
+            (0, 0, 1)
         } else {
             let (offset, len) = shard.resolve(e.shape[shard.dim()])?;
-            copy_shard(bytes, &e.shape, e.dtype.bitsize() / 8, shard.dim(), offset, len)
+            (shard.dim(), offset, len)
         };
-        self.copied.fetch_add(data.len() as u64, Ordering::Relaxed);
-        let t = Tensor::from_raw_buffer(&data, src_dtype, &shape, &Device::Cpu)?;
+        let dims = if e.shape.is_empty() { vec![1] } else { e.shape.clone() };
+        let t = typed_tensor(src_dtype, bytes, &dims, dim, offset, len, &shape)?;
+        self.copied.fetch_add(
+            (t.elem_count() * src_dtype.size_in_bytes()) as u64,
+            Ordering::Relaxed,
+        );
         Ok(if src_dtype == dtype {
             t
         } else {
