@@ -8,7 +8,11 @@ use shardwise::quant::IsqType;
 use shardwise::shard::plan_heads;
 
 #[derive(Parser)]
-#[command(name = "shardwise", version, about = "Tensor-parallel transformer runtime")]
+#[command(
+    name = "shardwise",
+    version,
+    about = "Tensor-parallel transformer runtime"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -124,7 +128,14 @@ fn run(cli: Cli) -> shardwise::Result<()> {
             println!("SwiGLU MLP {hidden}x{intermediate}, in-process ranks, {iters} iterations");
             println!("| format | world | tokens | median ms | min ms | down_proj per rank |");
             println!("|---|---|---|---|---|---|");
-            for r in shardwise::bench::bench_mlp(hidden, intermediate, &formats, &worlds, &tokens, iters)? {
+            for r in shardwise::bench::bench_mlp(
+                hidden,
+                intermediate,
+                &formats,
+                &worlds,
+                &tokens,
+                iters,
+            )? {
                 println!(
                     "| {} | {} | {} | {:.2} | {:.2} | {} |",
                     r.format,
@@ -149,7 +160,12 @@ fn run(cli: Cli) -> shardwise::Result<()> {
             println!("| read of a {size_mib} MiB safetensors file (page-cached) | best s | GB/s |");
             println!("|---|---|---|");
             for r in shardwise::bench::bench_read(&dir, size_mib, world, reps)? {
-                println!("| {} | {:.3} | {:.2} |", r.what, r.best.as_secs_f64(), r.gbps());
+                println!(
+                    "| {} | {:.3} | {:.2} |",
+                    r.what,
+                    r.best.as_secs_f64(),
+                    r.gbps()
+                );
             }
         }
     }

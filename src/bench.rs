@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
 
-use crate::comm::{suite::on_ranks, Communicator, LocalGroup};
+use crate::comm::{suite::on_ranks, Communicator, LocalComm};
 use crate::error::{Error, Result};
 use crate::layers::Mlp;
 use crate::quant::{IsqType, QuantConfig};
@@ -33,7 +33,7 @@ pub struct MlpRow {
 }
 
 fn local_comms(world: usize) -> Result<Vec<Arc<dyn Communicator>>> {
-    Ok(LocalGroup::new(world)?
+    Ok(LocalComm::group(world)?
         .into_iter()
         .map(|c| Arc::new(c) as Arc<dyn Communicator>)
         .collect())
@@ -78,7 +78,16 @@ pub fn bench_mlp(
             let align = format.map_or(1, |f| f.block_size());
             let results = on_ranks(&comms, |r, _| {
                 let comm = comms[r].clone();
-                let mut mlp = Mlp::load("mlp", hidden, intermediate, &f32c, &src, comm.clone(), align, None)?;
+                let mut mlp = Mlp::load(
+                    "mlp",
+                    hidden,
+                    intermediate,
+                    &f32c,
+                    &src,
+                    comm.clone(),
+                    align,
+                    None,
+                )?;
                 if let Some(ty) = format {
                     mlp.apply_isq(ty)?;
                 }
@@ -145,15 +154,15 @@ pub fn write_big_safetensors(path: &Path, rows: usize, cols: usize) -> Result<()
         source,
     };
     let n = rows * cols * 4;
-    let mut header = format!(
-        r#"{{"w":{{"dtype":"F32","shape":[{rows},{cols}],"data_offsets":[0,{n}]}}}}"#
-    );
+    let mut header =
+        format!(r#"{{"w":{{"dtype":"F32","shape":[{rows},{cols}],"data_offsets":[0,{n}]}}}}"#);
     while header.len() % 8 != 0 {
         header.push(' ');
     }
     let tmp = path.with_extension("tmp");
     let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).map_err(io)?);
-    f.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
+    f.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
     f.write_all(header.as_bytes()).map_err(io)?;
     let chunk = 1 << 24;
     let mut buf = vec![0u8; chunk];
@@ -210,7 +219,9 @@ pub fn bench_read(dir: &Path, size_mib: usize, world: usize, reps: usize) -> Res
         let bytes = (rows * cols * 4) as u64;
         time_cat(&path)?; // warm the page cache
         let mut out = Vec::new();
-        let best = (0..reps).map(|_| time_cat(&path)).collect::<Result<Vec<_>>>()?;
+        let best = (0..reps)
+            .map(|_| time_cat(&path))
+            .collect::<Result<Vec<_>>>()?;
         out.push(ReadRow {
             what: "cat file >/dev/null".into(),
             bytes,

@@ -113,7 +113,10 @@ impl Shard {
             }
             Shard::Offset { offset, len, .. } => {
                 if offset.checked_add(len).is_none_or(|end| end > size) {
-                    return Err(bad(format!("slice {offset}..{} is out of range", offset + len)));
+                    return Err(bad(format!(
+                        "slice {offset}..{} is out of range",
+                        offset + len
+                    )));
                 }
                 Ok((offset, len))
             }
@@ -215,7 +218,9 @@ pub fn plan_split(spec: &SplitSpec<'_>, world_size: usize) -> Result<Vec<Range<u
         return Err(no_plan("world size must be at least 1".into()));
     }
     if spec.units == 0 || spec.unit_elems == 0 || spec.align == 0 {
-        return Err(no_plan("units, unit size and alignment must be positive".into()));
+        return Err(no_plan(
+            "units, unit size and alignment must be positive".into(),
+        ));
     }
     // Smallest whole number of units whose element count is a multiple of `align`.
     let step = spec.align / gcd(spec.unit_elems, spec.align);
@@ -406,7 +411,13 @@ mod tests {
         assert!(s.resolve(10).is_err());
         let t = Tensor::zeros((2, 10), candle_core::DType::F32, &candle_core::Device::Cpu).unwrap();
         assert!(s.apply_to(&t).is_err());
-        assert!(Shard::Offset { dim: 2, offset: 0, len: 1 }.apply_to(&t).is_err());
+        assert!(Shard::Offset {
+            dim: 2,
+            offset: 0,
+            len: 1
+        }
+        .apply_to(&t)
+        .is_err());
     }
 
     #[test]

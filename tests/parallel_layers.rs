@@ -35,7 +35,11 @@ fn check_attention(dims: AttentionDims, world: usize, tokens: usize) {
         ("o_proj", h, q_out),
     ] {
         t.insert(format!("blk.{n}.weight"), rand_tensor(&[out, inp], 0.5));
-        let with_bias = if n == "o_proj" { dims.o_bias } else { dims.qkv_bias };
+        let with_bias = if n == "o_proj" {
+            dims.o_bias
+        } else {
+            dims.qkv_bias
+        };
         if with_bias {
             t.insert(format!("blk.{n}.bias"), rand_tensor(&[out], 0.5));
         }
@@ -84,12 +88,19 @@ fn check_attention(dims: AttentionDims, world: usize, tokens: usize) {
     assert_eq!(covered, dims.n_heads);
 }
 
-fn write_mlp(hidden: usize, inter: usize, packed: bool) -> (tempfile::TempDir, HashMap<String, Tensor>) {
+fn write_mlp(
+    hidden: usize,
+    inter: usize,
+    packed: bool,
+) -> (tempfile::TempDir, HashMap<String, Tensor>) {
     let dir = tempfile::tempdir().unwrap();
     let mut t = HashMap::new();
     let gate = rand_tensor(&[inter, hidden], 0.5);
     let up = rand_tensor(&[inter, hidden], 0.5);
-    t.insert("mlp.down_proj.weight".to_string(), rand_tensor(&[hidden, inter], 0.5));
+    t.insert(
+        "mlp.down_proj.weight".to_string(),
+        rand_tensor(&[hidden, inter], 0.5),
+    );
     let mut file = t.clone();
     if packed {
         file.insert(
@@ -122,7 +133,10 @@ fn check_mlp(hidden: usize, inter: usize, world: usize, tokens: usize, packed: b
     });
     for (r, y) in outs.iter().enumerate() {
         let e = rel_err(y, &reference);
-        assert!(e < 1e-5, "mlp {hidden}x{inter} world {world} rank {r}: rel err {e}");
+        assert!(
+            e < 1e-5,
+            "mlp {hidden}x{inter} world {world} rank {r}: rel err {e}"
+        );
     }
 }
 
@@ -204,22 +218,31 @@ fn isq_every_type_tp_matches_single_rank_quantized() {
             run_ranks(world, |comm| {
                 let mut mlp = Mlp::load("mlp", hidden, inter, &F32, &src, comm, 256, None)?;
                 mlp.apply_isq(isq)?;
-                let formats: Vec<String> =
-                    mlp.down.parts().iter().map(|p| p.format()).collect();
+                let formats: Vec<String> = mlp.down.parts().iter().map(|p| p.format()).collect();
                 Ok((mlp.forward(&x)?, formats))
             })
         };
         let single = run(1);
         let (y1, f1) = &single[0];
-        assert_eq!(f1, &vec![isq.name()], "{ty:?}: single rank did not quantize");
+        assert_eq!(
+            f1,
+            &vec![isq.name()],
+            "{ty:?}: single rank did not quantize"
+        );
         let e = rms_rel_err(y1, &reference);
         assert!(e < isq_bound(ty), "{ty:?} vs f32: rms rel err {e}");
-        assert!(e > 1e-7, "{ty:?}: output identical to f32, quantization did not happen");
+        assert!(
+            e > 1e-7,
+            "{ty:?}: output identical to f32, quantization did not happen"
+        );
         for world in [2, 3] {
             for (r, (y, f)) in run(world).iter().enumerate() {
                 assert_eq!(f, &vec![isq.name()], "{ty:?} world {world} rank {r}");
                 let e = rel_err(y, y1);
-                assert!(e < 1e-5, "{ty:?} world {world} rank {r}: {e} vs single-rank");
+                assert!(
+                    e < 1e-5,
+                    "{ty:?} world {world} rank {r}: {e} vs single-rank"
+                );
             }
         }
     }
@@ -274,7 +297,10 @@ fn lora_delta_merged_and_sharded_with_weight() {
     let x = rand_tensor(&[2, hidden], 1.0);
     let reference = mlp_ref(&x, &merged);
     let base = mlp_ref(&x, &t);
-    assert!(rel_err(&base, &reference) > 1e-2, "adapter too small to detect");
+    assert!(
+        rel_err(&base, &reference) > 1e-2,
+        "adapter too small to detect"
+    );
     for world in [1, 2, 3] {
         for y in run_ranks(world, |comm| {
             Mlp::load("mlp", hidden, inter, &F32, &src, comm, 1, Some(&lora))?.forward(&x)
@@ -288,7 +314,9 @@ fn lora_delta_merged_and_sharded_with_weight() {
 fn source_reports_only_shard_bytes_for_layers() {
     let (dir, _) = write_mlp(64, 120, false);
     let src = SafetensorsSource::open(&dir.path().join("mlp.safetensors")).unwrap();
-    let srcs: Vec<_> = (0..3).map(|_| SafetensorsSource::open(&dir.path().join("mlp.safetensors")).unwrap()).collect();
+    let srcs: Vec<_> = (0..3)
+        .map(|_| SafetensorsSource::open(&dir.path().join("mlp.safetensors")).unwrap())
+        .collect();
     run_ranks(3, |comm| {
         let r = comm.rank();
         Mlp::load("mlp", 64, 120, &F32, &srcs[r], comm, 1, None).map(|_| ())

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use shardwise::comm::{Communicator, LocalGroup};
+use shardwise::comm::{Communicator, LocalComm};
 use shardwise::layers::{Mlp, ParallelLinear, Piece, Reduce};
 use shardwise::quant::QuantConfig;
 use shardwise::shard::{plan_split, Shard, SplitSpec};
@@ -19,7 +19,7 @@ use shardwise::weights::{self, GgufSource, SafetensorsSource, WeightSource};
 use shardwise::Error;
 
 fn one_comm() -> Arc<dyn Communicator> {
-    Arc::new(LocalGroup::new(1).unwrap().pop().unwrap())
+    Arc::new(LocalComm::group(1).unwrap().pop().unwrap())
 }
 
 /// Byte offset of a tensor's data inside a safetensors file, read from the header with
@@ -46,14 +46,17 @@ fn shard_read_copies_only_the_shard_and_ignores_poisoned_bytes() {
             for c in 0..ncols {
                 let idx = if dim == 0 { r } else { c };
                 if idx < offset || idx >= offset + len {
-                    f.seek(SeekFrom::Start((start + (r * ncols + c) * 4) as u64)).unwrap();
+                    f.seek(SeekFrom::Start((start + (r * ncols + c) * 4) as u64))
+                        .unwrap();
                     f.write_all(&f32::NAN.to_le_bytes()).unwrap();
                 }
             }
         }
         drop(f);
         let src = SafetensorsSource::open(&path).unwrap();
-        let got = src.read("w", &Shard::Offset { dim, offset, len }, DType::F32).unwrap();
+        let got = src
+            .read("w", &Shard::Offset { dim, offset, len }, DType::F32)
+            .unwrap();
         assert_eq!(rel_err(&got, &w.narrow(dim, offset, len).unwrap()), 0.0);
         let other = if dim == 0 { ncols } else { rows };
         assert_eq!(src.bytes_copied(), (len * other * 4) as u64);
@@ -68,9 +71,15 @@ fn dtype_conversions_match_independent_rounding() {
     let path = dir.path().join("d.safetensors");
     let w = rand_tensor(&[8, 24], 4.0);
     let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-    let bf: Vec<f32> = v.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect();
+    let bf: Vec<f32> = v
+        .iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect();
     let hf: Vec<f32> = v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
-    let f8: Vec<f32> = v.iter().map(|&x| float8::F8E4M3::from_f32(x).to_f32()).collect();
+    let f8: Vec<f32> = v
+        .iter()
+        .map(|&x| float8::F8E4M3::from_f32(x).to_f32())
+        .collect();
     save(
         &HashMap::from([
             ("f32".to_string(), w.clone()),
@@ -81,19 +90,45 @@ fn dtype_conversions_match_independent_rounding() {
         &path,
     );
     let src = SafetensorsSource::open(&path).unwrap();
-    let shard = Shard::Offset { dim: 1, offset: 3, len: 13 };
+    let shard = Shard::Offset {
+        dim: 1,
+        offset: 3,
+        len: 13,
+    };
     let want = |full: &[f32]| -> Vec<f32> {
-        (0..8).flat_map(|r| full[r * 24 + 3..r * 24 + 16].to_vec()).collect()
+        (0..8)
+            .flat_map(|r| full[r * 24 + 3..r * 24 + 16].to_vec())
+            .collect()
     };
     for (name, reference) in [("bf16", &bf), ("f16", &hf), ("f8", &f8), ("f32", &v)] {
         let got = src.read(name, &shard, DType::F32).unwrap();
-        assert_eq!(got.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want(reference), "{name}");
+        assert_eq!(
+            got.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want(reference),
+            "{name}"
+        );
     }
     // And the other way: f32 read as bf16 / f8e4m3 rounds like the reference.
     let got = src.read("f32", &Shard::full(), DType::BF16).unwrap();
-    assert_eq!(got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), bf);
+    assert_eq!(
+        got.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        bf
+    );
     let got = src.read("f32", &Shard::full(), DType::F8E4M3).unwrap();
-    assert_eq!(got.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), f8);
+    assert_eq!(
+        got.to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap(),
+        f8
+    );
 }
 
 #[test]
@@ -101,8 +136,14 @@ fn indexed_checkpoint_resolves_tensors_across_files() {
     let dir = tempfile::tempdir().unwrap();
     let a = rand_tensor(&[4, 6], 1.0);
     let b = rand_tensor(&[6, 4], 1.0);
-    save(&HashMap::from([("a".to_string(), a.clone())]), &dir.path().join("m-1.safetensors"));
-    save(&HashMap::from([("b".to_string(), b.clone())]), &dir.path().join("m-2.safetensors"));
+    save(
+        &HashMap::from([("a".to_string(), a.clone())]),
+        &dir.path().join("m-1.safetensors"),
+    );
+    save(
+        &HashMap::from([("b".to_string(), b.clone())]),
+        &dir.path().join("m-2.safetensors"),
+    );
     std::fs::write(
         dir.path().join("model.safetensors.index.json"),
         r#"{"metadata": {}, "weight_map": {"a": "m-1.safetensors", "b": "m-2.safetensors"}}"#,
@@ -110,7 +151,17 @@ fn indexed_checkpoint_resolves_tensors_across_files() {
     .unwrap();
     let src = weights::open(dir.path()).unwrap();
     assert_eq!(src.names(), vec!["a", "b"]);
-    let got = src.read("b", &Shard::Simple { dim: 0, rank: 1, world_size: 2 }, DType::F32).unwrap();
+    let got = src
+        .read(
+            "b",
+            &Shard::Simple {
+                dim: 0,
+                rank: 1,
+                world_size: 2,
+            },
+            DType::F32,
+        )
+        .unwrap();
     assert_eq!(rel_err(&got, &b.narrow(0, 3, 3).unwrap()), 0.0);
     assert!(src.meta("b").unwrap().file.ends_with("m-2.safetensors"));
 }
@@ -129,28 +180,83 @@ fn gguf_shards_stay_quantized_on_block_boundaries() {
     let full_q8 = q8.dequantize(&Device::Cpu).unwrap();
     let src = GgufSource::open(&path).unwrap();
     // Row shard: always block-aligned.
-    let s = Shard::Offset { dim: 0, offset: 5, len: 4 };
-    let q = src.read_quantized("q4k", &s).unwrap().expect("row shard stays quantized");
+    let s = Shard::Offset {
+        dim: 0,
+        offset: 5,
+        len: 4,
+    };
+    let q = src
+        .read_quantized("q4k", &s)
+        .unwrap()
+        .expect("row shard stays quantized");
     assert_eq!(q.dtype(), GgmlDType::Q4K);
-    assert_eq!(rel_err(&q.dequantize(&Device::Cpu).unwrap(), &full_q4k.narrow(0, 5, 4).unwrap()), 0.0);
+    assert_eq!(
+        rel_err(
+            &q.dequantize(&Device::Cpu).unwrap(),
+            &full_q4k.narrow(0, 5, 4).unwrap()
+        ),
+        0.0
+    );
     // Column shard on a block boundary stays quantized; inside a block it does not.
-    let s = Shard::Offset { dim: 1, offset: 256, len: 256 };
-    let q = src.read_quantized("q4k", &s).unwrap().expect("aligned column shard");
-    assert_eq!(rel_err(&q.dequantize(&Device::Cpu).unwrap(), &full_q4k.narrow(1, 256, 256).unwrap()), 0.0);
-    let s = Shard::Offset { dim: 1, offset: 32, len: 40 };
+    let s = Shard::Offset {
+        dim: 1,
+        offset: 256,
+        len: 256,
+    };
+    let q = src
+        .read_quantized("q4k", &s)
+        .unwrap()
+        .expect("aligned column shard");
+    assert_eq!(
+        rel_err(
+            &q.dequantize(&Device::Cpu).unwrap(),
+            &full_q4k.narrow(1, 256, 256).unwrap()
+        ),
+        0.0
+    );
+    let s = Shard::Offset {
+        dim: 1,
+        offset: 32,
+        len: 40,
+    };
     assert!(src.read_quantized("q8", &s).unwrap().is_none());
     let d = src.read("q8", &s, DType::F32).unwrap();
     assert_eq!(rel_err(&d, &full_q8.narrow(1, 32, 40).unwrap()), 0.0);
     // Dense tensors in GGUF read as dense.
-    assert!(src.read_quantized("norm", &Shard::full()).unwrap().is_none());
-    let n = src.read("norm", &Shard::Offset { dim: 0, offset: 2, len: 3 }, DType::F32).unwrap();
+    assert!(src
+        .read_quantized("norm", &Shard::full())
+        .unwrap()
+        .is_none());
+    let n = src
+        .read(
+            "norm",
+            &Shard::Offset {
+                dim: 0,
+                offset: 2,
+                len: 3,
+            },
+            DType::F32,
+        )
+        .unwrap();
     assert_eq!(n.dims(), [3]);
     // A column-parallel layer loaded with QuantConfig::Ggml keeps the blocks.
     let layer = ParallelLinear::load(
         "q4k_layer",
         &QuantConfig::Ggml,
-        &RenamedWeight { inner: &src, from: "q4k" },
-        &[Piece::new("lin", 12, 512, Shard::Offset { dim: 0, offset: 0, len: 6 })],
+        &RenamedWeight {
+            inner: &src,
+            from: "q4k",
+        },
+        &[Piece::new(
+            "lin",
+            12,
+            512,
+            Shard::Offset {
+                dim: 0,
+                offset: 0,
+                len: 6,
+            },
+        )],
         false,
         Reduce::None,
         one_comm(),
@@ -168,7 +274,11 @@ struct RenamedWeight<'a> {
 
 impl RenamedWeight<'_> {
     fn map(&self, name: &str) -> String {
-        if name == "lin.weight" { self.from.to_string() } else { name.to_string() }
+        if name == "lin.weight" {
+            self.from.to_string()
+        } else {
+            name.to_string()
+        }
     }
 }
 
@@ -199,9 +309,15 @@ fn bad_input_gives_named_errors_not_panics() {
     let path = dir.path().join("bad.safetensors");
     save(
         &HashMap::from([
-            ("mlp.gate_proj.weight".to_string(), rand_tensor(&[20, 8], 1.0)),
+            (
+                "mlp.gate_proj.weight".to_string(),
+                rand_tensor(&[20, 8], 1.0),
+            ),
             ("mlp.up_proj.weight".to_string(), rand_tensor(&[20, 9], 1.0)),
-            ("ids".to_string(), Tensor::new(&[1i64, 2, 3], &Device::Cpu).unwrap()),
+            (
+                "ids".to_string(),
+                Tensor::new(&[1i64, 2, 3], &Device::Cpu).unwrap(),
+            ),
         ]),
         &path,
     );
@@ -211,23 +327,59 @@ fn bad_input_gives_named_errors_not_panics() {
 
     let e = src.read("nope", &Shard::full(), DType::F32).unwrap_err();
     assert!(matches!(e, Error::MissingTensor { .. }));
-    assert!(e.to_string().contains(&file) && e.to_string().contains("`nope`"), "{e}");
+    assert!(
+        e.to_string().contains(&file) && e.to_string().contains("`nope`"),
+        "{e}"
+    );
 
     let e = src.read("ids", &Shard::full(), DType::F32).unwrap_err();
     assert!(matches!(e, Error::DtypeMismatch { .. }), "{e}");
-    assert!(e.to_string().contains("I64") && e.to_string().contains("`ids`"), "{e}");
+    assert!(
+        e.to_string().contains("I64") && e.to_string().contains("`ids`"),
+        "{e}"
+    );
 
-    let e = src.read("mlp.gate_proj.weight", &Shard::Simple { dim: 0, rank: 0, world_size: 3 }, DType::F32);
-    assert!(e.unwrap_err().to_string().contains("not divisible by world size 3"));
+    let e = src.read(
+        "mlp.gate_proj.weight",
+        &Shard::Simple {
+            dim: 0,
+            rank: 0,
+            world_size: 3,
+        },
+        DType::F32,
+    );
+    assert!(e
+        .unwrap_err()
+        .to_string()
+        .contains("not divisible by world size 3"));
 
     // up_proj is [20, 9] where the model expects [20, 8]; down_proj is absent.
     let e = Mlp::load("mlp", 8, 20, &f32c, &src, one_comm(), 1, None).unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("mlp.up_proj.weight") && msg.contains("[20, 9]") && msg.contains("[20, 8]"), "{msg}");
+    assert!(
+        msg.contains("mlp.up_proj.weight") && msg.contains("[20, 9]") && msg.contains("[20, 8]"),
+        "{msg}"
+    );
 
-    let e = plan_split(&SplitSpec { name: "intermediate_size", units: 200, unit_elems: 1, align: 256 }, 3)
-        .unwrap_err();
-    assert!(matches!(e, Error::NoPlan { size: 200, world_size: 3, align: 256, .. }));
+    let e = plan_split(
+        &SplitSpec {
+            name: "intermediate_size",
+            units: 200,
+            unit_elems: 1,
+            align: 256,
+        },
+        3,
+    )
+    .unwrap_err();
+    assert!(matches!(
+        e,
+        Error::NoPlan {
+            size: 200,
+            world_size: 3,
+            align: 256,
+            ..
+        }
+    ));
 
     // A truncated file is a named error, not a panic.
     let bytes = std::fs::read(&path).unwrap();
@@ -236,5 +388,8 @@ fn bad_input_gives_named_errors_not_panics() {
     let e = SafetensorsSource::open(&cut).unwrap_err();
     assert!(e.to_string().contains("cut.safetensors"), "{e}");
     std::fs::write(&cut, b"not a gguf file at all").unwrap();
-    assert!(GgufSource::open(&cut).unwrap_err().to_string().contains("cut.safetensors"));
+    assert!(GgufSource::open(&cut)
+        .unwrap_err()
+        .to_string()
+        .contains("cut.safetensors"));
 }

@@ -59,24 +59,20 @@ impl Shared {
     }
 }
 
-/// Factory for the in-process communicators of one group.
-#[derive(Debug)]
-pub struct LocalGroup;
-
-impl LocalGroup {
+impl LocalComm {
     /// Creates `world_size` communicators, one per rank, with the default deadline.
     ///
     /// # Errors
     /// `world_size` is zero.
-    pub fn new(world_size: usize) -> Result<Vec<LocalComm>> {
-        Self::with_timeout(world_size, DEFAULT_TIMEOUT)
+    pub fn group(world_size: usize) -> Result<Vec<LocalComm>> {
+        Self::group_with_timeout(world_size, DEFAULT_TIMEOUT)
     }
 
     /// Creates `world_size` communicators whose waits end after `timeout`.
     ///
     /// # Errors
     /// `world_size` is zero.
-    pub fn with_timeout(world_size: usize, timeout: Duration) -> Result<Vec<LocalComm>> {
+    pub fn group_with_timeout(world_size: usize, timeout: Duration) -> Result<Vec<LocalComm>> {
         if world_size == 0 {
             return Err(Error::Config {
                 field: "world_size".into(),
@@ -102,6 +98,9 @@ impl LocalGroup {
             .collect())
     }
 }
+
+/// Every rank's deposit at one collective, in rank order.
+type Deposits = Arc<Vec<(Op, Option<Tensor>)>>;
 
 /// One rank's handle on an in-process group. Dropping it tells the peers this rank is gone.
 #[derive(Debug)]
@@ -129,7 +128,7 @@ impl LocalComm {
     }
 
     /// Deposits `t` and returns every rank's deposit once all have arrived.
-    fn exchange(&self, op: Op, t: Option<&Tensor>) -> Result<Arc<Vec<(Op, Option<Tensor>)>>> {
+    fn exchange(&self, op: Op, t: Option<&Tensor>) -> Result<Deposits> {
         let sh = &*self.shared;
         let mut st = sh.lock();
         if !st.departed.is_empty() {
@@ -176,11 +175,7 @@ impl LocalComm {
         self.check_ops(op, out)
     }
 
-    fn check_ops(
-        &self,
-        op: Op,
-        set: Arc<Vec<(Op, Option<Tensor>)>>,
-    ) -> Result<Arc<Vec<(Op, Option<Tensor>)>>> {
+    fn check_ops(&self, op: Op, set: Deposits) -> Result<Deposits> {
         if let Some((r, (other, _))) = set.iter().enumerate().find(|(_, (o, _))| *o != op) {
             return Err(self.err(
                 op,
@@ -286,17 +281,19 @@ mod tests {
     #[test]
     fn local_passes_the_transport_suite() {
         suite::run_all(|world| {
-            Ok(LocalGroup::with_timeout(world, Duration::from_secs(20))?
-                .into_iter()
-                .map(|c| Arc::new(c) as Arc<dyn Communicator>)
-                .collect())
+            Ok(
+                LocalComm::group_with_timeout(world, Duration::from_secs(20))?
+                    .into_iter()
+                    .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+                    .collect(),
+            )
         })
         .unwrap();
     }
 
     #[test]
     fn dead_rank_is_named_not_hung() {
-        let mut comms = LocalGroup::with_timeout(3, Duration::from_secs(30)).unwrap();
+        let mut comms = LocalComm::group_with_timeout(3, Duration::from_secs(30)).unwrap();
         let c2 = comms.pop().unwrap();
         drop(c2);
         let t = Tensor::ones(4, DType::F32, &candle_core::Device::Cpu).unwrap();
@@ -306,7 +303,7 @@ mod tests {
 
     #[test]
     fn late_rank_times_out_with_its_number() {
-        let comms = LocalGroup::with_timeout(2, Duration::from_millis(200)).unwrap();
+        let comms = LocalComm::group_with_timeout(2, Duration::from_millis(200)).unwrap();
         let e = comms[0].barrier().unwrap_err().to_string();
         assert!(e.contains("waiting for rank(s) [1]"), "{e}");
     }

@@ -13,7 +13,7 @@ use candle_core::Tensor;
 
 use crate::error::Result;
 
-pub use local::LocalGroup;
+pub use local::LocalComm;
 
 /// Collective operations among the ranks of one tensor-parallel group.
 ///

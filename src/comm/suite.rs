@@ -46,10 +46,7 @@ pub fn on_ranks<T: Send>(
         handles
             .into_iter()
             .enumerate()
-            .map(|(r, h)| {
-                h.join()
-                    .map_err(|_| fail(format!("rank {r} panicked")))?
-            })
+            .map(|(r, h)| h.join().map_err(|_| fail(format!("rank {r} panicked")))?)
             .collect()
     })
 }
@@ -95,7 +92,10 @@ pub fn check_all_reduce(make: &dyn CommFactory, world: usize) -> Result<()> {
                 reference.iter_mut().zip(v).for_each(|(a, b)| *a += b);
             }
             let outs = on_ranks(&comms, |r, c| c.all_reduce_sum(&inputs[r]))?;
-            let first = outs[0].to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            let first = outs[0]
+                .to_dtype(DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()?;
             for (r, o) in outs.iter().enumerate() {
                 if o.dtype() != dtype || o.dims() != [shape.0, shape.1] {
                     return Err(fail(format!(

@@ -84,7 +84,10 @@ pub fn load_linear(
     let layer: Arc<dyn QuantMethod> = match quant {
         QuantConfig::Unquantized { dtype } => {
             let b = b.map(|b| b.to_dtype(*dtype)).transpose()?;
-            Arc::new(UnquantLinear::new(src.read(&w_name, &piece.shard, *dtype)?, b)?)
+            Arc::new(UnquantLinear::new(
+                src.read(&w_name, &piece.shard, *dtype)?,
+                b,
+            )?)
         }
         QuantConfig::Ggml => match src.read_quantized(&w_name, &piece.shard)? {
             Some(q) => Arc::new(GgmlLinear::new(q, b)?),

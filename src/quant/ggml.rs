@@ -100,9 +100,11 @@ impl QuantMethod for GgmlLinear {
         let (out, inp) = self.shape();
         match super::isq::choose(ty, inp, layer, out) {
             Some(IsqType::Ggml(g)) if g == self.w.dtype() => Ok(Arc::new(self.clone())),
-            Some(IsqType::Ggml(g)) => {
-                Ok(Arc::new(Self::quantize(&self.dequantize_w()?, g, self.b.clone())?))
-            }
+            Some(IsqType::Ggml(g)) => Ok(Arc::new(Self::quantize(
+                &self.dequantize_w()?,
+                g,
+                self.b.clone(),
+            )?)),
             None => Ok(Arc::new(self.clone())),
         }
     }
@@ -110,6 +112,10 @@ impl QuantMethod for GgmlLinear {
     fn add_delta_w(&self, delta: &Tensor) -> Result<Arc<dyn QuantMethod>> {
         check_delta(self, delta)?;
         let w = (self.dequantize_w()? + delta.to_dtype(DType::F32)?)?;
-        Ok(Arc::new(Self::quantize(&w, self.w.dtype(), self.b.clone())?))
+        Ok(Arc::new(Self::quantize(
+            &w,
+            self.w.dtype(),
+            self.b.clone(),
+        )?))
     }
 }

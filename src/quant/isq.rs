@@ -131,10 +131,20 @@ mod tests {
     fn parses_and_falls_back() {
         let q4k: IsqType = "Q4K".parse().unwrap();
         assert_eq!(q4k, IsqType::Ggml(GgmlDType::Q4K));
-        assert_eq!("q8_0".parse::<IsqType>().unwrap(), IsqType::Ggml(GgmlDType::Q8_0));
-        assert!("q9".parse::<IsqType>().unwrap_err().to_string().contains("q4k"));
+        assert_eq!(
+            "q8_0".parse::<IsqType>().unwrap(),
+            IsqType::Ggml(GgmlDType::Q8_0)
+        );
+        assert!("q9"
+            .parse::<IsqType>()
+            .unwrap_err()
+            .to_string()
+            .contains("q4k"));
         assert_eq!(choose(q4k, 512, "l", 1), Some(q4k));
-        assert_eq!(choose(q4k, 192, "l", 1), Some(IsqType::Ggml(GgmlDType::Q4_1)));
+        assert_eq!(
+            choose(q4k, 192, "l", 1),
+            Some(IsqType::Ggml(GgmlDType::Q4_1))
+        );
         assert_eq!(choose(q4k, 200, "l", 1), None);
     }
 }

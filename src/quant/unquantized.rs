@@ -32,7 +32,11 @@ impl UnquantLinear {
         }
         if let Some(b) = &b {
             if b.dims() != [w.dim(0)?] {
-                return Err(bad(format!("bias {:?} for weight {:?}", b.dims(), w.dims())));
+                return Err(bad(format!(
+                    "bias {:?} for weight {:?}",
+                    b.dims(),
+                    w.dims()
+                )));
             }
         }
         Ok(Self { w, b })
@@ -56,7 +60,8 @@ impl QuantMethod for UnquantLinear {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let in_dtype = x.dtype();
-        let y = candle_nn::Linear::new(self.w.clone(), None).forward(&x.to_dtype(self.w.dtype())?)?;
+        let y =
+            candle_nn::Linear::new(self.w.clone(), None).forward(&x.to_dtype(self.w.dtype())?)?;
         add_bias(y.to_dtype(in_dtype)?, self.b.as_ref())
     }
 
@@ -79,11 +84,9 @@ impl QuantMethod for UnquantLinear {
     fn apply_isq(&self, ty: IsqType, layer: &str) -> Result<Arc<dyn QuantMethod>> {
         let (out, inp) = self.shape();
         match super::isq::choose(ty, inp, layer, out) {
-            Some(IsqType::Ggml(g)) => Ok(Arc::new(GgmlLinear::quantize(
-                &self.w,
-                g,
-                self.b.clone(),
-            )?)),
+            Some(IsqType::Ggml(g)) => {
+                Ok(Arc::new(GgmlLinear::quantize(&self.w, g, self.b.clone())?))
+            }
             None => Ok(Arc::new(self.clone())),
         }
     }
@@ -91,6 +94,9 @@ impl QuantMethod for UnquantLinear {
     fn add_delta_w(&self, delta: &Tensor) -> Result<Arc<dyn QuantMethod>> {
         check_delta(self, delta)?;
         let w = (self.w.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?;
-        Ok(Arc::new(Self::new(w.to_dtype(self.w.dtype())?, self.b.clone())?))
+        Ok(Arc::new(Self::new(
+            w.to_dtype(self.w.dtype())?,
+            self.b.clone(),
+        )?))
     }
 }

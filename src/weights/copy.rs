@@ -40,7 +40,10 @@ pub fn copy_shard_typed<T: Copy>(
     let mut at = 0;
     for r in shard_runs(dims, unit, dim, offset, len) {
         let run = &src[r];
-        assert!(at + run.len() <= n * unit, "shard runs exceed the shard size");
+        assert!(
+            at + run.len() <= n * unit,
+            "shard runs exceed the shard size"
+        );
         // SAFETY: `dst` has room for `n * unit` bytes (checked above), the source is a
         // distinct mapping, and every `T` used here is a plain number type for which any
         // bit pattern is a valid value.

@@ -77,9 +77,15 @@ impl GgufSource {
             file: self.path.clone(),
             reason: format!("tensor `{name}`: {reason}"),
         };
-        let last = dims.len().checked_sub(1).ok_or_else(|| bad("0-d tensor".into()))?;
+        let last = dims
+            .len()
+            .checked_sub(1)
+            .ok_or_else(|| bad("0-d tensor".into()))?;
         if dims[last] % bs != 0 {
-            return Err(bad(format!("row of {} is not a multiple of block {bs}", dims[last])));
+            return Err(bad(format!(
+                "row of {} is not a multiple of block {bs}",
+                dims[last]
+            )));
         }
         let shape = shard.sharded_shape(&dims).map_err(|e| e.in_layer(name))?;
         let (mut offset, mut len) = shard.resolve(dims[shard.dim()])?;
@@ -95,10 +101,12 @@ impl GgufSource {
         units[last] /= bs;
         let total = units.iter().product::<usize>() * ts;
         let start = (self.content.tensor_data_offset + info.offset) as usize;
-        let bytes = self
-            .mmap
-            .get(start..start + total)
-            .ok_or_else(|| bad(format!("data {start}..{} runs past the file end", start + total)))?;
+        let bytes = self.mmap.get(start..start + total).ok_or_else(|| {
+            bad(format!(
+                "data {start}..{} runs past the file end",
+                start + total
+            ))
+        })?;
         let data = copy_shard(bytes, &units, ts, shard.dim(), offset, len);
         self.copied.fetch_add(data.len() as u64, Ordering::Relaxed);
         let storage = QStorage::from_data(std::borrow::Cow::Owned(data), &Device::Cpu, ty)?;

@@ -63,8 +63,10 @@ impl WeightSource for MemorySource {
         } else {
             shard.apply_to(t)?.contiguous()?
         };
-        self.copied
-            .fetch_add((s.elem_count() * s.dtype().size_in_bytes()) as u64, Ordering::Relaxed);
+        self.copied.fetch_add(
+            (s.elem_count() * s.dtype().size_in_bytes()) as u64,
+            Ordering::Relaxed,
+        );
         Ok(s.to_dtype(dtype)?)
     }
 

@@ -277,7 +277,11 @@ impl WeightSource for SafetensorsSource {
             let (offset, len) = shard.resolve(e.shape[shard.dim()])?;
             (shard.dim(), offset, len)
         };
-        let dims = if e.shape.is_empty() { vec![1] } else { e.shape.clone() };
+        let dims = if e.shape.is_empty() {
+            vec![1]
+        } else {
+            e.shape.clone()
+        };
         let t = typed_tensor(src_dtype, bytes, &dims, dim, offset, len, &shape)?;
         self.copied.fetch_add(
             (t.elem_count() * src_dtype.size_in_bytes()) as u64,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 use rand::Rng;
-use shardwise::comm::{suite, Communicator, LocalGroup};
+use shardwise::comm::{suite, Communicator, LocalComm};
 use shardwise::Result;
 
 /// A fresh random `[dims]` f32 tensor with values in (-scale, scale).
@@ -30,7 +30,7 @@ pub fn run_ranks<T: Send>(
     world: usize,
     f: impl Fn(Arc<dyn Communicator>) -> Result<T> + Sync,
 ) -> Vec<T> {
-    let comms: Vec<Arc<dyn Communicator>> = LocalGroup::new(world)
+    let comms: Vec<Arc<dyn Communicator>> = LocalComm::group(world)
         .unwrap()
         .into_iter()
         .map(|c| Arc::new(c) as Arc<dyn Communicator>)
