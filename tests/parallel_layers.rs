@@ -326,3 +326,69 @@ fn source_reports_only_shard_bytes_for_layers() {
     assert_eq!(total, 3 * 64 * 120 * 4);
     assert_eq!(src.bytes_copied(), 0);
 }
+
+#[test]
+fn column_gather_and_replicated_match_one_rank() {
+    use shardwise::layers::{ParallelLinear, Piece, Reduce};
+    use shardwise::shard::{plan_split, Shard, SplitSpec};
+    let (out, inp) = (101, 40);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("head.safetensors");
+    let w = rand_tensor(&[out, inp], 0.5);
+    let b = rand_tensor(&[out], 0.5);
+    save(
+        &HashMap::from([
+            ("lm_head.weight".to_string(), w.clone()),
+            ("lm_head.bias".to_string(), b.clone()),
+        ]),
+        &path,
+    );
+    let src = SafetensorsSource::open(&path).unwrap();
+    let x = rand_tensor(&[3, inp], 1.0);
+    let reference = linear64(&x, &w, Some(&b));
+    for world in 1..=5 {
+        let plan = plan_split(
+            &SplitSpec {
+                name: "vocab",
+                units: out,
+                unit_elems: 1,
+                align: 1,
+            },
+            world,
+        )
+        .unwrap();
+        for y in run_ranks(world, |comm| {
+            let r = comm.rank();
+            let gathered = ParallelLinear::load(
+                "lm_head",
+                &F32,
+                &src,
+                &[Piece::new(
+                    "lm_head",
+                    out,
+                    inp,
+                    Shard::range(0, plan[r].clone()),
+                )],
+                true,
+                Reduce::AllGather,
+                comm.clone(),
+            )?;
+            let replicated = ParallelLinear::load(
+                "lm_head",
+                &F32,
+                &src,
+                &[Piece::new("lm_head", out, inp, Shard::full())],
+                true,
+                Reduce::None,
+                comm,
+            )?;
+            Ok((gathered.forward(&x)?, replicated.forward(&x)?))
+        }) {
+            assert!(rel_err(&y.0, &reference) < 1e-5, "gathered, world {world}");
+            assert!(
+                rel_err(&y.1, &reference) < 1e-5,
+                "replicated, world {world}"
+            );
+        }
+    }
+}
