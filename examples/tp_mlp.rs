@@ -71,14 +71,7 @@ fn run_world(
 
 fn main() -> shardwise::Result<()> {
     let args = Args::parse();
-    // Shows the ISQ block-alignment fallback warnings (RUST_LOG overrides).
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    shardwise::init_logging();
     let dev = Device::Cpu;
     let (h, i) = (args.hidden, args.intermediate);
     let dir = std::env::temp_dir().join(format!("shardwise-tp-mlp-{}", std::process::id()));

@@ -24,3 +24,15 @@ pub mod shard;
 pub mod weights;
 
 pub use error::{Error, Result};
+
+/// Logs to stderr at `warn` (ISQ fallbacks, dead ranks) unless `RUST_LOG` says otherwise.
+/// For binaries and examples; a library user installs their own subscriber.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // A second call (or a user's subscriber) keeps the first; nothing to report.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}

@@ -86,10 +86,6 @@ impl QuantMethod for GgmlLinear {
         (DType::F32, self.w.device())
     }
 
-    fn has_bias(&self) -> bool {
-        self.b.is_some()
-    }
-
     fn bias(&self) -> Option<&Tensor> {
         self.b.as_ref()
     }

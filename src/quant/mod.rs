@@ -45,7 +45,9 @@ pub trait QuantMethod: Send + Sync + Debug {
     fn dtype_and_device(&self) -> (DType, Device);
 
     /// True when this layer adds a bias in [`QuantMethod::forward`].
-    fn has_bias(&self) -> bool;
+    fn has_bias(&self) -> bool {
+        self.bias().is_some()
+    }
 
     /// The bias held by this layer, if any.
     fn bias(&self) -> Option<&Tensor>;

@@ -73,10 +73,6 @@ impl QuantMethod for UnquantLinear {
         (self.w.dtype(), self.w.device().clone())
     }
 
-    fn has_bias(&self) -> bool {
-        self.b.is_some()
-    }
-
     fn bias(&self) -> Option<&Tensor> {
         self.b.as_ref()
     }

@@ -10,7 +10,7 @@ use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use candle_core::quantized::gguf_file::Content;
+use candle_core::quantized::gguf_file::{self, Content};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
@@ -59,17 +59,20 @@ impl GgufSource {
         &self.content
     }
 
-    /// Reads `shard` of `name` as a `QTensor` in its file type when the shard is
-    /// block-aligned; `None` when it is not.
-    fn read_blocks(&self, name: &str, shard: &Shard) -> Result<Option<QTensor>> {
-        let info = self
-            .content
+    fn info(&self, name: &str) -> Result<&gguf_file::TensorInfo> {
+        self.content
             .tensor_infos
             .get(name)
             .ok_or_else(|| Error::MissingTensor {
                 file: self.path.clone(),
                 tensor: name.to_string(),
-            })?;
+            })
+    }
+
+    /// Reads `shard` of `name` as a `QTensor` in its file type when the shard is
+    /// block-aligned; `None` when it is not.
+    fn read_blocks(&self, name: &str, shard: &Shard) -> Result<Option<QTensor>> {
+        let info = self.info(name)?;
         let dims = info.shape.dims().to_vec();
         let ty = info.ggml_dtype;
         let (bs, ts) = (ty.block_size(), ty.type_size());
@@ -126,14 +129,7 @@ impl WeightSource for GgufSource {
     }
 
     fn meta(&self, name: &str) -> Result<TensorMeta> {
-        let info = self
-            .content
-            .tensor_infos
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor {
-                file: self.path.clone(),
-                tensor: name.to_string(),
-            })?;
+        let info = self.info(name)?;
         let dtype = match info.ggml_dtype {
             GgmlDType::F32 => FileDType::Dense(DType::F32),
             GgmlDType::F16 => FileDType::Dense(DType::F16),
