@@ -4,8 +4,16 @@
 //! ([`local`]), and later shared memory, gRPC and NCCL. [`suite`] is a transport-generic test
 //! suite: each transport runs the same checks against a float64 reference.
 
+pub mod grpc;
+pub mod links;
 pub mod local;
 pub mod suite;
+pub mod wire;
+
+#[cfg(target_endian = "big")]
+compile_error!(
+    "shardwise sends tensors as little-endian bytes and supports little-endian targets only"
+);
 
 use std::fmt::Debug;
 

@@ -122,6 +122,62 @@ pub fn check_all_reduce(make: &dyn CommFactory, world: usize) -> Result<()> {
     Ok(())
 }
 
+fn is_prime(n: usize) -> bool {
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+}
+
+/// All-reduce of awkward lengths: 0, 1, 2, a prime not divisible by the world size, and a
+/// random length up to 10^6, in every dtype, against float64; identical bytes on all ranks.
+///
+/// # Errors
+/// A mismatch or a transport error.
+pub fn check_lengths(make: &dyn CommFactory, world: usize) -> Result<()> {
+    let comms = make(world)?;
+    let mut rng = rand::rng();
+    let prime = loop {
+        let p = rng.random_range(1000..20000usize);
+        if is_prime(p) {
+            break p;
+        }
+    };
+    let big = rng.random_range(100_000..=1_000_000usize);
+    for n in [0usize, 1, 2, prime, big] {
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let inputs: Vec<Tensor> = (0..world)
+                .map(|_| {
+                    Tensor::from_vec(random_vec(n), n, &Device::Cpu)?
+                        .to_dtype(dtype)
+                        .map_err(Error::from)
+                })
+                .collect::<Result<_>>()?;
+            let mut reference = vec![0f64; n];
+            for t in &inputs {
+                let v = t.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+                reference.iter_mut().zip(v).for_each(|(a, b)| *a += b);
+            }
+            let outs = on_ranks(&comms, |r, c| c.all_reduce_sum(&inputs[r]))?;
+            let first = outs[0].to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            for (r, o) in outs.iter().enumerate() {
+                if o.to_dtype(DType::F64)?.to_vec1::<f64>()? != first || o.dtype() != dtype {
+                    return Err(fail(format!(
+                        "length {n} {dtype:?}: rank {r} differs from rank 0"
+                    )));
+                }
+            }
+            // Partial sums may be rounded to the dtype at every hop of a ring.
+            let tol = tolerance(dtype, world) * world as f64;
+            for (i, (a, b)) in first.iter().zip(&reference).enumerate() {
+                if (a - b).abs() > tol * (1.0 + b.abs()) {
+                    return Err(fail(format!(
+                        "length {n} {dtype:?} world {world}: element {i} = {a}, reference {b}"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// All-gather of uneven random pieces along dim 0 and dim 1, against concatenation.
 ///
 /// # Errors
@@ -205,13 +261,14 @@ pub fn check_broadcast_barrier_errors(make: &dyn CommFactory, world: usize) -> R
     Ok(())
 }
 
-/// Runs every check for world sizes 1 through 5.
+/// Runs every check for world sizes 1 through 6.
 ///
 /// # Errors
 /// The first failing check, naming the world size.
 pub fn run_all(make: impl CommFactory) -> Result<()> {
-    for world in 1..=5 {
+    for world in 1..=6 {
         check_all_reduce(&make, world)?;
+        check_lengths(&make, world)?;
         check_all_gather(&make, world)?;
         check_broadcast_barrier_errors(&make, world)?;
     }

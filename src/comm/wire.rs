@@ -1,0 +1,154 @@
+//! Tensor elements on the wire: little-endian bytes of f32, bf16 or f16, and the typed
+//! working buffer collectives reduce into.
+//!
+//! Bytes arriving from the network carry no alignment guarantee, so reductions read them
+//! element by element with `from_le_bytes` (the compiler vectorises these loops).
+
+use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
+
+use crate::error::{Error, Result};
+
+/// Wire code of a dtype (the `dtype` field of a frame).
+pub fn dtype_code(d: DType) -> Option<u32> {
+    match d {
+        DType::F32 => Some(0),
+        DType::BF16 => Some(1),
+        DType::F16 => Some(2),
+        _ => None,
+    }
+}
+
+/// The dtype of a wire code.
+pub fn code_dtype(c: u32) -> Option<DType> {
+    match c {
+        0 => Some(DType::F32),
+        1 => Some(DType::BF16),
+        2 => Some(DType::F16),
+        _ => None,
+    }
+}
+
+/// An element type that can be summed straight out of little-endian wire bytes.
+pub trait WireElem: Copy + Send + Sync + candle_core::WithDType {
+    /// Bytes per element.
+    const SIZE: usize;
+    /// `acc[i] += src[i]`, with `src` as little-endian bytes.
+    fn add_le(acc: &mut [Self], src: &[u8]);
+    /// Sum of `parts` (each little-endian bytes of `out.len()` elements) in the given order,
+    /// accumulated in f32 and rounded once.
+    fn sum_parts(out: &mut [Self], parts: &[&[u8]]);
+}
+
+macro_rules! half_elem {
+    ($t:ty) => {
+        impl WireElem for $t {
+            const SIZE: usize = 2;
+            fn add_le(acc: &mut [Self], src: &[u8]) {
+                for (a, b) in acc.iter_mut().zip(src.chunks_exact(2)) {
+                    let b = <$t>::from_bits(u16::from_le_bytes([b[0], b[1]]));
+                    *a = <$t>::from_f32(a.to_f32() + b.to_f32());
+                }
+            }
+            fn sum_parts(out: &mut [Self], parts: &[&[u8]]) {
+                let mut acc = vec![0f32; out.len()];
+                for p in parts {
+                    for (a, b) in acc.iter_mut().zip(p.chunks_exact(2)) {
+                        *a += <$t>::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+                    }
+                }
+                for (o, a) in out.iter_mut().zip(acc) {
+                    *o = <$t>::from_f32(a);
+                }
+            }
+        }
+    };
+}
+half_elem!(bf16);
+half_elem!(f16);
+
+impl WireElem for f32 {
+    const SIZE: usize = 4;
+    fn add_le(acc: &mut [Self], src: &[u8]) {
+        for (a, b) in acc.iter_mut().zip(src.chunks_exact(4)) {
+            *a += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+    fn sum_parts(out: &mut [Self], parts: &[&[u8]]) {
+        out.iter_mut().for_each(|o| *o = 0.0);
+        for p in parts {
+            Self::add_le(out, p);
+        }
+    }
+}
+
+/// Little-endian bytes of a slice of plain numbers.
+pub fn as_bytes<T: WireElem>(v: &[T]) -> &[u8] {
+    // SAFETY: `T` is f32/bf16/f16: no padding, any byte pattern readable; the targets this
+    // crate supports are little-endian (checked at compile time in `comm::mod`).
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)) }
+}
+
+/// Copies little-endian `src` bytes over `dst`.
+pub fn copy_le<T: WireElem>(dst: &mut [T], src: &[u8]) -> Result<()> {
+    if src.len() != std::mem::size_of_val(dst) {
+        return Err(Error::Config {
+            field: "frame".into(),
+            reason: format!("{} bytes for {} elements", src.len(), dst.len()),
+        });
+    }
+    // SAFETY: lengths are equal (checked above) and `T` accepts any byte pattern.
+    unsafe {
+        std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr().cast::<u8>(), src.len())
+    };
+    Ok(())
+}
+
+/// A tensor's elements as a flat vector of `T`.
+///
+/// # Errors
+/// The tensor's dtype is not `T`'s.
+pub fn to_vec<T: WireElem>(t: &Tensor) -> Result<Vec<T>> {
+    Ok(t.flatten_all()?.to_vec1::<T>()?)
+}
+
+/// A flat vector back into a tensor of `shape`.
+///
+/// # Errors
+/// Element count does not match the shape.
+pub fn from_vec<T: WireElem>(v: Vec<T>, shape: &[usize]) -> Result<Tensor> {
+    Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
+}
+
+/// The bytes of any tensor with a wire dtype.
+///
+/// # Errors
+/// Unsupported dtype.
+pub fn tensor_to_bytes(t: &Tensor) -> Result<Vec<u8>> {
+    Ok(match t.dtype() {
+        DType::F32 => as_bytes(&to_vec::<f32>(t)?).to_vec(),
+        DType::BF16 => as_bytes(&to_vec::<bf16>(t)?).to_vec(),
+        DType::F16 => as_bytes(&to_vec::<f16>(t)?).to_vec(),
+        d => {
+            return Err(Error::Config {
+                field: "dtype".into(),
+                reason: format!("{d:?} cannot be sent; f32, bf16 and f16 can"),
+            })
+        }
+    })
+}
+
+/// A tensor from wire bytes.
+///
+/// # Errors
+/// Unsupported dtype or a byte count that does not match the shape.
+pub fn bytes_to_tensor(bytes: &[u8], dtype: DType, shape: &[usize]) -> Result<Tensor> {
+    let n: usize = shape.iter().product();
+    if bytes.len() != n * dtype.size_in_bytes() {
+        return Err(Error::Config {
+            field: "frame".into(),
+            reason: format!("{} bytes for shape {shape:?} of {dtype:?}", bytes.len()),
+        });
+    }
+    Ok(Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)?)
+}
