@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use shardwise::bench::allreduce;
 use shardwise::quant::IsqType;
 use shardwise::shard::plan_heads;
 
@@ -24,6 +25,32 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         what: BenchCmd,
+    },
+    /// One rank of `bench allreduce` (started by it; not for direct use).
+    #[command(hide = true)]
+    CommWorker {
+        #[arg(long)]
+        rank: usize,
+        #[arg(long)]
+        world: usize,
+        #[arg(long)]
+        transport: String,
+        #[arg(long)]
+        sizes: String,
+        #[arg(long)]
+        dtype: String,
+        #[arg(long)]
+        iters: usize,
+        #[arg(long)]
+        seed: u64,
+        #[arg(long)]
+        timeout_s: f64,
+        #[arg(long)]
+        shm_name: String,
+        #[arg(long)]
+        verify: bool,
+        #[arg(long)]
+        kill_rank: Option<usize>,
     },
     /// Show how attention heads split over ranks.
     Plan {
@@ -67,6 +94,36 @@ enum BenchCmd {
         /// Timed iterations per configuration.
         #[arg(long, default_value_t = 20)]
         iters: usize,
+    },
+    /// All-reduce time and bandwidth (nccl-tests algbw/busbw), one process per rank.
+    Allreduce {
+        /// Ranks.
+        #[arg(long, default_value_t = 2)]
+        world: usize,
+        /// local (threads), grpc (loopback TCP) or shm (shared memory).
+        #[arg(long, default_value = "grpc")]
+        transport: String,
+        /// Message sizes in bytes (K, M, G suffixes).
+        #[arg(long, default_value = "4K,1M,16M,64M,256M")]
+        sizes: String,
+        /// f32, bf16 or f16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Timed iterations per size.
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        /// Check every result against a float64 sum and across ranks.
+        #[arg(long)]
+        verify: bool,
+        /// One JSON object per size.
+        #[arg(long)]
+        json: bool,
+        /// Collective deadline in seconds.
+        #[arg(long, default_value_t = 60.0)]
+        timeout_s: f64,
+        /// Kill this rank mid-collective during the last size (failure testing).
+        #[arg(long, hide = true)]
+        kill_rank: Option<usize>,
     },
     /// Sharded safetensors read throughput against `cat file >/dev/null`.
     Read {
@@ -147,6 +204,65 @@ fn run(cli: Cli) -> shardwise::Result<()> {
                 );
             }
         }
+        Cmd::CommWorker {
+            rank,
+            world,
+            transport,
+            sizes,
+            dtype,
+            iters,
+            seed,
+            timeout_s,
+            shm_name,
+            verify,
+            kill_rank,
+        } => {
+            let opts = allreduce_opts(
+                world, &transport, &sizes, &dtype, iters, verify, timeout_s, kill_rank,
+            )?;
+            allreduce::worker(rank, &opts, seed, &shm_name)?;
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Allreduce {
+                    world,
+                    transport,
+                    sizes,
+                    dtype,
+                    iters,
+                    verify,
+                    json,
+                    timeout_s,
+                    kill_rank,
+                },
+        } => {
+            let opts = allreduce_opts(
+                world, &transport, &sizes, &dtype, iters, verify, timeout_s, kill_rank,
+            )?;
+            let rows = allreduce::run(&opts)?;
+            if !json {
+                println!(
+                    "| transport | world | dtype | bytes | median ms | algbw GB/s | busbw GB/s |"
+                );
+                println!("|---|---|---|---|---|---|---|");
+            }
+            for r in rows {
+                if json {
+                    println!("{}", r.json());
+                } else {
+                    println!(
+                        "| {} | {} | {} | {} | {:.3} | {:.3} | {:.3} |",
+                        r.transport,
+                        r.world,
+                        r.dtype,
+                        r.bytes,
+                        r.median_s * 1e3,
+                        r.algbw(),
+                        r.busbw()
+                    );
+                }
+            }
+        }
         Cmd::Bench {
             what:
                 BenchCmd::Read {
@@ -170,6 +286,32 @@ fn run(cli: Cli) -> shardwise::Result<()> {
         }
     }
     Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn allreduce_opts(
+    world: usize,
+    transport: &str,
+    sizes: &str,
+    dtype: &str,
+    iters: usize,
+    verify: bool,
+    timeout_s: f64,
+    kill_rank: Option<usize>,
+) -> shardwise::Result<allreduce::AllReduceOpts> {
+    Ok(allreduce::AllReduceOpts {
+        world,
+        transport: transport.parse()?,
+        sizes: sizes
+            .split(',')
+            .map(allreduce::parse_size)
+            .collect::<shardwise::Result<_>>()?,
+        dtype: allreduce::parse_dtype(dtype)?,
+        iters,
+        verify,
+        kill_rank,
+        timeout: std::time::Duration::from_secs_f64(timeout_s.max(0.1)),
+    })
 }
 
 fn main() -> ExitCode {

@@ -1,5 +1,8 @@
-//! Measurements behind `shardwise bench`: parallel-layer forward time and sharded-read
-//! throughput. Benchmarks report figures; they assert nothing about speed.
+//! Measurements behind `shardwise bench`: parallel-layer forward time, sharded-read
+//! throughput and all-reduce bandwidth ([`allreduce`]). Benchmarks report figures; they
+//! assert nothing about speed.
+
+pub mod allreduce;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
