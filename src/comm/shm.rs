@@ -155,7 +155,23 @@ fn pid_alive(pid: u32) -> bool {
     }
     // SAFETY: signal 0 only checks that the process exists.
     let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
-    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    let exists = rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+    // A killed process stays a zombie until its parent reaps it: it exists but is dead.
+    exists && !is_zombie(pid)
+}
+
+fn is_zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            // Field 3, after the parenthesised command name (which may contain spaces).
+            let after = &s[s.rfind(')')? + 1..];
+            after
+                .split_whitespace()
+                .next()
+                .map(|st| st == "Z" || st == "X")
+        })
+        .unwrap_or(false)
 }
 
 fn tag(token: &str, name: &str, world: usize) -> [u8; 32] {
