@@ -51,6 +51,8 @@ enum Cmd {
         verify: bool,
         #[arg(long)]
         kill_rank: Option<usize>,
+        #[arg(long, default_value = "127.0.0.1")]
+        bind: String,
     },
     /// Show how attention heads split over ranks.
     Plan {
@@ -124,6 +126,12 @@ enum BenchCmd {
         /// Kill this rank mid-collective during the last size (failure testing).
         #[arg(long, hide = true)]
         kill_rank: Option<usize>,
+        /// Network namespace of each rank, comma-separated (multi-host tests).
+        #[arg(long, hide = true, value_delimiter = ',')]
+        netns: Vec<String>,
+        /// Address each rank listens on, comma-separated (with --netns).
+        #[arg(long, hide = true, value_delimiter = ',')]
+        ips: Vec<String>,
     },
     /// Sharded safetensors read throughput against `cat file >/dev/null`.
     Read {
@@ -216,11 +224,12 @@ fn run(cli: Cli) -> shardwise::Result<()> {
             shm_name,
             verify,
             kill_rank,
+            bind,
         } => {
             let opts = allreduce_opts(
                 world, &transport, &sizes, &dtype, iters, verify, timeout_s, kill_rank,
             )?;
-            allreduce::worker(rank, &opts, seed, &shm_name)?;
+            allreduce::worker(rank, &opts, seed, &shm_name, &bind)?;
         }
         Cmd::Bench {
             what:
@@ -234,11 +243,24 @@ fn run(cli: Cli) -> shardwise::Result<()> {
                     json,
                     timeout_s,
                     kill_rank,
+                    netns,
+                    ips,
                 },
         } => {
-            let opts = allreduce_opts(
+            let mut opts = allreduce_opts(
                 world, &transport, &sizes, &dtype, iters, verify, timeout_s, kill_rank,
             )?;
+            if netns.len() != ips.len() || (!netns.is_empty() && netns.len() != world) {
+                return Err(shardwise::Error::Config {
+                    field: "netns".into(),
+                    reason: format!(
+                        "{} namespaces and {} addresses for {world} ranks",
+                        netns.len(),
+                        ips.len()
+                    ),
+                });
+            }
+            opts.hosts = netns.into_iter().zip(ips).collect();
             let rows = allreduce::run(&opts)?;
             if !json {
                 println!(
@@ -311,10 +333,29 @@ fn allreduce_opts(
         verify,
         kill_rank,
         timeout: std::time::Duration::from_secs_f64(timeout_s.max(0.1)),
+        hosts: Vec::new(),
     })
 }
 
+/// mimalloc keeps and reuses large freed blocks; glibc maps every buffer over 32 MiB afresh,
+/// so each collective of a large tensor paid for zeroing its output pages again.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Keeps freed buffers in the heap instead of returning them to the kernel: collectives
+/// and weight loads allocate and free multi-megabyte buffers constantly, and glibc's defaults
+/// (trim at 128 KiB, mmap above a moving threshold) turn every one into fresh page faults.
+fn tune_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread runs.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     shardwise::init_logging();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,6 +19,7 @@ pub mod bench;
 pub mod comm;
 pub mod error;
 pub mod layers;
+mod mem;
 pub mod proto;
 pub mod quant;
 pub mod shard;

@@ -111,6 +111,9 @@ pub struct AllReduceOpts {
     pub kill_rank: Option<usize>,
     /// Collective deadline.
     pub timeout: Duration,
+    /// Run rank r inside network namespace `netns[r]`, listening on `ips[r]` (multi-host
+    /// tests on one machine); empty for loopback.
+    pub hosts: Vec<(String, String)>,
 }
 
 /// One size's result.
@@ -322,8 +325,17 @@ fn launch(exe: &std::path::Path, opts: &AllReduceOpts, seed: u64) -> Result<Vec<
         source,
     };
     for r in 0..opts.world {
-        let mut cmd = Command::new(exe);
+        let mut cmd = match opts.hosts.get(r) {
+            Some((ns, _)) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(exe);
+                c
+            }
+            None => Command::new(exe),
+        };
+        let bind = opts.hosts.get(r).map_or("127.0.0.1", |(_, ip)| ip.as_str());
         cmd.arg("comm-worker")
+            .args(["--bind", bind])
             .args(["--rank", &r.to_string(), "--world", &opts.world.to_string()])
             .args(["--transport", opts.transport.name()])
             .args(["--sizes", &sizes.join(",")])
@@ -460,11 +472,24 @@ fn drive(workers: &mut [Worker], opts: &AllReduceOpts) -> Result<Vec<AllReduceRo
 ///
 /// # Errors
 /// Connection, collective or verification errors (printed by the binary, exit code 1).
-pub fn worker(rank: usize, opts: &AllReduceOpts, seed: u64, shm_name: &str) -> Result<()> {
+pub fn worker(
+    rank: usize,
+    opts: &AllReduceOpts,
+    seed: u64,
+    shm_name: &str,
+    bind: &str,
+) -> Result<()> {
     let comm: Box<dyn Communicator> = match opts.transport {
         Transport::Grpc => {
-            let (mut ls, local) = grpc::loopback_listeners(1)?;
-            println!("ADDR {}", local[0]);
+            let listener = std::net::TcpListener::bind((bind, 0)).map_err(|source| Error::Io {
+                path: bind.into(),
+                source,
+            })?;
+            let local = listener.local_addr().map_err(|source| Error::Io {
+                path: bind.into(),
+                source,
+            })?;
+            println!("ADDR {local}");
             let mut line = String::new();
             std::io::stdin()
                 .read_line(&mut line)
@@ -483,7 +508,7 @@ pub fn worker(rank: usize, opts: &AllReduceOpts, seed: u64, shm_name: &str) -> R
                 timeout: opts.timeout,
                 ..GrpcConfig::from_env()?
             };
-            Box::new(grpc::connect(&addrs, rank, ls.pop(), &cfg)?)
+            Box::new(grpc::connect(&addrs, rank, Some(listener), &cfg)?)
         }
         Transport::Shm => Box::new(crate::comm::shm::ShmComm::connect(
             shm_name,

@@ -63,9 +63,15 @@ pub struct AlgoConfig {
 
 impl Default for AlgoConfig {
     fn default() -> Self {
+        let env = |k: &str, d: usize| {
+            std::env::var(k)
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(d)
+        };
         Self {
-            chunk_bytes: 1 << 20,
-            small_bytes: 64 << 10,
+            chunk_bytes: env("SHARDWISE_CHUNK_BYTES", 1 << 20),
+            small_bytes: env("SHARDWISE_SMALL_BYTES", 64 << 10),
             max_tensor_bytes: 16 << 30,
         }
     }
@@ -218,22 +224,22 @@ impl<L: Links> LinkComm<L> {
         Ok(())
     }
 
-    fn all_reduce_typed<T: WireElem>(&self, seq: u64, buf: &mut [T], dtype: u32) -> Result<()> {
+    fn all_reduce_typed<T: WireElem>(&self, seq: u64, input: &[T], dtype: u32) -> Result<Vec<T>> {
         let w = self.links.world_size();
         if w == 1 {
-            return Ok(());
+            return Ok(input.to_vec());
         }
-        if std::mem::size_of_val(buf) <= self.cfg.small_bytes {
-            self.direct_reduce(seq, buf, dtype)
+        if std::mem::size_of_val(input) <= self.cfg.small_bytes {
+            self.direct_reduce(seq, input, dtype)
         } else {
-            self.ring_reduce(seq, buf, dtype)
+            self.ring_reduce(seq, input, dtype)
         }
     }
 
-    fn direct_reduce<T: WireElem>(&self, seq: u64, buf: &mut [T], dtype: u32) -> Result<()> {
+    fn direct_reduce<T: WireElem>(&self, seq: u64, input: &[T], dtype: u32) -> Result<Vec<T>> {
         let (w, r) = (self.links.world_size(), self.links.rank());
-        let n = buf.len() as u64;
-        let mine = Bytes::copy_from_slice(wire::as_bytes(buf));
+        let n = input.len() as u64;
+        let mine = Bytes::copy_from_slice(wire::as_bytes(input));
         for p in (0..w).filter(|&p| p != r) {
             self.links
                 .send(p, Self::frame(seq, 0, 0, &[n], dtype, mine.clone()))?;
@@ -260,15 +266,19 @@ impl<L: Links> LinkComm<L> {
             parts.push(f.data);
         }
         let views: Vec<&[u8]> = parts.iter().map(|b| b.as_ref()).collect();
-        T::sum_parts(buf, &views);
-        Ok(())
+        let mut out = input.to_vec();
+        T::sum_parts(&mut out, &views);
+        Ok(out)
     }
 
-    fn ring_reduce<T: WireElem>(&self, seq: u64, buf: &mut [T], dtype: u32) -> Result<()> {
+    /// Ring all-reduce writing straight into the result: partial sums travel as fresh frame
+    /// buffers (no copy into a working array), the final sum of this rank's own segment is
+    /// written once, and all-gather frames are forwarded as received (shared, not copied).
+    fn ring_reduce<T: WireElem>(&self, seq: u64, input: &[T], dtype: u32) -> Result<Vec<T>> {
         let op = "all_reduce_sum";
         let (w, r) = (self.links.world_size(), self.links.rank());
         let (next, prev) = ((r + 1) % w, (r + w - 1) % w);
-        let n = buf.len();
+        let n = input.len();
         let meta = [n as u64];
         let ce = (self.cfg.chunk_bytes / T::SIZE).max(1);
         let chunks = n.div_ceil(w).div_ceil(ce).max(1);
@@ -277,8 +287,7 @@ impl<L: Links> LinkComm<L> {
             let a = (seg.start + c * ce).min(seg.end);
             a..(a + ce).min(seg.end)
         };
-        let send = |buf: &[T], step: usize, c: usize, range: Range<usize>| {
-            let data = Bytes::copy_from_slice(wire::as_bytes(&buf[range]));
+        let send = |step: usize, c: usize, data: Bytes| {
             self.links.send(
                 next,
                 Self::frame(seq, step as u32, c as u32, &meta, dtype, data),
@@ -300,37 +309,52 @@ impl<L: Links> LinkComm<L> {
             }
             Ok(f)
         };
+        let mut out: Vec<T> = crate::mem::huge_vec(n);
+        let dst = &mut out.spare_capacity_mut()[..n];
         // Reduce-scatter: after w-1 steps rank r holds the full sum of segment r+1.
         for c in 0..chunks {
-            send(buf, 0, c, chunk(r, c))?;
+            send(
+                0,
+                c,
+                Bytes::copy_from_slice(wire::as_bytes(&input[chunk(r, c)])),
+            )?;
         }
         for k in 0..w - 1 {
             let s = (r + w - k - 1) % w;
             for c in 0..chunks {
                 let range = chunk(s, c);
                 let f = recv(k, c, &range)?;
-                T::add_le(&mut buf[range.clone()], &f.data);
                 if k + 2 < w {
-                    send(buf, k + 1, c, range)?;
+                    send(k + 1, c, Bytes::from(T::add_to_le(&input[range], &f.data)))?;
+                } else {
+                    T::add_to(&input[range.clone()], &f.data, &mut dst[range]);
                 }
             }
         }
         // All-gather: each finished segment travels once around the ring.
+        let own = (r + 1) % w;
         for c in 0..chunks {
-            send(buf, w - 1, c, chunk((r + 1) % w, c))?;
+            let range = chunk(own, c);
+            // SAFETY: the own segment was fully written by the last reduce-scatter step.
+            let len = range.len();
+            let done = unsafe { std::slice::from_raw_parts(dst[range].as_ptr().cast::<T>(), len) };
+            send(w - 1, c, Bytes::copy_from_slice(wire::as_bytes(done)))?;
         }
         for k in 0..w - 1 {
             let s = (r + w - k) % w;
             for c in 0..chunks {
                 let range = chunk(s, c);
                 let f = recv(w - 1 + k, c, &range)?;
-                wire::copy_le(&mut buf[range.clone()], &f.data)?;
+                T::copy_to(&f.data, &mut dst[range]);
                 if k + 2 < w {
-                    send(buf, w + k, c, range)?;
+                    send(w + k, c, f.data)?;
                 }
             }
         }
-        Ok(())
+        // SAFETY: segment r+1 was written by reduce-scatter and every other segment by the
+        // all-gather, so all `n` elements are initialised.
+        unsafe { out.set_len(n) };
+        Ok(out)
     }
 
     /// Sends a whole tensor to `to` in chunks; the first chunk's shape tells the receiver
@@ -403,18 +427,21 @@ impl<L: Links> Communicator for LinkComm<L> {
             let shape = t.dims().to_vec();
             match t.dtype() {
                 DType::F32 => {
-                    let mut v = wire::to_vec::<f32>(t)?;
-                    self.all_reduce_typed(seq, &mut v, code)?;
+                    let v = crate::mem::with_slice(t, |x: &[f32]| {
+                        self.all_reduce_typed(seq, x, code)
+                    })??;
                     wire::from_vec(v, &shape)
                 }
                 DType::BF16 => {
-                    let mut v = wire::to_vec::<bf16>(t)?;
-                    self.all_reduce_typed(seq, &mut v, code)?;
+                    let v = crate::mem::with_slice(t, |x: &[bf16]| {
+                        self.all_reduce_typed(seq, x, code)
+                    })??;
                     wire::from_vec(v, &shape)
                 }
                 _ => {
-                    let mut v = wire::to_vec::<f16>(t)?;
-                    self.all_reduce_typed(seq, &mut v, code)?;
+                    let v = crate::mem::with_slice(t, |x: &[f16]| {
+                        self.all_reduce_typed(seq, x, code)
+                    })??;
                     wire::from_vec(v, &shape)
                 }
             }

@@ -73,7 +73,10 @@ impl ShmConfig {
             token: token.into(),
             timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(30),
-            slot_bytes: 4 << 20,
+            slot_bytes: std::env::var("SHARDWISE_SHM_SLOT_BYTES")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(4 << 20),
             dir: PathBuf::from("/dev/shm"),
         }
     }
@@ -481,23 +484,24 @@ impl ShmComm {
     fn all_reduce_typed<T: WireElem>(
         &self,
         phase: &mut u64,
-        buf: &mut [T],
+        input: &[T],
         meta: u64,
-    ) -> Result<()> {
+    ) -> Result<Vec<T>> {
         let w = self.world;
         if w == 1 {
-            return Ok(());
+            return Ok(input.to_vec());
         }
+        let mut output = crate::mem::huge_vec::<T>(input.len());
         self.u64_at(OFF_LENS + 8 * self.rank)
             .store(meta, Ordering::Release);
         let mut checked = false;
         let per = self.slot / T::SIZE;
         let mut start = 0;
-        while start < buf.len() || (start == 0 && buf.is_empty()) {
-            let m = per.min(buf.len() - start);
+        loop {
+            let m = per.min(input.len() - start);
             let set = (*phase % 2) as usize;
             *phase += 1;
-            let chunk = &mut buf[start..start + m];
+            let chunk = &input[start..start + m];
             // SAFETY: our slot holds `slot` bytes >= m * T::SIZE; no other rank writes it.
             unsafe {
                 std::ptr::copy_nonoverlapping(
@@ -543,15 +547,17 @@ impl ShmComm {
             };
             T::sum_parts(out, &parts);
             self.barrier_wait("all_reduce_sum")?;
-            // SAFETY: the whole result chunk was written before the barrier.
-            let result = unsafe { std::slice::from_raw_parts(self.slot_ptr(set, w), m * T::SIZE) };
-            wire::copy_le(chunk, result)?;
+            // SAFETY: the whole result chunk was written before the barrier, and the result
+            // area is aligned for `T`.
+            let result =
+                unsafe { std::slice::from_raw_parts(self.slot_ptr(set, w) as *const T, m) };
+            output.extend_from_slice(result);
             start += m;
-            if buf.is_empty() {
+            if start >= input.len() {
                 break;
             }
         }
-        Ok(())
+        Ok(output)
     }
 
     /// Every rank's byte blob (any lengths), through the slots in rounds.
@@ -647,18 +653,21 @@ impl Communicator for ShmComm {
             let shape = t.dims().to_vec();
             match t.dtype() {
                 DType::F32 => {
-                    let mut v = wire::to_vec::<f32>(t)?;
-                    self.all_reduce_typed(phase, &mut v, meta)?;
+                    let v = crate::mem::with_slice(t, |x: &[f32]| {
+                        self.all_reduce_typed(phase, x, meta)
+                    })??;
                     wire::from_vec(v, &shape)
                 }
                 DType::BF16 => {
-                    let mut v = wire::to_vec::<bf16>(t)?;
-                    self.all_reduce_typed(phase, &mut v, meta)?;
+                    let v = crate::mem::with_slice(t, |x: &[bf16]| {
+                        self.all_reduce_typed(phase, x, meta)
+                    })??;
                     wire::from_vec(v, &shape)
                 }
                 DType::F16 => {
-                    let mut v = wire::to_vec::<f16>(t)?;
-                    self.all_reduce_typed(phase, &mut v, meta)?;
+                    let v = crate::mem::with_slice(t, |x: &[f16]| {
+                        self.all_reduce_typed(phase, x, meta)
+                    })??;
                     wire::from_vec(v, &shape)
                 }
                 d => Err(self.err(op, format!("unsupported dtype {d:?}"))),

@@ -38,6 +38,49 @@ pub trait WireElem: Copy + Send + Sync + candle_core::WithDType {
     /// Sum of `parts` (each little-endian bytes of `out.len()` elements) in the given order,
     /// accumulated in f32 and rounded once.
     fn sum_parts(out: &mut [Self], parts: &[&[u8]]);
+    /// `a + b` (b as little-endian bytes), rounded to `Self`.
+    fn add1(a: Self, b: &[u8]) -> Self;
+
+    /// `a + b` as a new buffer of little-endian bytes (a frame payload, no further copy).
+    fn add_to_le(a: &[Self], b: &[u8]) -> Vec<u8> {
+        assert_eq!(a.len() * Self::SIZE, b.len(), "operand sizes differ");
+        let mut out: Vec<u8> = Vec::with_capacity(b.len());
+        let p = out.as_mut_ptr();
+        for (i, (x, y)) in a.iter().zip(b.chunks_exact(Self::SIZE)).enumerate() {
+            let v = Self::add1(*x, y);
+            // SAFETY: `i * SIZE + SIZE <= b.len()` = capacity; `Self` has no padding.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (&v as *const Self).cast::<u8>(),
+                    p.add(i * Self::SIZE),
+                    Self::SIZE,
+                )
+            };
+        }
+        // SAFETY: every byte up to `b.len()` was written above.
+        unsafe { out.set_len(b.len()) };
+        out
+    }
+
+    /// `out = a + b` into uninitialised elements.
+    fn add_to(a: &[Self], b: &[u8], out: &mut [std::mem::MaybeUninit<Self>]) {
+        assert!(
+            a.len() == out.len() && a.len() * Self::SIZE == b.len(),
+            "operand sizes differ"
+        );
+        for ((o, x), y) in out.iter_mut().zip(a).zip(b.chunks_exact(Self::SIZE)) {
+            o.write(Self::add1(*x, y));
+        }
+    }
+
+    /// `out = b` (little-endian bytes) into uninitialised elements.
+    fn copy_to(b: &[u8], out: &mut [std::mem::MaybeUninit<Self>]) {
+        assert_eq!(out.len() * Self::SIZE, b.len(), "operand sizes differ");
+        // SAFETY: sizes match (checked); any bit pattern is a valid `Self`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(b.as_ptr(), out.as_mut_ptr().cast::<u8>(), b.len())
+        };
+    }
 }
 
 macro_rules! half_elem {
@@ -49,6 +92,11 @@ macro_rules! half_elem {
                     let b = <$t>::from_bits(u16::from_le_bytes([b[0], b[1]]));
                     *a = <$t>::from_f32(a.to_f32() + b.to_f32());
                 }
+            }
+            fn add1(a: Self, b: &[u8]) -> Self {
+                <$t>::from_f32(
+                    a.to_f32() + <$t>::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+                )
             }
             fn sum_parts(out: &mut [Self], parts: &[&[u8]]) {
                 let mut acc = vec![0f32; out.len()];
@@ -73,6 +121,9 @@ impl WireElem for f32 {
         for (a, b) in acc.iter_mut().zip(src.chunks_exact(4)) {
             *a += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
         }
+    }
+    fn add1(a: Self, b: &[u8]) -> Self {
+        a + f32::from_le_bytes([b[0], b[1], b[2], b[3]])
     }
     fn sum_parts(out: &mut [Self], parts: &[&[u8]]) {
         out.iter_mut().for_each(|o| *o = 0.0);
@@ -109,7 +160,7 @@ pub fn copy_le<T: WireElem>(dst: &mut [T], src: &[u8]) -> Result<()> {
 /// # Errors
 /// The tensor's dtype is not `T`'s.
 pub fn to_vec<T: WireElem>(t: &Tensor) -> Result<Vec<T>> {
-    Ok(t.flatten_all()?.to_vec1::<T>()?)
+    crate::mem::tensor_vec(t)
 }
 
 /// A flat vector back into a tensor of `shape`.

@@ -35,7 +35,7 @@ pub fn copy_shard_typed<T: Copy>(
     let unit = std::mem::size_of::<T>();
     let n: usize = dims.iter().product::<usize>() / dims[dim].max(1) * len;
     let mut out: Vec<T> = Vec::with_capacity(n);
-    advise_huge(out.as_mut_ptr().cast(), n * unit);
+    crate::mem::advise_huge(out.as_mut_ptr().cast(), n * unit);
     let dst = out.spare_capacity_mut().as_mut_ptr().cast::<u8>();
     let mut at = 0;
     for r in shard_runs(dims, unit, dim, offset, len) {
@@ -54,24 +54,6 @@ pub fn copy_shard_typed<T: Copy>(
     // SAFETY: all `n` elements were initialised by the copies above.
     unsafe { out.set_len(n) };
     out
-}
-
-/// Asks the kernel to back a large fresh buffer with huge pages: a 1 GiB shard otherwise
-/// takes 262144 page faults before the first byte lands.
-fn advise_huge(ptr: *mut u8, len: usize) {
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let start = (ptr as usize).div_ceil(HUGE) * HUGE;
-        let end = (ptr as usize + len) / HUGE * HUGE;
-        if end > start {
-            // SAFETY: the range lies inside an allocation we own; MADV_HUGEPAGE is advice
-            // only and cannot change its contents.
-            unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE) };
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = (ptr, len);
 }
 
 /// Copies a shard's bytes out of `src` (see [`shard_runs`]) into one new buffer.
