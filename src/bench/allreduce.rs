@@ -506,6 +506,7 @@ pub fn worker(
                 .collect();
             let cfg = GrpcConfig {
                 timeout: opts.timeout,
+                silence_limit: (opts.timeout / 2).min(Duration::from_secs(5)),
                 ..GrpcConfig::from_env()?
             };
             Box::new(grpc::connect(&addrs, rank, Some(listener), &cfg)?)

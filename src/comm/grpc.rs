@@ -36,6 +36,9 @@ use crate::proto::{ExchangeEnd, Frame, HelloReply, HelloRequest, PROTOCOL_VERSIO
 /// Environment variable holding the cluster token when the config does not.
 pub const TOKEN_ENV: &str = "SHARDWISE_TOKEN";
 
+/// Step number of heartbeat frames (never delivered to collectives).
+const HEARTBEAT_STEP: u32 = u32::MAX - 1;
+
 const RANK_KEY: &str = "x-shardwise-rank";
 const NONCE_KEY: &str = "x-shardwise-nonce";
 const PROOF_KEY: &str = "x-shardwise-proof";
@@ -53,11 +56,18 @@ pub struct GrpcConfig {
     pub algo: AlgoConfig,
     /// Largest frame accepted from a peer, in bytes.
     pub max_message_bytes: usize,
+    /// Interval of the heartbeat every rank sends every peer.
+    pub heartbeat: Duration,
+    /// A peer not heard from (data or heartbeat) for this long is reported as lost, by
+    /// every rank that has a link to it: a cut cable or a stopped process is named even
+    /// while this rank waits on someone else.
+    pub silence_limit: Duration,
 }
 
 impl GrpcConfig {
     /// Defaults with the given token: 60 s collective deadline, 30 s to connect, 1 MiB
-    /// chunks, 64 KiB small-message threshold, 64 MiB frame cap.
+    /// chunks, 64 KiB small-message threshold, 64 MiB frame cap, a heartbeat every 250 ms
+    /// and peers lost after 5 s of silence.
     pub fn new(token: impl Into<String>) -> Self {
         Self {
             token: token.into(),
@@ -65,6 +75,8 @@ impl GrpcConfig {
             connect_timeout: Duration::from_secs(30),
             algo: AlgoConfig::default(),
             max_message_bytes: 64 << 20,
+            heartbeat: Duration::from_millis(250),
+            silence_limit: Duration::from_secs(5),
         }
     }
 
@@ -142,6 +154,11 @@ struct Shared {
     connected: Mutex<Vec<bool>>,
     refusals: Mutex<Vec<String>>,
     dead: Mutex<Vec<(usize, String)>>,
+    /// Reasons peers gave when they aborted: the root cause, preferred over the peer's
+    /// disconnect that follows it.
+    aborts: Mutex<Vec<String>>,
+    /// When each peer was last heard from.
+    last_seen: Mutex<Vec<Instant>>,
 }
 
 impl Shared {
@@ -279,6 +296,20 @@ impl Collective for Service {
         loop {
             match stream.message().await {
                 Ok(Some(f)) => {
+                    s.last_seen.lock().unwrap_or_else(|e| e.into_inner())[from] = Instant::now();
+                    if f.step == HEARTBEAT_STEP {
+                        continue;
+                    }
+                    if f.step == super::links::ABORT_STEP {
+                        s.aborts
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .push(format!(
+                                "{} aborted: {}",
+                                s.peer(from),
+                                String::from_utf8_lossy(&f.data)
+                            ));
+                    }
                     if tx.send(Event::Frame(f)).is_err() {
                         break; // this rank is shutting down
                     }
@@ -303,7 +334,11 @@ pub struct GrpcLinks {
     outgoing: Vec<Option<mpsc::UnboundedSender<Frame>>>,
     inboxes: Vec<Mutex<std_mpsc::Receiver<Event>>>,
     timeout: Duration,
+    silence_limit: Duration,
     shutdown: Option<oneshot::Sender<()>>,
+    /// Outgoing stream tasks, awaited (briefly) on drop so queued frames (an abort naming
+    /// the failed rank, above all) reach the peers before the process goes away.
+    streams: Vec<tokio::task::JoinHandle<()>>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -373,6 +408,8 @@ impl GrpcLinks {
             connected: Mutex::new(vec![false; world]),
             refusals: Mutex::new(Vec::new()),
             dead: Mutex::new(Vec::new()),
+            aborts: Mutex::new(Vec::new()),
+            last_seen: Mutex::new(vec![Instant::now(); world]),
         });
         let listener = match listener {
             Some(l) => l,
@@ -417,7 +454,9 @@ impl GrpcLinks {
             outgoing: (0..world).map(|_| None).collect(),
             inboxes,
             timeout: cfg.timeout,
+            silence_limit: cfg.silence_limit,
             shutdown: Some(shutdown),
+            streams: Vec::new(),
             runtime: None,
         };
         let deadline = Instant::now() + cfg.connect_timeout;
@@ -431,10 +470,11 @@ impl GrpcLinks {
             })
             .collect();
         for (p, handle) in dials {
-            let tx = runtime
+            let (tx, stream) = runtime
                 .block_on(handle)
                 .map_err(|e| links.err("connect", format!("dialling {}: {e}", shared.peer(p))))??;
             links.outgoing[p] = Some(tx);
+            links.streams.push(stream);
         }
         // Wait for every peer to open its stream to us.
         loop {
@@ -471,6 +511,27 @@ impl GrpcLinks {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+        // Heartbeats start once every link is up; silence is measured from now.
+        *shared.last_seen.lock().unwrap_or_else(|e| e.into_inner()) = vec![Instant::now(); world];
+        for tx in links.outgoing.iter().flatten() {
+            // Weak: the heartbeat must not keep a stream open once the links are dropped.
+            let tx = tx.downgrade();
+            let every = cfg.heartbeat;
+            runtime.spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    let Some(tx) = tx.upgrade() else { break };
+                    let beat = Frame {
+                        step: HEARTBEAT_STEP,
+                        ..Default::default()
+                    };
+                    if tx.send(beat).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
         links.runtime = Some(runtime);
         Ok(links)
     }
@@ -495,7 +556,7 @@ async fn dial(
     p: usize,
     cfg: GrpcConfig,
     deadline: Instant,
-) -> Result<mpsc::UnboundedSender<Frame>> {
+) -> Result<(mpsc::UnboundedSender<Frame>, tokio::task::JoinHandle<()>)> {
     let err = |reason: String| Error::Comm {
         rank: s.rank,
         op: "connect",
@@ -590,7 +651,7 @@ async fn dial(
     md.insert(NONCE_KEY, val(hex(&reply.server_nonce))?);
     md.insert(PROOF_KEY, val(hex(&proof))?);
     let s2 = s.clone();
-    tokio::spawn(async move {
+    let stream = tokio::spawn(async move {
         if let Err(e) = client.exchange(req).await {
             s2.mark_dead(
                 p,
@@ -598,7 +659,37 @@ async fn dial(
             );
         }
     });
-    Ok(tx)
+    Ok((tx, stream))
+}
+
+impl GrpcLinks {
+    /// A peer not heard from for longer than the silence limit.
+    fn silent_peer(&self) -> Option<String> {
+        let seen = self
+            .shared
+            .last_seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        (0..self.shared.world)
+            .filter(|&p| p != self.shared.rank)
+            .find(|&p| seen[p].elapsed() > self.silence_limit)
+            .map(|p| {
+                format!(
+                    "{} silent for {:.1?} (link down or process stopped)",
+                    self.shared.peer(p),
+                    seen[p].elapsed()
+                )
+            })
+    }
+
+    /// A peer's abort reason if one arrived (it names the rank that failed first), else `why`.
+    fn root_cause(&self, why: String) -> String {
+        let aborts = self.shared.aborts.lock().unwrap_or_else(|e| e.into_inner());
+        match aborts.first() {
+            Some(a) => format!("{a} (then: {why})"),
+            None => why,
+        }
+    }
 }
 
 impl Links for GrpcLinks {
@@ -630,16 +721,21 @@ impl Links for GrpcLinks {
                 .min(Duration::from_millis(100));
             match inbox.recv_timeout(slice) {
                 Ok(Event::Frame(f)) => return Ok(f),
-                Ok(Event::Gone(reason)) => return Err(self.err("recv", reason)),
+                Ok(Event::Gone(reason)) => return Err(self.err("recv", self.root_cause(reason))),
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => {
                     return Err(self.err("recv", format!("{} link closed", self.shared.peer(from))))
                 }
                 Err(std_mpsc::RecvTimeoutError::Timeout) => {
                     let dead = self.shared.dead.lock().unwrap_or_else(|e| e.into_inner());
                     if let Some((_, why)) = dead.first() {
-                        return Err(self.err("recv", why.clone()));
+                        let why = why.clone();
+                        drop(dead);
+                        return Err(self.err("recv", self.root_cause(why)));
                     }
                     drop(dead);
+                    if let Some(why) = self.silent_peer() {
+                        return Err(self.err("recv", self.root_cause(why)));
+                    }
                     if Instant::now() >= deadline {
                         return Err(self.err(
                             "recv",
@@ -662,11 +758,21 @@ impl Links for GrpcLinks {
 
 impl Drop for GrpcLinks {
     fn drop(&mut self) {
+        // Closing the senders ends each stream after its queued frames are written.
         self.outgoing.clear();
-        if let Some(s) = self.shutdown.take() {
-            let _ = s.send(());
-        }
+        let streams = std::mem::take(&mut self.streams);
         if let Some(rt) = self.runtime.take() {
+            rt.block_on(async {
+                let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                    for s in streams {
+                        let _ = s.await;
+                    }
+                })
+                .await;
+            });
+            if let Some(s) = self.shutdown.take() {
+                let _ = s.send(());
+            }
             rt.shutdown_timeout(Duration::from_millis(200));
         }
     }

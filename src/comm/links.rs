@@ -59,6 +59,8 @@ pub struct AlgoConfig {
     pub small_bytes: usize,
     /// Largest tensor a peer may announce, in bytes.
     pub max_tensor_bytes: usize,
+    /// Chunks sent ahead of those received, per ring step.
+    pub window: usize,
 }
 
 impl Default for AlgoConfig {
@@ -73,6 +75,7 @@ impl Default for AlgoConfig {
             chunk_bytes: env("SHARDWISE_CHUNK_BYTES", 1 << 20),
             small_bytes: env("SHARDWISE_SMALL_BYTES", 64 << 10),
             max_tensor_bytes: 16 << 30,
+            window: env("SHARDWISE_WINDOW", 4),
         }
     }
 }
@@ -83,12 +86,19 @@ struct State {
     poisoned: Option<String>,
 }
 
+/// Frames received ahead of the one awaited, by (sender, collective, step, chunk).
+type Stash = std::collections::HashMap<(usize, u64, u32, u32), Frame>;
+
+/// Most frames held ahead of need before a peer counts as misbehaving.
+const MAX_STASH: usize = 4096;
+
 /// A [`Communicator`] running the algorithms above on any [`Links`].
 #[derive(Debug)]
 pub struct LinkComm<L: Links> {
     links: L,
     cfg: AlgoConfig,
     state: Mutex<State>,
+    stash: Mutex<Stash>,
 }
 
 /// Near-equal split of `n` elements into `parts` ranges (earlier ranges take the remainder).
@@ -105,7 +115,12 @@ impl<L: Links> LinkComm<L> {
             links,
             cfg,
             state: Mutex::new(State::default()),
+            stash: Mutex::new(Stash::new()),
         }
+    }
+
+    fn stash_mut(&self) -> std::sync::MutexGuard<'_, Stash> {
+        self.stash.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The underlying links.
@@ -175,30 +190,43 @@ impl<L: Links> LinkComm<L> {
         step: u32,
         chunk: u32,
     ) -> Result<Frame> {
-        let f = self.links.recv(from)?;
-        if f.step == ABORT_STEP {
-            return Err(self.err(
-                op,
-                format!(
-                    "{} aborted: {}",
-                    self.links.peer(from),
-                    String::from_utf8_lossy(&f.data)
-                ),
-            ));
+        let key = (from, seq, step, chunk);
+        if let Some(f) = self.stash_mut().remove(&key) {
+            return Ok(f);
         }
-        if (f.seq, f.step, f.chunk) != (seq, step, chunk) {
-            return Err(self.err(
-                op,
-                format!(
-                    "{} is out of step: sent collective {} step {} chunk {}, expected {seq}/{step}/{chunk}",
-                    self.links.peer(from),
-                    f.seq,
-                    f.step,
-                    f.chunk
-                ),
-            ));
+        loop {
+            let f = self.links.recv(from)?;
+            if f.step == ABORT_STEP {
+                return Err(self.err(
+                    op,
+                    format!(
+                        "{} aborted: {}",
+                        self.links.peer(from),
+                        String::from_utf8_lossy(&f.data)
+                    ),
+                ));
+            }
+            if (f.seq, f.step, f.chunk) == (seq, step, chunk) {
+                return Ok(f);
+            }
+            // A peer pipelines ahead: frames of a later step of this collective may arrive
+            // before the one awaited (the ring interleaves new chunks with forwarded ones).
+            let ahead = f.seq == seq && (f.step, f.chunk) > (step, chunk);
+            let stash_len = self.stash_mut().len();
+            if !ahead || stash_len > MAX_STASH {
+                return Err(self.err(
+                    op,
+                    format!(
+                        "{} is out of step: sent collective {} step {} chunk {}, expected {seq}/{step}/{chunk}",
+                        self.links.peer(from),
+                        f.seq,
+                        f.step,
+                        f.chunk
+                    ),
+                ));
+            }
+            self.stash_mut().insert((from, f.seq, f.step, f.chunk), f);
         }
-        Ok(f)
     }
 
     /// Checks that a peer's all-reduce has our element count and dtype.
@@ -311,17 +339,24 @@ impl<L: Links> LinkComm<L> {
         };
         let mut out: Vec<T> = crate::mem::huge_vec(n);
         let dst = &mut out.spare_capacity_mut()[..n];
-        // Reduce-scatter: after w-1 steps rank r holds the full sum of segment r+1.
-        for c in 0..chunks {
-            send(
-                0,
-                c,
-                Bytes::copy_from_slice(wire::as_bytes(&input[chunk(r, c)])),
-            )?;
+        // Chunks a rank puts on the wire ahead of what it has received: enough to keep the
+        // link busy, few enough that buffers stay in cache instead of queueing the whole
+        // segment (which made large tensors slower per byte than small ones).
+        let window = self.cfg.window.max(1);
+        let first = |c: usize| Bytes::copy_from_slice(wire::as_bytes(&input[chunk(r, c)]));
+        let mut sent = 0;
+        while sent < chunks.min(window) {
+            send(0, sent, first(sent))?;
+            sent += 1;
         }
+        // Reduce-scatter: after w-1 steps rank r holds the full sum of segment r+1.
         for k in 0..w - 1 {
             let s = (r + w - k - 1) % w;
             for c in 0..chunks {
+                if k == 0 && sent < chunks {
+                    send(0, sent, first(sent))?;
+                    sent += 1;
+                }
                 let range = chunk(s, c);
                 let f = recv(k, c, &range)?;
                 if k + 2 < w {
@@ -333,16 +368,25 @@ impl<L: Links> LinkComm<L> {
         }
         // All-gather: each finished segment travels once around the ring.
         let own = (r + 1) % w;
-        for c in 0..chunks {
+        let done = |dst: &[std::mem::MaybeUninit<T>], c: usize| {
             let range = chunk(own, c);
-            // SAFETY: the own segment was fully written by the last reduce-scatter step.
             let len = range.len();
-            let done = unsafe { std::slice::from_raw_parts(dst[range].as_ptr().cast::<T>(), len) };
-            send(w - 1, c, Bytes::copy_from_slice(wire::as_bytes(done)))?;
+            // SAFETY: the own segment was fully written by the last reduce-scatter step.
+            let v = unsafe { std::slice::from_raw_parts(dst[range].as_ptr().cast::<T>(), len) };
+            Bytes::copy_from_slice(wire::as_bytes(v))
+        };
+        let mut sent = 0;
+        while sent < chunks.min(window) {
+            send(w - 1, sent, done(dst, sent))?;
+            sent += 1;
         }
         for k in 0..w - 1 {
             let s = (r + w - k) % w;
             for c in 0..chunks {
+                if k == 0 && sent < chunks {
+                    send(w - 1, sent, done(dst, sent))?;
+                    sent += 1;
+                }
                 let range = chunk(s, c);
                 let f = recv(w - 1 + k, c, &range)?;
                 T::copy_to(&f.data, &mut dst[range]);
