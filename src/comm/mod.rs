@@ -7,6 +7,7 @@
 pub mod grpc;
 pub mod links;
 pub mod local;
+pub mod select;
 pub mod shm;
 pub mod suite;
 pub mod wire;
