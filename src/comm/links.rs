@@ -19,8 +19,7 @@ use std::ops::Range;
 use std::sync::Mutex;
 
 use bytes::Bytes;
-use candle_core::{DType, Tensor};
-use half::{bf16, f16};
+use candle_core::Tensor;
 
 use super::wire::{self, WireElem};
 use super::Communicator;
@@ -454,6 +453,19 @@ impl<L: Links> LinkComm<L> {
     }
 }
 
+/// One all-reduce, for [`wire::map_elems`].
+struct Reduce<'a, L: Links> {
+    comm: &'a LinkComm<L>,
+    seq: u64,
+    code: u32,
+}
+
+impl<L: Links> wire::ElemFn for Reduce<'_, L> {
+    fn call<T: WireElem>(self, x: &[T]) -> Result<Vec<T>> {
+        self.comm.all_reduce_typed(self.seq, x, self.code)
+    }
+}
+
 impl<L: Links> Communicator for LinkComm<L> {
     fn rank(&self) -> usize {
         self.links.rank()
@@ -468,27 +480,14 @@ impl<L: Links> Communicator for LinkComm<L> {
         let code = wire::dtype_code(t.dtype())
             .ok_or_else(|| self.err(op, format!("unsupported dtype {:?}", t.dtype())))?;
         self.run(op, |seq| {
-            let shape = t.dims().to_vec();
-            match t.dtype() {
-                DType::F32 => {
-                    let v = crate::mem::with_slice(t, |x: &[f32]| {
-                        self.all_reduce_typed(seq, x, code)
-                    })??;
-                    wire::from_vec(v, &shape)
-                }
-                DType::BF16 => {
-                    let v = crate::mem::with_slice(t, |x: &[bf16]| {
-                        self.all_reduce_typed(seq, x, code)
-                    })??;
-                    wire::from_vec(v, &shape)
-                }
-                _ => {
-                    let v = crate::mem::with_slice(t, |x: &[f16]| {
-                        self.all_reduce_typed(seq, x, code)
-                    })??;
-                    wire::from_vec(v, &shape)
-                }
-            }
+            wire::map_elems(
+                t,
+                Reduce {
+                    comm: self,
+                    seq,
+                    code,
+                },
+            )
         })
     }
 

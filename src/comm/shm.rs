@@ -22,8 +22,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Tensor};
-use half::{bf16, f16};
+use candle_core::Tensor;
 use hmac::Mac;
 use memmap2::MmapMut;
 
@@ -637,6 +636,19 @@ fn decode(b: &[u8]) -> Result<Tensor> {
     wire::bytes_to_tensor(&b[8 * (nd + 2)..], dtype, &dims)
 }
 
+/// One all-reduce, for [`wire::map_elems`].
+struct Reduce<'a> {
+    comm: &'a ShmComm,
+    phase: &'a mut u64,
+    meta: u64,
+}
+
+impl wire::ElemFn for Reduce<'_> {
+    fn call<T: WireElem>(self, x: &[T]) -> Result<Vec<T>> {
+        self.comm.all_reduce_typed(self.phase, x, self.meta)
+    }
+}
+
 impl Communicator for ShmComm {
     fn rank(&self) -> usize {
         self.rank
@@ -651,28 +663,14 @@ impl Communicator for ShmComm {
         self.run(op, |phase| {
             let code = wire::dtype_code(t.dtype()).unwrap_or(3);
             let meta = ((t.elem_count() as u64) << 2) | u64::from(code);
-            let shape = t.dims().to_vec();
-            match t.dtype() {
-                DType::F32 => {
-                    let v = crate::mem::with_slice(t, |x: &[f32]| {
-                        self.all_reduce_typed(phase, x, meta)
-                    })??;
-                    wire::from_vec(v, &shape)
-                }
-                DType::BF16 => {
-                    let v = crate::mem::with_slice(t, |x: &[bf16]| {
-                        self.all_reduce_typed(phase, x, meta)
-                    })??;
-                    wire::from_vec(v, &shape)
-                }
-                DType::F16 => {
-                    let v = crate::mem::with_slice(t, |x: &[f16]| {
-                        self.all_reduce_typed(phase, x, meta)
-                    })??;
-                    wire::from_vec(v, &shape)
-                }
-                d => Err(self.err(op, format!("unsupported dtype {d:?}"))),
-            }
+            wire::map_elems(
+                t,
+                Reduce {
+                    comm: self,
+                    phase,
+                    meta,
+                },
+            )
         })
     }
 

@@ -203,3 +203,31 @@ pub fn bytes_to_tensor(bytes: &[u8], dtype: DType, shape: &[usize]) -> Result<Te
     }
     Ok(Tensor::from_raw_buffer(bytes, dtype, shape, &Device::Cpu)?)
 }
+
+/// A computation over a flat slice of any wire element type (generic closures do not exist;
+/// this trait stands in for one).
+pub trait ElemFn {
+    /// Runs on the tensor's elements; returns the result's elements.
+    ///
+    /// # Errors
+    /// Whatever the computation reports.
+    fn call<T: WireElem>(self, x: &[T]) -> Result<Vec<T>>;
+}
+
+/// The one dtype dispatch of the collectives: runs `f` on `t`'s elements (borrowed from its
+/// storage when possible) and returns a tensor of `t`'s shape and dtype.
+///
+/// # Errors
+/// Unsupported dtype, or `f`'s error.
+pub fn map_elems(t: &Tensor, f: impl ElemFn) -> Result<Tensor> {
+    let shape = t.dims().to_vec();
+    match t.dtype() {
+        DType::F32 => from_vec(crate::mem::with_slice(t, |x: &[f32]| f.call(x))??, &shape),
+        DType::BF16 => from_vec(crate::mem::with_slice(t, |x: &[bf16]| f.call(x))??, &shape),
+        DType::F16 => from_vec(crate::mem::with_slice(t, |x: &[f16]| f.call(x))??, &shape),
+        d => Err(Error::Config {
+            field: "dtype".into(),
+            reason: format!("{d:?} cannot be reduced; f32, bf16 and f16 can"),
+        }),
+    }
+}
