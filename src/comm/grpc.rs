@@ -66,7 +66,7 @@ pub struct GrpcConfig {
 
 impl GrpcConfig {
     /// Defaults with the given token: 60 s collective deadline, 30 s to connect, 1 MiB
-    /// chunks, 64 KiB small-message threshold, 64 MiB frame cap, a heartbeat every 250 ms
+    /// chunks, 256 KiB direct-exchange threshold, 64 MiB frame cap, a heartbeat every 250 ms
     /// and peers lost after 5 s of silence.
     pub fn new(token: impl Into<String>) -> Self {
         Self {

@@ -54,7 +54,10 @@ pub trait Links: Send + Sync + std::fmt::Debug {
 pub struct AlgoConfig {
     /// Bytes per frame in pipelined transfers.
     pub chunk_bytes: usize,
-    /// All-reduces of at most this many bytes use the direct exchange.
+    /// All-reduces whose direct-exchange volume (bytes x (world - 1), what each rank sends)
+    /// is at most this use the direct exchange, others the ring. Default 256 KiB: measured
+    /// on loopback gRPC (BENCHMARKS.md), direct wins up to 256 KiB at world 2 and up to
+    /// ~64 KiB at world 4.
     pub small_bytes: usize,
     /// Largest tensor a peer may announce, in bytes.
     pub max_tensor_bytes: usize,
@@ -72,7 +75,7 @@ impl Default for AlgoConfig {
         };
         Self {
             chunk_bytes: env("SHARDWISE_CHUNK_BYTES", 1 << 20),
-            small_bytes: env("SHARDWISE_SMALL_BYTES", 64 << 10),
+            small_bytes: env("SHARDWISE_SMALL_BYTES", 256 << 10),
             max_tensor_bytes: 16 << 30,
             window: env("SHARDWISE_WINDOW", 4),
         }
@@ -256,7 +259,7 @@ impl<L: Links> LinkComm<L> {
         if w == 1 {
             return Ok(input.to_vec());
         }
-        if std::mem::size_of_val(input) <= self.cfg.small_bytes {
+        if std::mem::size_of_val(input).saturating_mul(w - 1) <= self.cfg.small_bytes {
             self.direct_reduce(seq, input, dtype)
         } else {
             self.ring_reduce(seq, input, dtype)
