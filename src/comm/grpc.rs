@@ -335,6 +335,7 @@ pub struct GrpcLinks {
     inboxes: Vec<Mutex<std_mpsc::Receiver<Event>>>,
     timeout: Duration,
     silence_limit: Duration,
+    peers: Vec<usize>,
     shutdown: Option<oneshot::Sender<()>>,
     /// Outgoing stream tasks, awaited (briefly) on drop so queued frames (an abort naming
     /// the failed rank, above all) reach the peers before the process goes away.
@@ -367,6 +368,22 @@ impl GrpcLinks {
         rank: usize,
         listener: Option<std::net::TcpListener>,
         cfg: &GrpcConfig,
+    ) -> Result<Self> {
+        let peers: Vec<usize> = (0..addrs.len()).filter(|&p| p != rank).collect();
+        Self::connect_peers(addrs, rank, listener, cfg, &peers)
+    }
+
+    /// Like [`GrpcLinks::connect`], linking only to `peers` (the others are reached another
+    /// way, e.g. shared memory on the same host).
+    ///
+    /// # Errors
+    /// As [`GrpcLinks::connect`].
+    pub fn connect_peers(
+        addrs: &[String],
+        rank: usize,
+        listener: Option<std::net::TcpListener>,
+        cfg: &GrpcConfig,
+        peers: &[usize],
     ) -> Result<Self> {
         let world = addrs.len();
         let cfg_err = |field: &str, reason: String| Error::Config {
@@ -455,13 +472,16 @@ impl GrpcLinks {
             inboxes,
             timeout: cfg.timeout,
             silence_limit: cfg.silence_limit,
+            peers: peers.to_vec(),
             shutdown: Some(shutdown),
             streams: Vec::new(),
             runtime: None,
         };
         let deadline = Instant::now() + cfg.connect_timeout;
-        let dials: Vec<_> = (0..world)
-            .filter(|&p| p != rank)
+        let dials: Vec<_> = peers
+            .iter()
+            .copied()
+            .filter(|&p| p != rank && p < world)
             .map(|p| {
                 (
                     p,
@@ -480,7 +500,11 @@ impl GrpcLinks {
         loop {
             let missing: Vec<usize> = {
                 let c = shared.connected.lock().unwrap_or_else(|e| e.into_inner());
-                (0..world).filter(|&p| p != rank && !c[p]).collect()
+                peers
+                    .iter()
+                    .copied()
+                    .filter(|&p| p != rank && p < world && !c[p])
+                    .collect()
             };
             if missing.is_empty() {
                 break;
@@ -670,7 +694,9 @@ impl GrpcLinks {
             .last_seen
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        (0..self.shared.world)
+        self.peers
+            .iter()
+            .copied()
             .filter(|&p| p != self.shared.rank)
             .find(|&p| seen[p].elapsed() > self.silence_limit)
             .map(|p| {

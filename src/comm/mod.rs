@@ -9,6 +9,7 @@ pub mod links;
 pub mod local;
 pub mod select;
 pub mod shm;
+pub mod shm_links;
 pub mod suite;
 pub mod wire;
 

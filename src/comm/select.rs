@@ -1,15 +1,20 @@
 //! Choosing a transport for a group from its membership list.
 //!
-//! `Auto` uses shared memory when every rank is on the same host (the same host part in
-//! every address), and gRPC otherwise; either can be forced. A group that spans hosts uses
-//! gRPC for every pair, including pairs that share a host.
+//! `Auto` picks per peer pair: when every rank is on one host (the same host part in every
+//! address) the whole group runs the shared-memory collectives; when the group spans hosts,
+//! pairs on the same host exchange frames through shared-memory rings and the other pairs
+//! through gRPC ([`MixedLinks`]), under the same collective algorithms. Either transport can
+//! be forced for every pair.
 
 use std::hash::{Hash, Hasher};
 
-use super::grpc::{self, GrpcConfig};
+use super::grpc::{self, GrpcConfig, GrpcLinks};
+use super::links::{LinkComm, Links};
 use super::shm::{ShmComm, ShmConfig};
+use super::shm_links::ShmLinks;
 use super::Communicator;
 use crate::error::{Error, Result};
+use crate::proto::Frame;
 
 /// Which transport a group uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -79,6 +84,109 @@ pub fn shm_name(token: &str, addrs: &[String]) -> String {
     format!("g{:016x}", h.finish())
 }
 
+/// Links that reach each peer the best available way: shared-memory rings for peers on this
+/// host, gRPC for the rest.
+#[derive(Debug)]
+pub struct MixedLinks {
+    rank: usize,
+    world: usize,
+    shm: Option<ShmLinks>,
+    grpc: Option<GrpcLinks>,
+}
+
+impl MixedLinks {
+    /// Connects rank `rank`; `hosts[r]` says which host rank `r` is on (ranks with equal
+    /// keys share memory).
+    ///
+    /// # Errors
+    /// As the two transports' `connect`.
+    pub fn connect(
+        addrs: &[String],
+        rank: usize,
+        listener: Option<std::net::TcpListener>,
+        cfg: &GrpcConfig,
+        hosts: &[String],
+    ) -> Result<Self> {
+        if hosts.len() != addrs.len() || rank >= addrs.len() {
+            return Err(Error::Config {
+                field: "hosts".into(),
+                reason: format!("{} host keys for {} ranks", hosts.len(), addrs.len()),
+            });
+        }
+        let local: Vec<usize> = (0..addrs.len())
+            .filter(|&r| hosts[r] == hosts[rank])
+            .collect();
+        let remote: Vec<usize> = (0..addrs.len())
+            .filter(|&r| hosts[r] != hosts[rank])
+            .collect();
+        let shm = if local.len() > 1 {
+            let shm_cfg = ShmConfig {
+                timeout: cfg.timeout,
+                connect_timeout: cfg.connect_timeout,
+                ..ShmConfig::new(cfg.token.clone())
+            };
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            hosts[rank].hash(&mut h);
+            let name = format!("{}-h{:08x}", shm_name(&cfg.token, addrs), h.finish() as u32);
+            let ring = (4 * cfg.algo.chunk_bytes).max(cfg.algo.small_bytes + 4096);
+            Some(ShmLinks::connect(
+                &name, rank, addrs, &local, &shm_cfg, ring,
+            )?)
+        } else {
+            None
+        };
+        let grpc = if remote.is_empty() {
+            None
+        } else {
+            Some(GrpcLinks::connect_peers(
+                addrs, rank, listener, cfg, &remote,
+            )?)
+        };
+        Ok(Self {
+            rank,
+            world: addrs.len(),
+            shm,
+            grpc,
+        })
+    }
+
+    fn pick(&self, peer: usize) -> Result<&dyn Links> {
+        match (&self.shm, &self.grpc) {
+            (Some(s), _) if s.has(peer) => Ok(s),
+            (_, Some(g)) => Ok(g),
+            _ => Err(Error::Comm {
+                rank: self.rank,
+                op: "link",
+                reason: format!("no link to rank {peer}"),
+            }),
+        }
+    }
+
+    /// True when `peer` is reached through shared memory.
+    pub fn is_shared_memory(&self, peer: usize) -> bool {
+        self.shm.as_ref().is_some_and(|s| s.has(peer))
+    }
+}
+
+impl Links for MixedLinks {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn send(&self, to: usize, frame: Frame) -> Result<()> {
+        self.pick(to)?.send(to, frame)
+    }
+    fn recv(&self, from: usize) -> Result<Frame> {
+        self.pick(from)?.recv(from)
+    }
+    fn peer(&self, rank: usize) -> String {
+        self.pick(rank)
+            .map_or_else(|_| format!("rank {rank}"), |l| l.peer(rank))
+    }
+}
+
 /// Connects rank `rank` of the group `addrs` over the chosen transport.
 ///
 /// # Errors
@@ -90,7 +198,15 @@ pub fn connect(
     choice: TransportChoice,
     cfg: &GrpcConfig,
 ) -> Result<Box<dyn Communicator>> {
+    let hosts: Vec<String> = addrs.iter().map(|a| host_of(a).to_string()).collect();
+    let shares_host = hosts.iter().filter(|h| **h == hosts[rank]).count() > 1;
     Ok(match resolve(choice, addrs)? {
+        TransportChoice::Grpc if choice == TransportChoice::Auto && shares_host => {
+            Box::new(LinkComm::new(
+                MixedLinks::connect(addrs, rank, listener, cfg, &hosts)?,
+                cfg.algo,
+            ))
+        }
         TransportChoice::Shm => {
             let shm = ShmConfig {
                 timeout: cfg.timeout,
@@ -136,6 +252,54 @@ mod tests {
         assert!(same_host(&v(&["[::1]:1", "127.0.0.1:2"])));
         assert_eq!(shm_name("t", &local), shm_name("t", &local));
         assert_ne!(shm_name("t", &local), shm_name("u", &local));
+    }
+
+    #[test]
+    fn mixed_group_uses_shared_memory_within_hosts_and_grpc_across() {
+        use crate::comm::suite;
+        // Ranks 0-1 on host "a", 2-4 on host "b"; every collective in the suite.
+        let hosts: Vec<String> = ["a", "a", "b", "b", "b"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let make = |w: usize| -> Result<Vec<std::sync::Arc<dyn Communicator>>> {
+            let (ls, addrs) = grpc::loopback_listeners(w)?;
+            let cfg = GrpcConfig::new(format!("mixed-{}", std::process::id()));
+            let hosts = &hosts[..w];
+            std::thread::scope(|s| {
+                let hs: Vec<_> = ls
+                    .into_iter()
+                    .enumerate()
+                    .map(|(r, l)| {
+                        let (addrs, cfg) = (&addrs, &cfg);
+                        s.spawn(move || {
+                            let links = MixedLinks::connect(addrs, r, Some(l), cfg, hosts)?;
+                            for p in (0..w).filter(|&p| p != r) {
+                                assert_eq!(links.is_shared_memory(p), hosts[p] == hosts[r]);
+                            }
+                            Ok(std::sync::Arc::new(LinkComm::new(links, cfg.algo))
+                                as std::sync::Arc<dyn Communicator>)
+                        })
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(Error::Config {
+                                field: "thread".into(),
+                                reason: "panicked".into(),
+                            })
+                        })
+                    })
+                    .collect()
+            })
+        };
+        for w in [3, 5] {
+            suite::check_all_reduce(&make, w).unwrap();
+            suite::check_lengths(&make, w).unwrap();
+            suite::check_all_gather(&make, w).unwrap();
+            suite::check_broadcast_barrier_errors(&make, w).unwrap();
+        }
     }
 
     #[test]

@@ -107,7 +107,7 @@ pub struct ShmComm {
     state: Mutex<State>,
 }
 
-fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+pub(crate) fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
     #[cfg(target_os = "linux")]
     {
         let ts = libc::timespec {
@@ -134,7 +134,7 @@ fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
     }
 }
 
-fn futex_wake(word: &AtomicU32) {
+pub(crate) fn futex_wake(word: &AtomicU32) {
     #[cfg(target_os = "linux")]
     // SAFETY: as above; FUTEX_WAKE does not touch memory.
     unsafe {
@@ -152,7 +152,7 @@ fn futex_wake(word: &AtomicU32) {
     let _ = word;
 }
 
-fn pid_alive(pid: u32) -> bool {
+pub(crate) fn pid_alive(pid: u32) -> bool {
     if pid == 0 {
         return false;
     }
@@ -194,121 +194,25 @@ impl ShmComm {
     /// Bad rank or world size, I/O errors naming the file, a file made with another token or
     /// world size, or ranks that do not attach before the deadline (named).
     pub fn connect(name: &str, rank: usize, world: usize, cfg: &ShmConfig) -> Result<Self> {
-        let bad = |field: &str, reason: String| Error::Config {
-            field: field.into(),
-            reason,
-        };
-        if world == 0 || world > MAX_WORLD || rank >= world {
-            return Err(bad(
-                "world_size",
-                format!("rank {rank} of {world} (at most {MAX_WORLD})"),
-            ));
-        }
-        if cfg.token.is_empty() {
-            return Err(bad("token", "empty; set SHARDWISE_TOKEN".into()));
-        }
-        if name.is_empty()
-            || !name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
-            return Err(bad(
-                "shm name",
-                format!("`{name}`: use letters, digits, - _ ."),
-            ));
-        }
         let slot = cfg.slot_bytes.max(4096).next_multiple_of(64);
-        let size = HEADER + 2 * (world + 1) * slot;
-        let path = cfg.dir.join(format!("shardwise-{name}"));
-        let io = |p: &PathBuf| {
-            let p = p.clone();
-            move |source| Error::Io { path: p, source }
-        };
-        let my_tag = tag(&cfg.token, name, world);
-        let deadline = Instant::now() + cfg.connect_timeout;
-        let pid = std::process::id();
-        let map = if rank == 0 {
-            let tmp = cfg.dir.join(format!(".shardwise-{name}.{pid}.tmp"));
-            let file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)
-                .map_err(io(&tmp))?;
-            file.set_len(size as u64).map_err(io(&tmp))?;
-            // SAFETY: a fresh private file of the right size; other processes map it only
-            // after the rename below publishes it.
-            let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io(&tmp))?;
-            map[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&VERSION.to_le_bytes());
-            map[OFF_WORLD..OFF_WORLD + 4].copy_from_slice(&(world as u32).to_le_bytes());
-            map[OFF_SLOT..OFF_SLOT + 8].copy_from_slice(&(slot as u64).to_le_bytes());
-            map[OFF_CREATOR..OFF_CREATOR + 4].copy_from_slice(&pid.to_le_bytes());
-            map[OFF_TAG..OFF_TAG + 32].copy_from_slice(&my_tag);
-            map[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(&MAGIC.to_le_bytes());
-            std::fs::rename(&tmp, &path).map_err(io(&path))?;
-            map
-        } else {
-            loop {
-                match Self::try_attach(&path, world, &my_tag)? {
-                    Some(map) => break map,
-                    None if Instant::now() >= deadline => {
-                        return Err(Error::Comm {
-                            rank,
-                            op: "connect",
-                            reason: format!(
-                                "rank 0 did not create {} within {:?}",
-                                path.display(),
-                                cfg.connect_timeout
-                            ),
-                        })
-                    }
-                    None => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
-        };
-        let comm = Self {
+        let map = attach_group(name, rank, world, cfg, 2 * (world + 1) * slot)?;
+        Ok(Self {
             rank,
             world,
             slot,
             map,
             timeout: cfg.timeout,
             state: Mutex::new(State::default()),
-        };
-        comm.u32_at(OFF_PIDS + 4 * rank)
-            .store(pid, Ordering::SeqCst);
-        loop {
-            let missing: Vec<usize> = (0..world)
-                .filter(|&r| comm.u32_at(OFF_PIDS + 4 * r).load(Ordering::SeqCst) == 0)
-                .collect();
-            if missing.is_empty() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                if rank == 0 {
-                    let _ = std::fs::remove_file(&path);
-                }
-                return Err(comm.err(
-                    "connect",
-                    format!(
-                        "rank(s) {missing:?} did not attach within {:?}",
-                        cfg.connect_timeout
-                    ),
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        // Everyone has mapped the file: it no longer needs a name.
-        comm.barrier_wait("connect")?;
-        if rank == 0 {
-            let _ = std::fs::remove_file(&path);
-        }
-        Ok(comm)
+        })
     }
 
     /// Maps `path` if it is a live group made with our token and world size; `None` while
     /// it is absent or stale (its creator is gone).
-    fn try_attach(path: &PathBuf, world: usize, my_tag: &[u8; 32]) -> Result<Option<MmapMut>> {
+    pub(crate) fn try_attach(
+        path: &PathBuf,
+        world: usize,
+        my_tag: &[u8; 32],
+    ) -> Result<Option<MmapMut>> {
         let file = match OpenOptions::new().read(true).write(true).open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -597,6 +501,133 @@ impl ShmComm {
         Ok(out)
     }
 }
+
+/// Creates (rank 0) or attaches to (other ranks) the group file `name`: a header followed by
+/// `data_bytes` of data, mode 0600, published by rename, tagged with the token. Records this
+/// process's pid, waits until all `world` members have attached, then rank 0 unlinks the
+/// file (every member has it mapped by then).
+///
+/// # Errors
+/// Bad rank, world size, name or token; I/O errors naming the file; a file made with another
+/// token or world size; members that do not attach before the deadline (named).
+pub(crate) fn attach_group(
+    name: &str,
+    rank: usize,
+    world: usize,
+    cfg: &ShmConfig,
+    data_bytes: usize,
+) -> Result<MmapMut> {
+    let bad = |field: &str, reason: String| Error::Config {
+        field: field.into(),
+        reason,
+    };
+    if world == 0 || world > MAX_WORLD || rank >= world {
+        return Err(bad(
+            "world_size",
+            format!("rank {rank} of {world} (at most {MAX_WORLD})"),
+        ));
+    }
+    if cfg.token.is_empty() {
+        return Err(bad("token", "empty; set SHARDWISE_TOKEN".into()));
+    }
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(bad(
+            "shm name",
+            format!("`{name}`: use letters, digits, - _ ."),
+        ));
+    }
+    let size = HEADER + data_bytes;
+    let path = cfg.dir.join(format!("shardwise-{name}"));
+    let io = |p: &PathBuf| {
+        let p = p.clone();
+        move |source| Error::Io { path: p, source }
+    };
+    let my_tag = tag(&cfg.token, name, world);
+    let deadline = Instant::now() + cfg.connect_timeout;
+    let pid = std::process::id();
+    let comm_err = |reason: String| Error::Comm {
+        rank,
+        op: "connect",
+        reason,
+    };
+    let map = if rank == 0 {
+        let tmp = cfg.dir.join(format!(".shardwise-{name}.{pid}.tmp"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        file.set_len(size as u64).map_err(io(&tmp))?;
+        // SAFETY: a fresh private file of the right size; other processes map it only
+        // after the rename below publishes it.
+        let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(io(&tmp))?;
+        map[OFF_VERSION..OFF_VERSION + 4].copy_from_slice(&VERSION.to_le_bytes());
+        map[OFF_WORLD..OFF_WORLD + 4].copy_from_slice(&(world as u32).to_le_bytes());
+        map[OFF_SLOT..OFF_SLOT + 8].copy_from_slice(&(data_bytes as u64).to_le_bytes());
+        map[OFF_CREATOR..OFF_CREATOR + 4].copy_from_slice(&pid.to_le_bytes());
+        map[OFF_TAG..OFF_TAG + 32].copy_from_slice(&my_tag);
+        map[OFF_MAGIC..OFF_MAGIC + 8].copy_from_slice(&MAGIC.to_le_bytes());
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        map
+    } else {
+        loop {
+            match ShmComm::try_attach(&path, world, &my_tag)? {
+                Some(map) => break map,
+                None if Instant::now() >= deadline => {
+                    return Err(comm_err(format!(
+                        "rank 0 did not create {} within {:?}",
+                        path.display(),
+                        cfg.connect_timeout
+                    )))
+                }
+                None => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    };
+    let pid_at = |r: usize| {
+        // SAFETY: 4-aligned offset inside the header of the live mapping.
+        unsafe { &*(map.as_ptr().add(OFF_PIDS + 4 * r) as *const AtomicU32) }
+    };
+    pid_at(rank).store(pid, Ordering::SeqCst);
+    loop {
+        let missing: Vec<usize> = (0..world)
+            .filter(|&r| pid_at(r).load(Ordering::SeqCst) == 0)
+            .collect();
+        if missing.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            if rank == 0 {
+                let _ = std::fs::remove_file(&path);
+            }
+            return Err(comm_err(format!(
+                "rank(s) {missing:?} did not attach within {:?}",
+                cfg.connect_timeout
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Every member has mapped the file (a pid is written after mapping): drop the name.
+    if rank == 0 {
+        let _ = std::fs::remove_file(&path);
+    }
+    Ok(map)
+}
+
+/// Pid of member `r` of a group mapping.
+pub(crate) fn member_pid(map: &MmapMut, r: usize) -> u32 {
+    // SAFETY: 4-aligned offset inside the header of the live mapping.
+    unsafe { &*(map.as_ptr().add(OFF_PIDS + 4 * r) as *const AtomicU32) }.load(Ordering::Relaxed)
+}
+
+/// Offset of the data area in a group mapping.
+pub(crate) const DATA_OFFSET: usize = HEADER;
 
 /// A tensor as a blob: `[ndims][dims…][dtype code]` as u64 little-endian, then the data.
 fn encode(t: &Tensor) -> Result<Vec<u8>> {
