@@ -11,7 +11,11 @@
 //! - [`layers`]: Megatron-style parallel layers built on one wrapper
 //!   ([`layers::ParallelLinear`]): column, row (all-reduced, bias once), replicated, merged
 //!   chunks, KV sharding with replication, LoRA merged at load.
-//! - [`comm`]: collectives ([`comm::Communicator`]) and a test suite every transport passes.
+//! - [`comm`]: collectives ([`comm::Communicator`]) and a test suite every transport passes:
+//!   in-process threads, gRPC links with a pipelined ring ([`comm::grpc`], [`comm::links`]),
+//!   shared memory ([`comm::shm`], [`comm::shm_links`]), chosen per peer pair
+//!   ([`comm::select`]).
+//! - [`proto`]: the wire protocol generated from `proto/shardwise.proto`.
 //! - [`bench`]: measurements behind `shardwise bench`.
 //! - [`error`]: one error type carrying file, tensor, rank and layer context.
 
