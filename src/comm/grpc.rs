@@ -399,8 +399,15 @@ impl GrpcLinks {
                 format!("empty; set it in the config or {TOKEN_ENV}"),
             ));
         }
+        // Two workers by default; SHARDWISE_GRPC_THREADS overrides (on 2-core hosts one worker
+        // measured equal or slightly better, see BENCHMARKS.md).
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(
+                std::env::var("SHARDWISE_GRPC_THREADS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(2),
+            )
             .thread_name(format!("shardwise-grpc-{rank}"))
             .enable_all()
             .build()
