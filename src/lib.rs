@@ -15,11 +15,13 @@
 //!   in-process threads, gRPC links with a pipelined ring ([`comm::grpc`], [`comm::links`]),
 //!   shared memory ([`comm::shm`], [`comm::shm_links`]), chosen per peer pair
 //!   ([`comm::select`]).
+//! - [`cluster`]: `ranks.toml`, validated with line-and-field errors.
 //! - [`proto`]: the wire protocol generated from `proto/shardwise.proto`.
 //! - [`bench`]: measurements behind `shardwise bench`.
 //! - [`error`]: one error type carrying file, tensor, rank and layer context.
 
 pub mod bench;
+pub mod cluster;
 pub mod comm;
 pub mod error;
 pub mod layers;
