@@ -17,7 +17,7 @@
 //!   ([`comm::select`]).
 //! - [`cluster`]: `ranks.toml`, validated with line-and-field errors.
 //! - [`proto`]: the wire protocol generated from `proto/shardwise.proto`.
-//! - [`bench`]: measurements behind `shardwise bench`.
+//! - [`mod@bench`]: measurements behind `shardwise bench`.
 //! - [`error`]: one error type carrying file, tensor, rank and layer context.
 
 pub mod bench;

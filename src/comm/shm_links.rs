@@ -1,9 +1,9 @@
 //! Point-to-point links over shared memory, for the pairs of a group that share a host.
 //!
 //! Each ordered pair of local ranks has a single-producer, single-consumer byte ring in one
-//! group file (see [`super::shm::attach_group`]). `send` queues the frame for a writer thread
-//! and returns at once, as the gRPC links do (collectives rely on sends never blocking); the
-//! writer copies it into the ring when there is room. `recv` reads the next record straight
+//! group file (created and attached like the shared-memory collectives' file). `send` queues
+//! the frame for a writer thread and returns at once, as the gRPC links do (collectives rely
+//! on sends never blocking); the writer copies it into the ring when there is room. `recv` reads the next record straight
 //! out of the ring. Waits spin briefly, then sleep on futexes in the ring header; every wait
 //! has a deadline and checks that the peer process is alive.
 
@@ -187,7 +187,7 @@ impl ShmLinks {
     /// `rank` among them), through the group file `name`. `ring_bytes` bounds one frame.
     ///
     /// # Errors
-    /// As [`attach_group`].
+    /// As [`super::shm::ShmComm::connect`].
     pub fn connect(
         name: &str,
         rank: usize,
