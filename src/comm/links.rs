@@ -512,21 +512,8 @@ impl<L: Links> Communicator for LinkComm<L> {
                     continue;
                 }
                 let piece = self.recv_tensor(op, p, seq)?;
-                let ok = piece.dtype() == t.dtype()
-                    && piece.rank() == t.rank()
-                    && (0..t.rank()).all(|d| d == dim || piece.dims()[d] == t.dims()[d]);
-                if !ok {
-                    return Err(self.err(
-                        op,
-                        format!(
-                            "{} sent {:?} {:?}, this rank has {:?} {:?}",
-                            self.links.peer(p),
-                            piece.dims(),
-                            piece.dtype(),
-                            t.dims(),
-                            t.dtype()
-                        ),
-                    ));
+                if let Some(m) = super::mismatch(&piece, t, Some(dim)) {
+                    return Err(self.err(op, format!("{} {m}", self.links.peer(p))));
                 }
                 pieces.push(piece);
             }
@@ -549,18 +536,8 @@ impl<L: Links> Communicator for LinkComm<L> {
                 return Ok(t.clone());
             }
             let got = self.recv_tensor(op, root, seq)?;
-            if got.dims() != t.dims() || got.dtype() != t.dtype() {
-                return Err(self.err(
-                    op,
-                    format!(
-                        "{} sent {:?} {:?}, this rank expects {:?} {:?}",
-                        self.links.peer(root),
-                        got.dims(),
-                        got.dtype(),
-                        t.dims(),
-                        t.dtype()
-                    ),
-                ));
+            if let Some(m) = super::mismatch(&got, t, None) {
+                return Err(self.err(op, format!("{} {m}", self.links.peer(root))));
             }
             Ok(got)
         })

@@ -196,25 +196,10 @@ impl LocalComm {
     }
 
     fn check_same(&self, op: Op, ts: &[&Tensor], skip_dim: Option<usize>) -> Result<()> {
-        let first = ts[0];
+        let mine = ts[self.rank];
         for (r, t) in ts.iter().enumerate() {
-            let same_dims = t.rank() == first.rank()
-                && t.dims()
-                    .iter()
-                    .zip(first.dims())
-                    .enumerate()
-                    .all(|(d, (a, b))| Some(d) == skip_dim || a == b);
-            if !same_dims || t.dtype() != first.dtype() {
-                return Err(self.err(
-                    op,
-                    format!(
-                        "rank {r} sent {:?} {:?}, rank 0 sent {:?} {:?}",
-                        t.dims(),
-                        t.dtype(),
-                        first.dims(),
-                        first.dtype()
-                    ),
-                ));
+            if let Some(m) = super::mismatch(t, mine, skip_dim) {
+                return Err(self.err(op, format!("rank {r} {m}")));
             }
         }
         Ok(())

@@ -65,3 +65,20 @@ pub trait Communicator: Send + Sync + Debug {
     /// A peer is gone or does not arrive before the deadline.
     fn barrier(&self) -> Result<()>;
 }
+
+/// How a peer's tensor differs from this rank's, ignoring dimension `skip` (all-gather
+/// pieces may differ there); `None` when they fit together.
+pub(crate) fn mismatch(theirs: &Tensor, mine: &Tensor, skip: Option<usize>) -> Option<String> {
+    let fits = theirs.dtype() == mine.dtype()
+        && theirs.rank() == mine.rank()
+        && (0..mine.rank()).all(|d| Some(d) == skip || theirs.dims()[d] == mine.dims()[d]);
+    (!fits).then(|| {
+        format!(
+            "sent {:?} {:?}, this rank has {:?} {:?}",
+            theirs.dims(),
+            theirs.dtype(),
+            mine.dims(),
+            mine.dtype()
+        )
+    })
+}

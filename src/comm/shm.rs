@@ -717,20 +717,8 @@ impl Communicator for ShmComm {
                 .map(|b| decode(b))
                 .collect::<Result<Vec<_>>>()?;
             for (r, p) in pieces.iter().enumerate() {
-                let ok = p.dtype() == t.dtype()
-                    && p.rank() == t.rank()
-                    && (0..t.rank()).all(|d| d == dim || p.dims()[d] == t.dims()[d]);
-                if !ok {
-                    return Err(self.err(
-                        op,
-                        format!(
-                            "rank {r} sent {:?} {:?}, this rank has {:?} {:?}",
-                            p.dims(),
-                            p.dtype(),
-                            t.dims(),
-                            t.dtype()
-                        ),
-                    ));
+                if let Some(m) = super::mismatch(p, t, Some(dim)) {
+                    return Err(self.err(op, format!("rank {r} {m}")));
                 }
             }
             Ok(Tensor::cat(&pieces, dim)?)
@@ -750,17 +738,8 @@ impl Communicator for ShmComm {
             };
             let blobs = self.exchange(phase, op, &mine)?;
             let got = decode(&blobs[root])?;
-            if got.dims() != t.dims() || got.dtype() != t.dtype() {
-                return Err(self.err(
-                    op,
-                    format!(
-                        "rank {root} sent {:?} {:?}, this rank expects {:?} {:?}",
-                        got.dims(),
-                        got.dtype(),
-                        t.dims(),
-                        t.dtype()
-                    ),
-                ));
+            if let Some(m) = super::mismatch(&got, t, None) {
+                return Err(self.err(op, format!("rank {root} {m}")));
             }
             Ok(got)
         })
