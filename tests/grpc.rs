@@ -112,7 +112,13 @@ fn oversized_frame_is_refused_not_hung() {
         "took {:?}",
         t0.elapsed()
     );
-    assert!(errs.iter().any(|e| e.contains("rank 0")), "{errs:?}");
+    // The receiver names the sender and the cap; the sender learns its stream was refused.
+    assert!(
+        errs[1].starts_with("rank 1:")
+            && errs[1].contains("rank 0")
+            && errs[1].contains("too large"),
+        "{errs:?}"
+    );
 }
 
 #[test]

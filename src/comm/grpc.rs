@@ -319,6 +319,18 @@ impl Collective for Service {
                     break;
                 }
                 Err(e) => {
+                    if e.code() == tonic::Code::OutOfRange {
+                        // A frame over our cap: the peer's fault, and the root cause of
+                        // whatever fails next on either side.
+                        s.aborts
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(format!(
+                                "{} sent a frame over this rank's size cap: {}",
+                                s.peer(from),
+                                e.message()
+                            ));
+                    }
                     s.mark_dead(from, format!("{} failed: {}", s.peer(from), e.message()));
                     break;
                 }
@@ -716,11 +728,26 @@ impl GrpcLinks {
     }
 
     /// A peer's abort reason if one arrived (it names the rank that failed first), else `why`.
+    ///
+    /// Failures cascade: a peer's abort or a refused frame often arrives a moment after the
+    /// broken stream it causes, so this waits up to 200 ms for the cause before settling for
+    /// the symptom (the group is failing either way).
     fn root_cause(&self, why: String) -> String {
-        let aborts = self.shared.aborts.lock().unwrap_or_else(|e| e.into_inner());
-        match aborts.first() {
-            Some(a) => format!("{a} (then: {why})"),
-            None => why,
+        let until = Instant::now() + Duration::from_millis(200);
+        loop {
+            if let Some(a) = self
+                .shared
+                .aborts
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .first()
+            {
+                return format!("{a} (then: {why})");
+            }
+            if Instant::now() >= until {
+                return why;
+            }
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }
@@ -740,8 +767,10 @@ impl Links for GrpcLinks {
             .get(to)
             .and_then(Option::as_ref)
             .ok_or_else(|| self.err("send", format!("no link to rank {to}")))?;
-        tx.send(frame)
-            .map_err(|_| self.err("send", format!("{} is gone", self.shared.peer(to))))
+        tx.send(frame).map_err(|_| {
+            let gone = format!("{} is gone", self.shared.peer(to));
+            self.err("send", self.root_cause(gone))
+        })
     }
 
     fn recv(&self, from: usize) -> Result<Frame> {
