@@ -102,7 +102,7 @@ enum BenchCmd {
         /// Ranks.
         #[arg(long, default_value_t = 2)]
         world: usize,
-        /// local (threads), grpc (loopback TCP) or shm (shared memory).
+        /// local (threads), grpc (loopback TCP), shm (shared memory) or auto (per peer pair).
         #[arg(long, default_value = "grpc")]
         transport: String,
         /// Message sizes in bytes (K, M, G suffixes).

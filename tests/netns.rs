@@ -190,3 +190,49 @@ fn cut_link_is_named_by_every_surviving_rank() {
         );
     }
 }
+
+#[test]
+fn two_hosts_with_two_ranks_each_mix_shared_memory_and_grpc() {
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    // Ranks 0-1 share host A, ranks 2-3 host B: `auto` links same-host pairs through shared
+    // memory and the others through gRPC, under one ring.
+    let net = Net::create("c", 2).expect("create namespaces");
+    let ns = [&net.ns[0], &net.ns[0], &net.ns[1], &net.ns[1]]
+        .map(|s| s.as_str())
+        .join(",");
+    let ips = [&net.ips[0], &net.ips[0], &net.ips[1], &net.ips[1]]
+        .map(|s| s.as_str())
+        .join(",");
+    let out = Command::new(env!("CARGO_BIN_EXE_shardwise"))
+        .args([
+            "bench",
+            "allreduce",
+            "--transport",
+            "auto",
+            "--world",
+            "4",
+            "--netns",
+            &ns,
+        ])
+        .args([
+            "--ips",
+            &ips,
+            "--sizes",
+            "4,4K,4000012",
+            "--iters",
+            "2",
+            "--verify",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+}

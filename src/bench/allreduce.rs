@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
-use crate::comm::grpc::{self, GrpcConfig, TOKEN_ENV};
+use crate::comm::grpc::{GrpcConfig, TOKEN_ENV};
 use crate::comm::{suite::on_ranks, Communicator, LocalComm};
 use crate::error::{Error, Result};
 
@@ -28,6 +28,8 @@ pub enum Transport {
     Grpc,
     /// Shared memory, one process per rank.
     Shm,
+    /// Chosen per peer pair from the addresses (`comm::select`), one process per rank.
+    Auto,
 }
 
 impl std::str::FromStr for Transport {
@@ -37,9 +39,10 @@ impl std::str::FromStr for Transport {
             "local" => Ok(Self::Local),
             "grpc" => Ok(Self::Grpc),
             "shm" => Ok(Self::Shm),
+            "auto" => Ok(Self::Auto),
             _ => Err(Error::Config {
                 field: "transport".into(),
-                reason: format!("`{s}`: expected local, grpc or shm"),
+                reason: format!("`{s}`: expected local, grpc, shm or auto"),
             }),
         }
     }
@@ -52,6 +55,7 @@ impl Transport {
             Self::Local => "local",
             Self::Grpc => "grpc",
             Self::Shm => "shm",
+            Self::Auto => "auto",
         }
     }
 }
@@ -430,7 +434,7 @@ fn next_line(w: &Worker, r: usize, deadline: Instant) -> Result<String> {
 
 fn drive(workers: &mut [Worker], opts: &AllReduceOpts) -> Result<Vec<AllReduceRow>> {
     let deadline = Instant::now() + opts.timeout * 2;
-    if opts.transport == Transport::Grpc {
+    if matches!(opts.transport, Transport::Grpc | Transport::Auto) {
         let mut addrs = Vec::new();
         for (r, w) in workers.iter().enumerate() {
             let line = next_line(w, r, deadline)?;
@@ -480,7 +484,7 @@ pub fn worker(
     bind: &str,
 ) -> Result<()> {
     let comm: Box<dyn Communicator> = match opts.transport {
-        Transport::Grpc => {
+        Transport::Grpc | Transport::Auto => {
             let listener = std::net::TcpListener::bind((bind, 0)).map_err(|source| Error::Io {
                 path: bind.into(),
                 source,
@@ -509,7 +513,11 @@ pub fn worker(
                 silence_limit: (opts.timeout / 2).min(Duration::from_secs(5)),
                 ..GrpcConfig::from_env()?
             };
-            Box::new(grpc::connect(&addrs, rank, Some(listener), &cfg)?)
+            let choice = match opts.transport {
+                Transport::Auto => crate::comm::select::TransportChoice::Auto,
+                _ => crate::comm::select::TransportChoice::Grpc,
+            };
+            crate::comm::select::connect(&addrs, rank, Some(listener), choice, &cfg)?
         }
         Transport::Shm => Box::new(crate::comm::shm::ShmComm::connect(
             shm_name,
