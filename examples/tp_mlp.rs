@@ -1,7 +1,7 @@
 //! Shards a SwiGLU MLP over in-process ranks and prints the largest difference from the same
 //! MLP on one rank, for every world size up to `--max-world`.
 //!
-//! `cargo run --release --example tp_mlp -- --hidden 576 --intermediate 1536 --isq q4k`
+//! `cargo run --release --example tp_mlp -- --hidden 576 --intermediate 1536 --isq q4k --transport grpc`
 //!
 //! Weights are random and written to a temporary safetensors file, so the run exercises the
 //! same sharded-read path as a real checkpoint.
@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
-use shardwise::comm::{suite::on_ranks, Communicator, LocalComm};
+use shardwise::comm::select::{in_process_group, TransportChoice};
+use shardwise::comm::{suite::on_ranks, Communicator};
 use shardwise::layers::Mlp;
 use shardwise::quant::{IsqType, QuantConfig};
 use shardwise::weights::{SafetensorsSource, WeightSource};
@@ -34,6 +35,10 @@ struct Args {
     /// Quantize after loading (q4_0 … q8k); the one-rank reference is quantized the same way.
     #[arg(long)]
     isq: Option<IsqType>,
+    /// Collectives between the ranks: local (threads), grpc (real loopback sockets, token
+    /// handshake) or shm (a real /dev/shm group).
+    #[arg(long, default_value = "local")]
+    transport: String,
 }
 
 fn run_world(
@@ -42,10 +47,12 @@ fn run_world(
     src: &dyn WeightSource,
     x: &Tensor,
 ) -> shardwise::Result<(Vec<Tensor>, Vec<String>)> {
-    let comms: Vec<Arc<dyn Communicator>> = LocalComm::group(world)?
-        .into_iter()
-        .map(|c| Arc::new(c) as Arc<dyn Communicator>)
-        .collect();
+    let choice = match args.transport.as_str() {
+        "local" => TransportChoice::Auto,
+        other => other.parse()?,
+    };
+    let token = format!("tp-mlp-{}", std::process::id());
+    let comms: Vec<Arc<dyn Communicator>> = in_process_group(world, choice, &token)?;
     let align = args.isq.map_or(1, |t| t.block_size());
     let quant = QuantConfig::Unquantized { dtype: DType::F32 };
     let outs = on_ranks(&comms, |r, _| {
@@ -95,9 +102,10 @@ fn main() -> shardwise::Result<()> {
     let (reference, _) = run_world(1, &args, &src, &x)?;
     let scale = reference[0].abs()?.max_all()?.to_scalar::<f32>()?;
     println!(
-        "SwiGLU MLP {h}x{i}, {} tokens, {}; reference: 1 rank (max |y| = {scale:.4})",
+        "SwiGLU MLP {h}x{i}, {} tokens, {}, {} collectives; reference: 1 rank (max |y| = {scale:.4})",
         args.tokens,
-        args.isq.map_or("f32".to_string(), |t| format!("ISQ {t}"))
+        args.isq.map_or("f32".to_string(), |t| format!("ISQ {t}")),
+        args.transport,
     );
     for world in 2..=args.max_world {
         let t0 = Instant::now();

@@ -224,6 +224,57 @@ pub fn connect(
     })
 }
 
+/// Connects `world` ranks inside this process, one thread each, over `choice` (`Auto` means
+/// the in-process transport): real sockets for gRPC, a real `/dev/shm` file for shm. For
+/// examples and tests that want every transport without launching processes.
+///
+/// # Errors
+/// The first rank's connection error.
+pub fn in_process_group(
+    world: usize,
+    choice: TransportChoice,
+    token: &str,
+) -> Result<Vec<std::sync::Arc<dyn Communicator>>> {
+    use std::sync::Arc;
+    if choice == TransportChoice::Auto {
+        return Ok(super::LocalComm::group(world)?
+            .into_iter()
+            .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+            .collect());
+    }
+    let (ls, addrs) = grpc::loopback_listeners(world)?;
+    let cfg = GrpcConfig::new(token);
+    let shm_cfg = ShmConfig::new(token);
+    let name = shm_name(token, &addrs);
+    std::thread::scope(|s| {
+        let hs: Vec<_> = ls
+            .into_iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let (addrs, cfg, shm_cfg, name) = (&addrs, &cfg, &shm_cfg, &name);
+                s.spawn(move || -> Result<Arc<dyn Communicator>> {
+                    Ok(match choice {
+                        TransportChoice::Shm => {
+                            Arc::new(ShmComm::connect(name, r, world, shm_cfg)?)
+                        }
+                        _ => Arc::new(grpc::connect(addrs, r, Some(l), cfg)?),
+                    })
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::Config {
+                        field: "rank thread".into(),
+                        reason: "panicked while connecting".into(),
+                    })
+                })
+            })
+            .collect()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
