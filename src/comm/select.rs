@@ -354,6 +354,28 @@ mod tests {
     }
 
     #[test]
+    fn in_process_groups_reduce_over_every_transport() {
+        for choice in [
+            TransportChoice::Auto,
+            TransportChoice::Grpc,
+            TransportChoice::Shm,
+        ] {
+            let comms =
+                in_process_group(3, choice, &format!("ipg-{}", std::process::id())).unwrap();
+            let outs = crate::comm::suite::on_ranks(&comms, |r, c| {
+                c.all_reduce_sum(&candle_core::Tensor::new(
+                    &[r as f32, 2.0],
+                    &candle_core::Device::Cpu,
+                )?)
+            })
+            .unwrap();
+            for o in outs {
+                assert_eq!(o.to_vec1::<f32>().unwrap(), vec![3.0, 6.0], "{choice:?}");
+            }
+        }
+    }
+
+    #[test]
     fn auto_group_on_loopback_reduces_over_shared_memory() {
         let (ls, addrs) = grpc::loopback_listeners(3).unwrap();
         let cfg = GrpcConfig::new(format!("select-{}", std::process::id()));
