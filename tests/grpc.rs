@@ -43,6 +43,17 @@ fn group(world: usize, cfg: GrpcConfig) -> Result<Vec<Arc<dyn Communicator>>> {
         .collect()
 }
 
+/// Runs an all-reduce of `t` on every rank at once; every rank must fail; their errors.
+fn failing_all_reduce(comms: &[grpc::GrpcComm], t: &Tensor) -> Vec<String> {
+    std::thread::scope(|s| {
+        let hs: Vec<_> = comms
+            .iter()
+            .map(|c| s.spawn(|| c.all_reduce_sum(t).map(|_| ()).unwrap_err().to_string()))
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 #[test]
 fn grpc_passes_the_transport_suite() {
     suite::run_all(|w| group(w, config())).unwrap();
@@ -100,13 +111,7 @@ fn oversized_frame_is_refused_not_hung() {
     let comms: Vec<_> = group_with(cfgs).into_iter().map(|c| c.unwrap()).collect();
     let t = Tensor::ones(4 << 20, DType::F32, &Device::Cpu).unwrap();
     let t0 = Instant::now();
-    let errs: Vec<String> = std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .iter()
-            .map(|c| s.spawn(|| c.all_reduce_sum(&t).map(|_| ()).unwrap_err().to_string()))
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let errs = failing_all_reduce(&comms, &t);
     assert!(
         t0.elapsed() < Duration::from_secs(15),
         "took {:?}",
@@ -132,13 +137,7 @@ fn dead_peer_is_named_on_every_rank_within_the_deadline() {
     drop(dead);
     let t = Tensor::ones(1 << 20, DType::F32, &Device::Cpu).unwrap();
     let t0 = Instant::now();
-    let errs: Vec<String> = std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .iter()
-            .map(|c| s.spawn(|| c.all_reduce_sum(&t).map(|_| ()).unwrap_err().to_string()))
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let errs = failing_all_reduce(&comms, &t);
     assert!(t0.elapsed() < Duration::from_secs(20));
     for e in &errs {
         assert!(e.contains("rank 2") && e.contains(&dead_addr), "{e}");

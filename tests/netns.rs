@@ -117,25 +117,27 @@ fn bench_args<'a>(net: &'a Net, extra: &[&'a str]) -> Vec<String> {
     v
 }
 
-#[test]
-fn grpc_ranks_on_separate_hosts_agree_with_float64() {
-    if let Some(why) = unavailable() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let net = Net::create("a", 3).expect("create namespaces");
+/// Runs a verified `bench allreduce` with rank r in namespace `ns[r]` at `ips[r]`; asserts it
+/// succeeds with one result line per size (three sizes).
+fn verified_run(transport: &str, ns: &[&str], ips: &[&str]) {
     let out = Command::new(env!("CARGO_BIN_EXE_shardwise"))
-        .args(bench_args(
-            &net,
-            &[
-                "--sizes",
-                "4,4K,4000012",
-                "--iters",
-                "2",
-                "--verify",
-                "--json",
-            ],
-        ))
+        .args(["bench", "allreduce", "--transport", transport])
+        .args([
+            "--world",
+            &ns.len().to_string(),
+            "--netns",
+            &ns.join(","),
+            "--ips",
+            &ips.join(","),
+        ])
+        .args([
+            "--sizes",
+            "4,4K,4000012",
+            "--iters",
+            "2",
+            "--verify",
+            "--json",
+        ])
         .output()
         .unwrap();
     assert!(
@@ -144,6 +146,18 @@ fn grpc_ranks_on_separate_hosts_agree_with_float64() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+}
+
+#[test]
+fn grpc_ranks_on_separate_hosts_agree_with_float64() {
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let net = Net::create("a", 3).expect("create namespaces");
+    let ns: Vec<&str> = net.ns.iter().map(String::as_str).collect();
+    let ips: Vec<&str> = net.ips.iter().map(String::as_str).collect();
+    verified_run("grpc", &ns, &ips);
 }
 
 #[test]
@@ -200,39 +214,7 @@ fn two_hosts_with_two_ranks_each_mix_shared_memory_and_grpc() {
     // Ranks 0-1 share host A, ranks 2-3 host B: `auto` links same-host pairs through shared
     // memory and the others through gRPC, under one ring.
     let net = Net::create("c", 2).expect("create namespaces");
-    let ns = [&net.ns[0], &net.ns[0], &net.ns[1], &net.ns[1]]
-        .map(|s| s.as_str())
-        .join(",");
-    let ips = [&net.ips[0], &net.ips[0], &net.ips[1], &net.ips[1]]
-        .map(|s| s.as_str())
-        .join(",");
-    let out = Command::new(env!("CARGO_BIN_EXE_shardwise"))
-        .args([
-            "bench",
-            "allreduce",
-            "--transport",
-            "auto",
-            "--world",
-            "4",
-            "--netns",
-            &ns,
-        ])
-        .args([
-            "--ips",
-            &ips,
-            "--sizes",
-            "4,4K,4000012",
-            "--iters",
-            "2",
-            "--verify",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 3);
+    let (a, b) = (net.ns[0].as_str(), net.ns[1].as_str());
+    let (ia, ib) = (net.ips[0].as_str(), net.ips[1].as_str());
+    verified_run("auto", &[a, a, b, b], &[ia, ia, ib, ib]);
 }

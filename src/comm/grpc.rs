@@ -509,11 +509,25 @@ impl GrpcLinks {
             })
             .collect();
         for (p, handle) in dials {
-            let (tx, stream) = runtime
+            let dialled = runtime
                 .block_on(handle)
-                .map_err(|e| links.err("connect", format!("dialling {}: {e}", shared.peer(p))))??;
-            links.outgoing[p] = Some(tx);
-            links.streams.push(stream);
+                .map_err(|e| links.err("connect", format!("dialling {}: {e}", shared.peer(p))))
+                .and_then(|r| r);
+            match dialled {
+                Ok((tx, stream)) => {
+                    links.outgoing[p] = Some(tx);
+                    links.streams.push(stream);
+                }
+                Err(e) => {
+                    // Keep serving a moment before going away, so peers still handshaking
+                    // with us get a real answer (e.g. "does not hold the cluster token")
+                    // instead of a closed connection.
+                    let linger = (cfg.connect_timeout / 4).min(Duration::from_secs(1));
+                    std::thread::sleep(linger);
+                    links.runtime = Some(runtime);
+                    return Err(e);
+                }
+            }
         }
         // Wait for every peer to open its stream to us.
         loop {
