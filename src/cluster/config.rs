@@ -362,6 +362,42 @@ impl ClusterConfig {
     pub fn collective_addrs(&self) -> Vec<String> {
         self.ranks.iter().map(RankEntry::collective_addr).collect()
     }
+
+    /// Connects rank `rank`'s collectives as this file says: membership from the `[[rank]]`
+    /// entries, the token, the transport preference and the timeouts.
+    ///
+    /// # Errors
+    /// A rank not in the file, an unreadable token, `nccl` (needs the `cuda` feature and CUDA
+    /// ranks), or the transport's connection errors.
+    pub fn connect_collectives(&self, rank: usize) -> Result<Box<dyn crate::comm::Communicator>> {
+        use crate::comm::select::{self, TransportChoice};
+        if rank >= self.world_size() {
+            return Err(Error::Config {
+                field: "rank".into(),
+                reason: format!(
+                    "{rank} is not in this cluster of {} ranks",
+                    self.world_size()
+                ),
+            });
+        }
+        let choice = match self.transport {
+            TransportPref::Auto => TransportChoice::Auto,
+            TransportPref::Grpc => TransportChoice::Grpc,
+            TransportPref::Shm => TransportChoice::Shm,
+            TransportPref::Nccl => {
+                return Err(Error::Unsupported {
+                    what: "transport = \"nccl\"".into(),
+                    by: "this build (NCCL needs the `cuda` feature and CUDA devices)".into(),
+                })
+            }
+        };
+        let cfg = crate::comm::grpc::GrpcConfig {
+            timeout: self.collective_timeout,
+            connect_timeout: self.connect_timeout,
+            ..crate::comm::grpc::GrpcConfig::new(self.resolve_token()?)
+        };
+        select::connect(&self.collective_addrs(), rank, None, choice, &cfg)
+    }
 }
 
 #[cfg(test)]
@@ -444,6 +480,65 @@ collective_port = 7001
                 .unwrap();
             assert_eq!(c.world_size(), 4, "{f}");
         }
+    }
+
+    /// Free loopback ports (probed, then released: another process may take one before we
+    /// bind it, so callers retry with fresh ports on failure).
+    fn free_ports(n: usize) -> Vec<u16> {
+        let ls: Vec<_> = (0..n)
+            .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
+    }
+
+    /// Sums rank+1 over a 3-rank cluster file with the given transport.
+    fn cluster_sum(transport: &str) -> Result<Vec<Vec<f32>>> {
+        let ports = free_ports(6);
+        let mut text = format!(
+            "cluster = \"t\"\ntoken = \"cfg-{}\"\ntransport = \"{transport}\"\n",
+            std::process::id()
+        );
+        for r in 0..3 {
+            text += &format!(
+                "[[rank]]\nrank = {r}\nhost = \"127.0.0.1\"\ncontrol_port = {}\ncollective_port = {}\n",
+                ports[2 * r],
+                ports[2 * r + 1]
+            );
+        }
+        let c = parse(&text)?;
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..3)
+                .map(|r| {
+                    let c = &c;
+                    s.spawn(move || -> Result<Vec<f32>> {
+                        let comm = c.connect_collectives(r)?;
+                        let t =
+                            candle_core::Tensor::new(&[r as f32 + 1.0], &candle_core::Device::Cpu)?;
+                        Ok(comm.all_reduce_sum(&t)?.to_vec1::<f32>()?)
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn a_cluster_file_connects_its_ranks() {
+        for transport in ["grpc", "shm", "auto"] {
+            let sums = (0..3)
+                .find_map(|_| cluster_sum(transport).ok())
+                .unwrap_or_else(|| panic!("{transport}: three attempts failed"));
+            assert!(
+                sums.iter().all(|v| v == &vec![6.0]),
+                "{transport}: {sums:?}"
+            );
+        }
+        let nccl = parse(
+            "cluster = \"t\"\ntoken = \"x\"\ntransport = \"nccl\"\n[[rank]]\nrank = 0\nhost = \"h\"\ncontrol_port = 1\n",
+        )
+        .unwrap();
+        let e = nccl.connect_collectives(0).unwrap_err().to_string();
+        assert!(e.contains("nccl") && e.contains("cuda"), "{e}");
     }
 
     #[test]
