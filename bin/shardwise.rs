@@ -46,8 +46,6 @@ enum Cmd {
         #[arg(long)]
         timeout_s: f64,
         #[arg(long)]
-        shm_name: String,
-        #[arg(long)]
         verify: bool,
         #[arg(long)]
         kill_rank: Option<usize>,
@@ -221,7 +219,6 @@ fn run(cli: Cli) -> shardwise::Result<()> {
             iters,
             seed,
             timeout_s,
-            shm_name,
             verify,
             kill_rank,
             bind,
@@ -229,7 +226,7 @@ fn run(cli: Cli) -> shardwise::Result<()> {
             let opts = allreduce_opts(
                 world, &transport, &sizes, &dtype, iters, verify, timeout_s, kill_rank,
             )?;
-            allreduce::worker(rank, &opts, seed, &shm_name, &bind)?;
+            allreduce::worker(rank, &opts, seed, &bind)?;
         }
         Cmd::Bench {
             what:

@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
 use crate::comm::grpc::{GrpcConfig, TOKEN_ENV};
+use crate::comm::select::{self, TransportChoice};
 use crate::comm::{suite::on_ranks, Communicator, LocalComm};
 use crate::error::{Error, Result};
 
@@ -24,12 +25,8 @@ use crate::error::{Error, Result};
 pub enum Transport {
     /// Threads of one process.
     Local,
-    /// gRPC over loopback TCP, one process per rank.
-    Grpc,
-    /// Shared memory, one process per rank.
-    Shm,
-    /// Chosen per peer pair from the addresses (`comm::select`), one process per rank.
-    Auto,
+    /// One process per rank, connected as `comm::select` chooses (`grpc`, `shm`, `auto`).
+    Group(TransportChoice),
 }
 
 impl std::str::FromStr for Transport {
@@ -37,13 +34,7 @@ impl std::str::FromStr for Transport {
     fn from_str(s: &str) -> Result<Self> {
         match s {
             "local" => Ok(Self::Local),
-            "grpc" => Ok(Self::Grpc),
-            "shm" => Ok(Self::Shm),
-            "auto" => Ok(Self::Auto),
-            _ => Err(Error::Config {
-                field: "transport".into(),
-                reason: format!("`{s}`: expected local, grpc, shm or auto"),
-            }),
+            other => other.parse().map(Self::Group),
         }
     }
 }
@@ -53,9 +44,7 @@ impl Transport {
     pub fn name(self) -> &'static str {
         match self {
             Self::Local => "local",
-            Self::Grpc => "grpc",
-            Self::Shm => "shm",
-            Self::Auto => "auto",
+            Self::Group(c) => c.name(),
         }
     }
 }
@@ -317,11 +306,6 @@ struct Worker {
 
 fn launch(exe: &std::path::Path, opts: &AllReduceOpts, seed: u64) -> Result<Vec<AllReduceRow>> {
     let token = format!("{:032x}", rand::rng().random::<u128>());
-    let shm_name = format!(
-        "bench-{}-{:08x}",
-        std::process::id(),
-        rand::rng().random::<u32>()
-    );
     let sizes: Vec<String> = opts.sizes.iter().map(|s| s.to_string()).collect();
     let mut workers: Vec<Worker> = Vec::new();
     let spawn_err = |source| Error::Io {
@@ -347,7 +331,6 @@ fn launch(exe: &std::path::Path, opts: &AllReduceOpts, seed: u64) -> Result<Vec<
             .args(["--iters", &opts.iters.to_string()])
             .args(["--seed", &seed.to_string()])
             .args(["--timeout-s", &opts.timeout.as_secs_f64().to_string()])
-            .args(["--shm-name", &shm_name])
             .env(TOKEN_ENV, &token)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -434,7 +417,8 @@ fn next_line(w: &Worker, r: usize, deadline: Instant) -> Result<String> {
 
 fn drive(workers: &mut [Worker], opts: &AllReduceOpts) -> Result<Vec<AllReduceRow>> {
     let deadline = Instant::now() + opts.timeout * 2;
-    if matches!(opts.transport, Transport::Grpc | Transport::Auto) {
+    // Workers exist only for process groups: they always trade addresses first.
+    {
         let mut addrs = Vec::new();
         for (r, w) in workers.iter().enumerate() {
             let line = next_line(w, r, deadline)?;
@@ -476,65 +460,42 @@ fn drive(workers: &mut [Worker], opts: &AllReduceOpts) -> Result<Vec<AllReduceRo
 ///
 /// # Errors
 /// Connection, collective or verification errors (printed by the binary, exit code 1).
-pub fn worker(
-    rank: usize,
-    opts: &AllReduceOpts,
-    seed: u64,
-    shm_name: &str,
-    bind: &str,
-) -> Result<()> {
-    let comm: Box<dyn Communicator> = match opts.transport {
-        Transport::Grpc | Transport::Auto => {
-            let listener = std::net::TcpListener::bind((bind, 0)).map_err(|source| Error::Io {
-                path: bind.into(),
-                source,
-            })?;
-            let local = listener.local_addr().map_err(|source| Error::Io {
-                path: bind.into(),
-                source,
-            })?;
-            println!("ADDR {local}");
-            let mut line = String::new();
-            std::io::stdin()
-                .read_line(&mut line)
-                .map_err(|source| Error::Io {
-                    path: "stdin".into(),
-                    source,
-                })?;
-            let addrs: Vec<String> = line
-                .trim()
-                .strip_prefix("ADDRS ")
-                .unwrap_or_default()
-                .split(',')
-                .map(str::to_string)
-                .collect();
-            let cfg = GrpcConfig {
-                timeout: opts.timeout,
-                silence_limit: (opts.timeout / 2).min(Duration::from_secs(5)),
-                ..GrpcConfig::from_env()?
-            };
-            let choice = match opts.transport {
-                Transport::Auto => crate::comm::select::TransportChoice::Auto,
-                _ => crate::comm::select::TransportChoice::Grpc,
-            };
-            crate::comm::select::connect(&addrs, rank, Some(listener), choice, &cfg)?
-        }
-        Transport::Shm => Box::new(crate::comm::shm::ShmComm::connect(
-            shm_name,
-            rank,
-            opts.world,
-            &crate::comm::shm::ShmConfig {
-                timeout: opts.timeout,
-                ..crate::comm::shm::ShmConfig::from_env()?
-            },
-        )?),
-        Transport::Local => {
-            return Err(Error::Config {
-                field: "transport".into(),
-                reason: "local ranks run in one process, not as workers".into(),
-            })
-        }
+pub fn worker(rank: usize, opts: &AllReduceOpts, seed: u64, bind: &str) -> Result<()> {
+    let Transport::Group(choice) = opts.transport else {
+        return Err(Error::Config {
+            field: "transport".into(),
+            reason: "local ranks run in one process, not as workers".into(),
+        });
     };
+    let listener = std::net::TcpListener::bind((bind, 0)).map_err(|source| Error::Io {
+        path: bind.into(),
+        source,
+    })?;
+    let local = listener.local_addr().map_err(|source| Error::Io {
+        path: bind.into(),
+        source,
+    })?;
+    println!("ADDR {local}");
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|source| Error::Io {
+            path: "stdin".into(),
+            source,
+        })?;
+    let addrs: Vec<String> = line
+        .trim()
+        .strip_prefix("ADDRS ")
+        .unwrap_or_default()
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let cfg = GrpcConfig {
+        timeout: opts.timeout,
+        silence_limit: (opts.timeout / 2).min(Duration::from_secs(5)),
+        ..GrpcConfig::from_env()?
+    };
+    let comm = select::connect(&addrs, rank, Some(listener), choice, &cfg)?;
     for (bytes, median, h) in measure_rank(comm.as_ref(), opts, seed)? {
         println!(r#"RESULT {{"bytes":{bytes},"median_s":{median},"hash":{h}}}"#);
     }

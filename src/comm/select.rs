@@ -43,6 +43,17 @@ impl std::str::FromStr for TransportChoice {
     }
 }
 
+impl TransportChoice {
+    /// Name as written in configs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Grpc => "grpc",
+            Self::Shm => "shm",
+        }
+    }
+}
+
 /// The host part of `host:port` (`[v6]:port` too).
 fn host_of(addr: &str) -> &str {
     let h = addr.rsplit_once(':').map_or(addr, |(h, _)| h);

@@ -80,14 +80,6 @@ impl ShmConfig {
             dir: PathBuf::from("/dev/shm"),
         }
     }
-
-    /// Defaults with the token from `SHARDWISE_TOKEN`.
-    ///
-    /// # Errors
-    /// The variable is unset or empty.
-    pub fn from_env() -> Result<Self> {
-        Ok(Self::new(super::grpc::GrpcConfig::from_env()?.token))
-    }
 }
 
 #[derive(Debug, Default)]
