@@ -339,20 +339,7 @@ fn allreduce_opts(
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Keeps freed buffers in the heap instead of returning them to the kernel: collectives
-/// and weight loads allocate and free multi-megabyte buffers constantly, and glibc's defaults
-/// (trim at 128 KiB, mmap above a moving threshold) turn every one into fresh page faults.
-fn tune_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only changes allocator parameters; called before any other thread runs.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-    }
-}
-
 fn main() -> ExitCode {
-    tune_allocator();
     shardwise::init_logging();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,

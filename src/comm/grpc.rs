@@ -414,12 +414,7 @@ impl GrpcLinks {
         // Two workers by default; SHARDWISE_GRPC_THREADS overrides (on 2-core hosts one worker
         // measured equal or slightly better, see BENCHMARKS.md).
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(
-                std::env::var("SHARDWISE_GRPC_THREADS")
-                    .ok()
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(2),
-            )
+            .worker_threads(super::env_usize("SHARDWISE_GRPC_THREADS", 2).max(1))
             .thread_name(format!("shardwise-grpc-{rank}"))
             .enable_all()
             .build()

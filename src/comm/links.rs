@@ -67,17 +67,11 @@ pub struct AlgoConfig {
 
 impl Default for AlgoConfig {
     fn default() -> Self {
-        let env = |k: &str, d: usize| {
-            std::env::var(k)
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(d)
-        };
         Self {
-            chunk_bytes: env("SHARDWISE_CHUNK_BYTES", 1 << 20),
-            small_bytes: env("SHARDWISE_SMALL_BYTES", 256 << 10),
+            chunk_bytes: super::env_usize("SHARDWISE_CHUNK_BYTES", 1 << 20),
+            small_bytes: super::env_usize("SHARDWISE_SMALL_BYTES", 256 << 10),
             max_tensor_bytes: 16 << 30,
-            window: env("SHARDWISE_WINDOW", 4),
+            window: super::env_usize("SHARDWISE_WINDOW", 4),
         }
     }
 }

@@ -82,3 +82,12 @@ pub(crate) fn mismatch(theirs: &Tensor, mine: &Tensor, skip: Option<usize>) -> O
         )
     })
 }
+
+/// A tuning knob from the environment (`SHARDWISE_CHUNK_BYTES`, ...), or `default` when it is
+/// unset or not a number.
+pub(crate) fn env_usize(key: &str, default: usize) -> usize {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

@@ -73,10 +73,7 @@ impl ShmConfig {
             token: token.into(),
             timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(30),
-            slot_bytes: std::env::var("SHARDWISE_SHM_SLOT_BYTES")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(1 << 20),
+            slot_bytes: super::env_usize("SHARDWISE_SHM_SLOT_BYTES", 1 << 20),
             dir: PathBuf::from("/dev/shm"),
         }
     }
