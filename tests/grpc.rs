@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use candle_core::{DType, Device, Tensor};
 use shardwise::comm::grpc::{self, loopback_listeners, GrpcConfig};
 use shardwise::comm::links::AlgoConfig;
-use shardwise::comm::{suite, Communicator};
+use shardwise::comm::{each_rank, suite, Communicator};
 use shardwise::Result;
 
 fn config() -> GrpcConfig {
@@ -22,18 +22,11 @@ fn config() -> GrpcConfig {
 /// are reached), with per-rank configs.
 fn group_with(cfgs: Vec<GrpcConfig>) -> Vec<Result<grpc::GrpcComm>> {
     let (ls, addrs) = loopback_listeners(cfgs.len()).unwrap();
-    std::thread::scope(|s| {
-        let hs: Vec<_> = ls
-            .into_iter()
-            .zip(&cfgs)
-            .enumerate()
-            .map(|(r, (l, c))| {
-                let addrs = &addrs;
-                s.spawn(move || grpc::connect(addrs, r, Some(l), c))
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    let inputs: Vec<_> = ls.into_iter().zip(cfgs).collect();
+    each_rank(inputs, |r, (l, c)| {
+        Ok(grpc::connect(&addrs, r, Some(l), &c))
     })
+    .unwrap()
 }
 
 fn group(world: usize, cfg: GrpcConfig) -> Result<Vec<Arc<dyn Communicator>>> {
@@ -45,13 +38,10 @@ fn group(world: usize, cfg: GrpcConfig) -> Result<Vec<Arc<dyn Communicator>>> {
 
 /// Runs an all-reduce of `t` on every rank at once; every rank must fail; their errors.
 fn failing_all_reduce(comms: &[grpc::GrpcComm], t: &Tensor) -> Vec<String> {
-    std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .iter()
-            .map(|c| s.spawn(|| c.all_reduce_sum(t).map(|_| ()).unwrap_err().to_string()))
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    each_rank(comms.iter().collect(), |_, c| {
+        Ok(c.all_reduce_sum(t).map(|_| ()).unwrap_err().to_string())
     })
+    .unwrap()
 }
 
 #[test]

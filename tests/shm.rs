@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 use shardwise::comm::shm::{ShmComm, ShmConfig};
-use shardwise::comm::{suite, Communicator};
+use shardwise::comm::{each_rank, suite, Communicator};
 use shardwise::Result;
 
 static GROUP: AtomicUsize = AtomicUsize::new(0);
@@ -30,14 +30,7 @@ fn config(slot_bytes: usize) -> ShmConfig {
 
 fn group_with(name: &str, cfgs: Vec<ShmConfig>) -> Vec<Result<ShmComm>> {
     let world = cfgs.len();
-    std::thread::scope(|s| {
-        let hs: Vec<_> = cfgs
-            .iter()
-            .enumerate()
-            .map(|(r, c)| s.spawn(move || ShmComm::connect(name, r, world, c)))
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    })
+    each_rank(cfgs, |r, c| Ok(ShmComm::connect(name, r, world, &c))).unwrap()
 }
 
 fn group(world: usize, slot: usize) -> Result<Vec<Arc<dyn Communicator>>> {
@@ -91,21 +84,13 @@ fn a_failing_rank_stops_its_peers_at_once() {
         .into_iter()
         .map(|c| c.unwrap())
         .collect();
-    let errs: Vec<String> = std::thread::scope(|s| {
-        let hs: Vec<_> = comms
-            .iter()
-            .enumerate()
-            .map(|(r, c)| {
-                s.spawn(move || {
-                    // Rank 1 brings a tensor of another length.
-                    let n = if r == 1 { 10 } else { 12 };
-                    let t = Tensor::ones(n, DType::F32, &Device::Cpu).unwrap();
-                    c.all_reduce_sum(&t).unwrap_err().to_string()
-                })
-            })
-            .collect();
-        hs.into_iter().map(|h| h.join().unwrap()).collect()
-    });
+    let errs = each_rank(comms.iter().collect(), |r, c| {
+        // Rank 1 brings a tensor of another length.
+        let n = if r == 1 { 10 } else { 12 };
+        let t = Tensor::ones(n, DType::F32, &Device::Cpu).unwrap();
+        Ok(c.all_reduce_sum(&t).unwrap_err().to_string())
+    })
+    .unwrap();
     for e in &errs {
         assert!(e.contains("rank 1"), "{e}");
     }

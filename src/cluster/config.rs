@@ -506,19 +506,10 @@ collective_port = 7001
             );
         }
         let c = parse(&text)?;
-        std::thread::scope(|s| {
-            let hs: Vec<_> = (0..3)
-                .map(|r| {
-                    let c = &c;
-                    s.spawn(move || -> Result<Vec<f32>> {
-                        let comm = c.connect_collectives(r)?;
-                        let t =
-                            candle_core::Tensor::new(&[r as f32 + 1.0], &candle_core::Device::Cpu)?;
-                        Ok(comm.all_reduce_sum(&t)?.to_vec1::<f32>()?)
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        crate::comm::each_rank(vec![(); 3], |r, ()| {
+            let comm = c.connect_collectives(r)?;
+            let t = candle_core::Tensor::new(&[r as f32 + 1.0], &candle_core::Device::Cpu)?;
+            Ok(comm.all_reduce_sum(&t)?.to_vec1::<f32>()?)
         })
     }
 

@@ -91,3 +91,37 @@ pub(crate) fn env_usize(key: &str, default: usize) -> usize {
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
 }
+
+/// Runs `f(rank, input)` for each input on its own thread (the ranks of one process) and
+/// returns the results in rank order.
+///
+/// # Errors
+/// The first rank's error; a rank that panics becomes an error naming it.
+pub fn each_rank<I: Send, T: Send>(
+    inputs: Vec<I>,
+    f: impl Fn(usize, I) -> Result<T> + Sync,
+) -> Result<Vec<T>> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = inputs
+            .into_iter()
+            .enumerate()
+            .map(|(r, input)| {
+                let f = &f;
+                s.spawn(move || f(r, input))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .enumerate()
+            .map(|(r, h)| {
+                h.join().unwrap_or_else(|_| {
+                    Err(crate::error::Error::Comm {
+                        rank: r,
+                        op: "rank thread",
+                        reason: format!("rank {r} panicked"),
+                    })
+                })
+            })
+            .collect()
+    })
+}

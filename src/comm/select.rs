@@ -257,32 +257,11 @@ pub fn in_process_group(
     let cfg = GrpcConfig::new(token);
     let shm_cfg = ShmConfig::new(token);
     let name = shm_name(token, &addrs);
-    std::thread::scope(|s| {
-        let hs: Vec<_> = ls
-            .into_iter()
-            .enumerate()
-            .map(|(r, l)| {
-                let (addrs, cfg, shm_cfg, name) = (&addrs, &cfg, &shm_cfg, &name);
-                s.spawn(move || -> Result<Arc<dyn Communicator>> {
-                    Ok(match choice {
-                        TransportChoice::Shm => {
-                            Arc::new(ShmComm::connect(name, r, world, shm_cfg)?)
-                        }
-                        _ => Arc::new(grpc::connect(addrs, r, Some(l), cfg)?),
-                    })
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| {
-                h.join().unwrap_or_else(|_| {
-                    Err(Error::Config {
-                        field: "rank thread".into(),
-                        reason: "panicked while connecting".into(),
-                    })
-                })
-            })
-            .collect()
+    super::each_rank(ls, |r, l| {
+        Ok(match choice {
+            TransportChoice::Shm => Arc::new(ShmComm::connect(&name, r, world, &shm_cfg)?),
+            _ => Arc::new(grpc::connect(&addrs, r, Some(l), &cfg)?) as Arc<dyn Communicator>,
+        })
     })
 }
 
@@ -328,32 +307,13 @@ mod tests {
             let (ls, addrs) = grpc::loopback_listeners(w)?;
             let cfg = GrpcConfig::new(format!("mixed-{}", std::process::id()));
             let hosts = &hosts[..w];
-            std::thread::scope(|s| {
-                let hs: Vec<_> = ls
-                    .into_iter()
-                    .enumerate()
-                    .map(|(r, l)| {
-                        let (addrs, cfg) = (&addrs, &cfg);
-                        s.spawn(move || {
-                            let links = MixedLinks::connect(addrs, r, Some(l), cfg, hosts)?;
-                            for p in (0..w).filter(|&p| p != r) {
-                                assert_eq!(links.is_shared_memory(p), hosts[p] == hosts[r]);
-                            }
-                            Ok(std::sync::Arc::new(LinkComm::new(links, cfg.algo))
-                                as std::sync::Arc<dyn Communicator>)
-                        })
-                    })
-                    .collect();
-                hs.into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| {
-                            Err(Error::Config {
-                                field: "thread".into(),
-                                reason: "panicked".into(),
-                            })
-                        })
-                    })
-                    .collect()
+            crate::comm::each_rank(ls, |r, l| {
+                let links = MixedLinks::connect(&addrs, r, Some(l), &cfg, hosts)?;
+                for p in (0..w).filter(|&p| p != r) {
+                    assert_eq!(links.is_shared_memory(p), hosts[p] == hosts[r]);
+                }
+                Ok(std::sync::Arc::new(LinkComm::new(links, cfg.algo))
+                    as std::sync::Arc<dyn Communicator>)
             })
         };
         for w in [3, 5] {
@@ -390,23 +350,12 @@ mod tests {
     fn auto_group_on_loopback_reduces_over_shared_memory() {
         let (ls, addrs) = grpc::loopback_listeners(3).unwrap();
         let cfg = GrpcConfig::new(format!("select-{}", std::process::id()));
-        let outs: Vec<Vec<f32>> = std::thread::scope(|s| {
-            let hs: Vec<_> = ls
-                .into_iter()
-                .enumerate()
-                .map(|(r, l)| {
-                    let (addrs, cfg) = (&addrs, &cfg);
-                    s.spawn(move || {
-                        let c = connect(addrs, r, Some(l), TransportChoice::Auto, cfg).unwrap();
-                        let t =
-                            candle_core::Tensor::new(&[r as f32, 1.0], &candle_core::Device::Cpu)
-                                .unwrap();
-                        c.all_reduce_sum(&t).unwrap().to_vec1::<f32>().unwrap()
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let outs = crate::comm::each_rank(ls, |r, l| {
+            let c = connect(&addrs, r, Some(l), TransportChoice::Auto, &cfg)?;
+            let t = candle_core::Tensor::new(&[r as f32, 1.0], &candle_core::Device::Cpu)?;
+            Ok(c.all_reduce_sum(&t)?.to_vec1::<f32>()?)
+        })
+        .unwrap();
         for o in outs {
             assert_eq!(o, vec![3.0, 3.0]);
         }

@@ -34,21 +34,7 @@ pub fn on_ranks<T: Send>(
     comms: &[Arc<dyn Communicator>],
     f: impl Fn(usize, &dyn Communicator) -> Result<T> + Sync,
 ) -> Result<Vec<T>> {
-    std::thread::scope(|s| {
-        let handles: Vec<_> = comms
-            .iter()
-            .enumerate()
-            .map(|(r, c)| {
-                let f = &f;
-                s.spawn(move || f(r, c.as_ref()))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .enumerate()
-            .map(|(r, h)| h.join().map_err(|_| fail(format!("rank {r} panicked")))?)
-            .collect()
-    })
+    super::each_rank(comms.iter().collect(), |r, c| f(r, c.as_ref()))
 }
 
 fn random_vec(n: usize) -> Vec<f32> {
