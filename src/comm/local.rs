@@ -40,7 +40,7 @@ impl Op {
 struct State {
     generation: u64,
     slots: Vec<Option<(Op, Option<Tensor>)>>,
-    published: Arc<Vec<(Op, Option<Tensor>)>>,
+    published: Deposits,
     departed: Vec<usize>,
 }
 
@@ -85,7 +85,7 @@ impl LocalComm {
             state: Mutex::new(State {
                 generation: 0,
                 slots: vec![None; world_size],
-                published: Arc::new(Vec::new()),
+                published: Arc::new(Published::default()),
                 departed: Vec::new(),
             }),
             cv: Condvar::new(),
@@ -99,8 +99,15 @@ impl LocalComm {
     }
 }
 
-/// Every rank's deposit at one collective, in rank order.
-type Deposits = Arc<Vec<(Op, Option<Tensor>)>>;
+/// Every rank's deposit at one collective, in rank order, and the reduction computed once
+/// for all of them (by whichever rank asks first; the others wait for it and share it).
+#[derive(Debug, Default)]
+struct Published {
+    deposits: Vec<(Op, Option<Tensor>)>,
+    sum: std::sync::OnceLock<std::result::Result<Tensor, String>>,
+}
+
+type Deposits = Arc<Published>;
 
 /// One rank's handle on an in-process group. Dropping it tells the peers this rank is gone.
 #[derive(Debug)]
@@ -138,7 +145,10 @@ impl LocalComm {
         st.slots[self.rank] = Some((op, t.cloned()));
         if st.slots.iter().all(Option::is_some) {
             let set: Vec<_> = st.slots.iter_mut().filter_map(Option::take).collect();
-            st.published = Arc::new(set);
+            st.published = Arc::new(Published {
+                deposits: set,
+                sum: std::sync::OnceLock::new(),
+            });
             st.generation += 1;
             let out = st.published.clone();
             drop(st);
@@ -176,7 +186,8 @@ impl LocalComm {
     }
 
     fn check_ops(&self, op: Op, set: Deposits) -> Result<Deposits> {
-        if let Some((r, (other, _))) = set.iter().enumerate().find(|(_, (o, _))| *o != op) {
+        if let Some((r, (other, _))) = set.deposits.iter().enumerate().find(|(_, (o, _))| *o != op)
+        {
             return Err(self.err(
                 op,
                 format!("rank {r} called {} at the same step", other.name()),
@@ -221,14 +232,21 @@ impl Communicator for LocalComm {
             return Err(self.err(op, format!("unsupported dtype {:?}", t.dtype())));
         }
         let set = self.exchange(op, Some(t))?;
-        let ts = self.tensors(op, &set)?;
+        let ts = self.tensors(op, &set.deposits)?;
         self.check_same(op, &ts, None)?;
-        // Half-precision inputs are summed in f32 and rounded once.
-        let mut acc = ts[0].to_dtype(DType::F32)?;
-        for t in &ts[1..] {
-            acc = (acc + t.to_dtype(DType::F32)?)?;
-        }
-        Ok(acc.to_dtype(t.dtype())?)
+        // Summed once for the whole group, in rank order; half-precision inputs are summed in
+        // f32 and rounded once.
+        let sum = set.sum.get_or_init(|| {
+            let add = || -> candle_core::Result<Tensor> {
+                let mut acc = ts[0].to_dtype(DType::F32)?;
+                for t in &ts[1..] {
+                    acc = (acc + t.to_dtype(DType::F32)?)?;
+                }
+                acc.to_dtype(ts[0].dtype())
+            };
+            add().map_err(|e| e.to_string())
+        });
+        sum.clone().map_err(|e| self.err(op, e))
     }
 
     fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
@@ -237,7 +255,7 @@ impl Communicator for LocalComm {
             return Err(self.err(op, format!("dim {dim} out of range for {:?}", t.dims())));
         }
         let set = self.exchange(op, Some(t))?;
-        let ts = self.tensors(op, &set)?;
+        let ts = self.tensors(op, &set.deposits)?;
         self.check_same(op, &ts, Some(dim))?;
         Ok(Tensor::cat(&ts, dim)?)
     }
@@ -248,7 +266,7 @@ impl Communicator for LocalComm {
             return Err(self.err(op, format!("root {root} out of range")));
         }
         let set = self.exchange(op, Some(t))?;
-        let ts = self.tensors(op, &set)?;
+        let ts = self.tensors(op, &set.deposits)?;
         self.check_same(op, &ts, None)?;
         Ok(ts[root].clone())
     }
