@@ -52,6 +52,57 @@ fn tolerance(dtype: DType, world: usize) -> f64 {
     eps * world as f64 * 2.0
 }
 
+/// All-reduces fresh random inputs of shape `dims` in `dtype` on every rank and checks the
+/// results: the input dtype and shape, identical bytes on every rank, and within `tol`
+/// (relative) of a float64 sum of the inputs as the ranks sent them.
+fn reduce_and_check(
+    comms: &[Arc<dyn Communicator>],
+    dims: &[usize],
+    dtype: DType,
+    tol: f64,
+    label: &str,
+) -> Result<()> {
+    let n: usize = dims.iter().product();
+    // Inputs rounded to the wire dtype first, so the reference sees what ranks send.
+    let inputs: Vec<Tensor> = (0..comms.len())
+        .map(|_| {
+            Tensor::from_vec(random_vec(n), dims, &Device::Cpu)?
+                .to_dtype(dtype)
+                .map_err(Error::from)
+        })
+        .collect::<Result<_>>()?;
+    let flat64 = |t: &Tensor| -> Result<Vec<f64>> {
+        Ok(t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?)
+    };
+    let mut reference = vec![0f64; n];
+    for t in &inputs {
+        reference
+            .iter_mut()
+            .zip(flat64(t)?)
+            .for_each(|(a, b)| *a += b);
+    }
+    let outs = on_ranks(comms, |r, c| c.all_reduce_sum(&inputs[r]))?;
+    let first = flat64(&outs[0])?;
+    for (r, o) in outs.iter().enumerate() {
+        if o.dtype() != dtype || o.dims() != dims {
+            return Err(fail(format!(
+                "{label}: rank {r} got {:?} {:?}",
+                o.dtype(),
+                o.dims()
+            )));
+        }
+        if flat64(o)? != first {
+            return Err(fail(format!("{label}: rank {r} differs from rank 0")));
+        }
+    }
+    for (i, (a, b)) in first.iter().zip(&reference).enumerate() {
+        if (a - b).abs() > tol * (1.0 + b.abs()) {
+            return Err(fail(format!("{label}: element {i} = {a}, reference {b}")));
+        }
+    }
+    Ok(())
+}
+
 /// All-reduce of random f32/bf16/f16 tensors of random shapes, against a float64 sum;
 /// every rank must receive identical bytes.
 ///
@@ -62,47 +113,9 @@ pub fn check_all_reduce(make: &dyn CommFactory, world: usize) -> Result<()> {
     let mut rng = rand::rng();
     for dtype in [DType::F32, DType::BF16, DType::F16] {
         for _ in 0..3 {
-            let shape = (rng.random_range(1..9usize), rng.random_range(1..700usize));
-            let n = shape.0 * shape.1;
-            // Inputs rounded to the wire dtype first, so the reference sees what ranks send.
-            let inputs: Vec<Tensor> = (0..world)
-                .map(|_| {
-                    Tensor::from_vec(random_vec(n), shape, &Device::Cpu)?
-                        .to_dtype(dtype)
-                        .map_err(Error::from)
-                })
-                .collect::<Result<_>>()?;
-            let mut reference = vec![0f64; n];
-            for t in &inputs {
-                let v = t.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-                reference.iter_mut().zip(v).for_each(|(a, b)| *a += b);
-            }
-            let outs = on_ranks(&comms, |r, c| c.all_reduce_sum(&inputs[r]))?;
-            let first = outs[0]
-                .to_dtype(DType::F64)?
-                .flatten_all()?
-                .to_vec1::<f64>()?;
-            for (r, o) in outs.iter().enumerate() {
-                if o.dtype() != dtype || o.dims() != [shape.0, shape.1] {
-                    return Err(fail(format!(
-                        "all_reduce rank {r}: got {:?} {:?}",
-                        o.dtype(),
-                        o.dims()
-                    )));
-                }
-                let v = o.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-                if v != first {
-                    return Err(fail(format!("all_reduce: rank {r} differs from rank 0")));
-                }
-            }
-            let tol = tolerance(dtype, world);
-            for (i, (a, b)) in first.iter().zip(&reference).enumerate() {
-                if (a - b).abs() > tol * (1.0 + b.abs()) {
-                    return Err(fail(format!(
-                        "all_reduce {dtype:?} world {world}: element {i} = {a}, reference {b}"
-                    )));
-                }
-            }
+            let dims = [rng.random_range(1..9usize), rng.random_range(1..700usize)];
+            let label = format!("all_reduce {dtype:?} world {world} {dims:?}");
+            reduce_and_check(&comms, &dims, dtype, tolerance(dtype, world), &label)?;
         }
     }
     Ok(())
@@ -129,36 +142,10 @@ pub fn check_lengths(make: &dyn CommFactory, world: usize) -> Result<()> {
     let big = rng.random_range(100_000..=1_000_000usize);
     for n in [0usize, 1, 2, prime, big] {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
-            let inputs: Vec<Tensor> = (0..world)
-                .map(|_| {
-                    Tensor::from_vec(random_vec(n), n, &Device::Cpu)?
-                        .to_dtype(dtype)
-                        .map_err(Error::from)
-                })
-                .collect::<Result<_>>()?;
-            let mut reference = vec![0f64; n];
-            for t in &inputs {
-                let v = t.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-                reference.iter_mut().zip(v).for_each(|(a, b)| *a += b);
-            }
-            let outs = on_ranks(&comms, |r, c| c.all_reduce_sum(&inputs[r]))?;
-            let first = outs[0].to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            for (r, o) in outs.iter().enumerate() {
-                if o.to_dtype(DType::F64)?.to_vec1::<f64>()? != first || o.dtype() != dtype {
-                    return Err(fail(format!(
-                        "length {n} {dtype:?}: rank {r} differs from rank 0"
-                    )));
-                }
-            }
             // Partial sums may be rounded to the dtype at every hop of a ring.
             let tol = tolerance(dtype, world) * world as f64;
-            for (i, (a, b)) in first.iter().zip(&reference).enumerate() {
-                if (a - b).abs() > tol * (1.0 + b.abs()) {
-                    return Err(fail(format!(
-                        "length {n} {dtype:?} world {world}: element {i} = {a}, reference {b}"
-                    )));
-                }
-            }
+            let label = format!("length {n} {dtype:?} world {world}");
+            reduce_and_check(&comms, &[n], dtype, tol, &label)?;
         }
     }
     Ok(())
