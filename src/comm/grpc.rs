@@ -36,6 +36,11 @@ use crate::proto::{ExchangeEnd, Frame, HelloReply, HelloRequest, PROTOCOL_VERSIO
 /// Environment variable holding the cluster token when the config does not.
 pub const TOKEN_ENV: &str = "SHARDWISE_TOKEN";
 
+/// HTTP/2 flow-control windows, both directions: large enough that a pipelined ring never
+/// waits for a WINDOW_UPDATE on a fast link.
+const STREAM_WINDOW: u32 = 64 << 20;
+const CONNECTION_WINDOW: u32 = 128 << 20;
+
 /// Step number of heartbeat frames (never delivered to collectives).
 const HEARTBEAT_STEP: u32 = u32::MAX - 1;
 
@@ -442,33 +447,27 @@ impl GrpcLinks {
             aborts: Mutex::new(Vec::new()),
             last_seen: Mutex::new(vec![Instant::now(); world]),
         });
-        let listener = match listener {
-            Some(l) => l,
-            None => std::net::TcpListener::bind(&addrs[rank]).map_err(|source| Error::Io {
-                path: addrs[rank].clone().into(),
-                source,
-            })?,
-        };
-        listener.set_nonblocking(true).map_err(|source| Error::Io {
+        let io_err = |source| Error::Io {
             path: addrs[rank].clone().into(),
             source,
-        })?;
+        };
+        let listener = match listener {
+            Some(l) => l,
+            None => std::net::TcpListener::bind(&addrs[rank]).map_err(io_err)?,
+        };
+        listener.set_nonblocking(true).map_err(io_err)?;
         let (shutdown, shutdown_rx) = oneshot::channel::<()>();
         let svc = CollectiveServer::new(Service(shared.clone()))
             .max_decoding_message_size(cfg.max_message_bytes)
             .max_encoding_message_size(cfg.max_message_bytes);
         {
             let _guard = runtime.enter();
-            let listener =
-                tokio::net::TcpListener::from_std(listener).map_err(|source| Error::Io {
-                    path: addrs[rank].clone().into(),
-                    source,
-                })?;
+            let listener = tokio::net::TcpListener::from_std(listener).map_err(io_err)?;
             let incoming =
                 tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
             let server = Server::builder()
-                .initial_stream_window_size(Some(64 << 20))
-                .initial_connection_window_size(Some(128 << 20))
+                .initial_stream_window_size(Some(STREAM_WINDOW))
+                .initial_connection_window_size(Some(CONNECTION_WINDOW))
                 .max_frame_size(Some(4 << 20))
                 .tcp_nodelay(true)
                 .add_service(svc);
@@ -619,8 +618,8 @@ async fn dial(
         .map_err(|e| err(format!("{}: bad address: {e}", s.peer(p))))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
-        .initial_stream_window_size(Some(64 << 20))
-        .initial_connection_window_size(Some(128 << 20))
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true);
