@@ -30,23 +30,6 @@ pub(crate) fn huge_vec<T>(n: usize) -> Vec<T> {
     v
 }
 
-/// A tensor's elements, flattened, in a fresh huge-page-backed vector (one copy).
-///
-/// # Errors
-/// The tensor's dtype is not `T`.
-pub(crate) fn tensor_vec<T: WithDType>(t: &Tensor) -> Result<Vec<T>> {
-    let t = t.contiguous()?;
-    let (storage, layout) = t.storage_and_layout();
-    if let (Storage::Cpu(cpu), Some((a, b))) = (&*storage, layout.contiguous_offsets()) {
-        let src = &cpu.as_slice::<T>()?[a..b];
-        let mut v = huge_vec(src.len());
-        v.extend_from_slice(src);
-        return Ok(v);
-    }
-    drop(storage);
-    Ok(t.flatten_all()?.to_vec1::<T>()?)
-}
-
 /// Runs `f` on a tensor's elements as one flat slice, borrowed from its storage when it is
 /// contiguous on the CPU (no copy), copied otherwise.
 ///

@@ -155,14 +155,6 @@ pub fn copy_le<T: WireElem>(dst: &mut [T], src: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// A tensor's elements as a flat vector of `T`.
-///
-/// # Errors
-/// The tensor's dtype is not `T`'s.
-pub fn to_vec<T: WireElem>(t: &Tensor) -> Result<Vec<T>> {
-    crate::mem::tensor_vec(t)
-}
-
 /// A flat vector back into a tensor of `shape`.
 ///
 /// # Errors
@@ -177,9 +169,10 @@ pub fn from_vec<T: WireElem>(v: Vec<T>, shape: &[usize]) -> Result<Tensor> {
 /// Unsupported dtype.
 pub fn tensor_to_bytes(t: &Tensor) -> Result<Vec<u8>> {
     Ok(match t.dtype() {
-        DType::F32 => as_bytes(&to_vec::<f32>(t)?).to_vec(),
-        DType::BF16 => as_bytes(&to_vec::<bf16>(t)?).to_vec(),
-        DType::F16 => as_bytes(&to_vec::<f16>(t)?).to_vec(),
+        // One copy, straight out of the tensor's storage.
+        DType::F32 => crate::mem::with_slice(t, |x: &[f32]| as_bytes(x).to_vec())?,
+        DType::BF16 => crate::mem::with_slice(t, |x: &[bf16]| as_bytes(x).to_vec())?,
+        DType::F16 => crate::mem::with_slice(t, |x: &[f16]| as_bytes(x).to_vec())?,
         d => {
             return Err(Error::Config {
                 field: "dtype".into(),
