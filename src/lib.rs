@@ -15,6 +15,8 @@
 //!   in-process threads, gRPC links with a pipelined ring ([`comm::grpc`], [`comm::links`]),
 //!   shared memory ([`comm::shm`], [`comm::shm_links`]), chosen per peer pair
 //!   ([`comm::select`]).
+//! - [`model`]: checkpoints (HF directories, GGUF), configs, the decoder graph on those
+//!   layers with per-rank KV caches, tokenizers and sampling.
 //! - [`cluster`]: `ranks.toml`, validated with line-and-field errors.
 //! - [`proto`]: the wire protocol generated from `proto/shardwise.proto`.
 //! - [`mod@bench`]: measurements behind `shardwise bench`.
@@ -26,6 +28,7 @@ pub mod comm;
 pub mod error;
 pub mod layers;
 mod mem;
+pub mod model;
 pub mod proto;
 pub mod quant;
 pub mod shard;

@@ -11,7 +11,7 @@ pub mod linear;
 pub mod lora;
 pub mod mlp;
 
-pub use attention::AttentionProjections;
+pub use attention::{expand_kv, AttentionDims, AttentionProjections};
 pub use linear::{load_linear, ParallelLinear, Piece, Reduce};
-pub use lora::Lora;
+pub use lora::{Lora, LoraSet};
 pub use mlp::Mlp;

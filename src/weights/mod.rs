@@ -7,6 +7,7 @@
 pub mod copy;
 pub mod gguf;
 pub mod memory;
+pub mod renamed;
 pub mod safetensors;
 
 use std::fmt::Debug;
@@ -20,6 +21,7 @@ use crate::shard::Shard;
 
 pub use self::gguf::GgufSource;
 pub use self::memory::MemorySource;
+pub use self::renamed::RenamedSource;
 pub use self::safetensors::SafetensorsSource;
 
 /// Storage type of a tensor in a file.

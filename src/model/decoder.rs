@@ -1,0 +1,449 @@
+//! The llama-family decoder graph on the parallel layers: embedding (replicated), per layer
+//! RMSNorm -> attention (qkv column-parallel, per-rank KV cache, o row-parallel) -> RMSNorm
+//! -> SwiGLU MLP, final RMSNorm, lm_head column-parallel over the vocabulary with an
+//! all-gather so the logits are whole on every rank.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_nn::kv_cache::KvCache;
+
+use super::config::ModelConfig;
+use super::rope::Rope;
+use crate::comm::Communicator;
+use crate::error::{Error, LayerContext, Result};
+use crate::layers::{
+    AttentionDims, AttentionProjections, LoraSet, Mlp, ParallelLinear, Piece, Reduce,
+};
+use crate::quant::{IsqType, QuantConfig};
+use crate::shard::{plan_split, Shard, SplitSpec};
+use crate::weights::WeightSource;
+
+/// How to load a checkpoint's weights.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// How linear weights are stored and loaded.
+    pub quant: QuantConfig,
+    /// Block size of the checkpoint's quantized linears (1 for dense weights): shard
+    /// boundaries of row-parallel layers are aligned to it.
+    pub block: usize,
+    /// LoRA adapters merged at load.
+    pub lora: Option<LoraSet>,
+}
+
+/// One sequence's part of a step: tokens at positions `start_pos..start_pos + tokens.len()`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqStep {
+    /// Caller's id for the sequence; its KV cache lives on every rank under this id.
+    pub seq_id: u64,
+    /// New tokens (the prompt for a prefill, one token for a decode step).
+    pub tokens: Vec<u32>,
+    /// Position of the first token; 0 starts the sequence afresh.
+    pub start_pos: usize,
+    /// Return logits for every new token, not only the last (perplexity).
+    pub all_logits: bool,
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    input_norm: Tensor,
+    attn: AttentionProjections,
+    q_norm: Option<Tensor>,
+    k_norm: Option<Tensor>,
+    post_norm: Tensor,
+    mlp: Mlp,
+}
+
+/// This rank's shard of a decoder-only model, plus its KV caches.
+#[derive(Debug)]
+pub struct Model {
+    cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: Tensor,
+    lm_head: ParallelLinear,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+    caches: HashMap<u64, Vec<KvCache>>,
+}
+
+/// The lm_head's vocabulary rows on `rank` (uneven when ranks do not divide the vocabulary).
+///
+/// # Errors
+/// More ranks than vocabulary rows.
+pub fn vocab_range(vocab: usize, rank: usize, world: usize) -> Result<Range<usize>> {
+    let plan = plan_split(
+        &SplitSpec {
+            name: "vocab_size",
+            units: vocab,
+            unit_elems: 1,
+            align: 1,
+        },
+        world,
+    )?;
+    Ok(plan[rank].clone())
+}
+
+impl Model {
+    /// Loads this rank's shard (rank and world size come from `comm`).
+    ///
+    /// # Errors
+    /// Missing or mis-shaped tensors, heads or widths that cannot be split; errors name the
+    /// tensor or layer.
+    pub fn load(
+        cfg: &ModelConfig,
+        src: &dyn WeightSource,
+        opts: &LoadOptions,
+        comm: Arc<dyn Communicator>,
+    ) -> Result<Self> {
+        let dtype = match opts.quant {
+            QuantConfig::Unquantized { dtype } => dtype,
+            QuantConfig::Ggml => DType::F32,
+        };
+        let h = cfg.hidden_size;
+        let read_full = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            src.read_expect(name, shape, &Shard::full(), dtype)
+        };
+        let embed = read_full("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let dims = AttentionDims {
+            hidden: h,
+            n_heads: cfg.num_heads,
+            n_kv_heads: cfg.num_kv_heads,
+            head_dim: cfg.head_dim,
+            qkv_bias: cfg.qkv_bias,
+            o_bias: cfg.o_bias,
+        };
+        let lora = opts.lora.as_ref();
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("model.layers.{i}");
+            let norm = |n: &str, len: usize| read_full(&format!("{p}.{n}.weight"), &[len]);
+            let attn = AttentionProjections::load(
+                &format!("{p}.self_attn"),
+                dims,
+                &opts.quant,
+                src,
+                comm.clone(),
+                opts.block,
+                lora,
+            )?;
+            let (q_norm, k_norm) = if cfg.qk_norm {
+                (
+                    Some(norm("self_attn.q_norm", cfg.head_dim)?),
+                    Some(norm("self_attn.k_norm", cfg.head_dim)?),
+                )
+            } else {
+                (None, None)
+            };
+            let mlp = Mlp::load(
+                &format!("{p}.mlp"),
+                h,
+                cfg.intermediate_size,
+                &opts.quant,
+                src,
+                comm.clone(),
+                opts.block,
+                lora,
+            )?;
+            layers.push(DecoderLayer {
+                input_norm: norm("input_layernorm", h)?,
+                attn,
+                q_norm,
+                k_norm,
+                post_norm: norm("post_attention_layernorm", h)?,
+                mlp,
+            });
+        }
+        let norm = read_full("model.norm.weight", &[h])?;
+        let head_name = if cfg.tie_word_embeddings || !src.contains("lm_head.weight") {
+            "model.embed_tokens"
+        } else {
+            "lm_head"
+        };
+        let rows = vocab_range(cfg.vocab_size, comm.rank(), comm.world_size())?;
+        let lm_head = ParallelLinear::load(
+            "lm_head",
+            &opts.quant,
+            src,
+            &[Piece::new(
+                head_name,
+                cfg.vocab_size,
+                h,
+                Shard::range(0, rows),
+            )],
+            false,
+            Reduce::AllGather,
+            comm,
+        )?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(cfg),
+            dtype,
+            device: Device::Cpu,
+            caches: HashMap::new(),
+        })
+    }
+
+    /// The configuration this model was loaded with.
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Runs one step for each sequence; returns per sequence `[n, vocab]` f32 logits (`n` = 1,
+    /// or every new token when `all_logits`).
+    ///
+    /// # Errors
+    /// A position that does not continue the sequence's cache, a context overflow, kernel or
+    /// collective errors.
+    pub fn step(&mut self, seqs: &[SeqStep]) -> Result<Vec<Tensor>> {
+        seqs.iter().map(|s| self.forward_seq(s)).collect()
+    }
+
+    /// Drops a sequence's KV cache.
+    pub fn release(&mut self, seq_id: u64) {
+        self.caches.remove(&seq_id);
+    }
+
+    fn forward_seq(&mut self, s: &SeqStep) -> Result<Tensor> {
+        let t = s.tokens.len();
+        if t == 0 {
+            return Err(Error::Config {
+                field: "tokens".into(),
+                reason: format!("sequence {} has no tokens in this step", s.seq_id),
+            });
+        }
+        let end = s.start_pos + t;
+        if end > self.cfg.max_position_embeddings {
+            return Err(Error::Config {
+                field: "max_position_embeddings".into(),
+                reason: format!(
+                    "sequence {} would reach {end} tokens; the model's context is {}",
+                    s.seq_id, self.cfg.max_position_embeddings
+                ),
+            });
+        }
+        if let Some(&bad) = s
+            .tokens
+            .iter()
+            .find(|&&id| id as usize >= self.cfg.vocab_size)
+        {
+            return Err(Error::Config {
+                field: "tokens".into(),
+                reason: format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    self.cfg.vocab_size
+                ),
+            });
+        }
+        let n_layers = self.layers.len();
+        let caches = self
+            .caches
+            .entry(s.seq_id)
+            .or_insert_with(|| (0..n_layers).map(|_| KvCache::new(2, 256)).collect());
+        if s.start_pos == 0 {
+            caches.iter_mut().for_each(KvCache::reset);
+        }
+        let cached = caches.first().map_or(0, KvCache::current_seq_len);
+        if cached != s.start_pos {
+            return Err(Error::Config {
+                field: "start_pos".into(),
+                reason: format!(
+                    "sequence {} has {cached} cached positions, the step starts at {}",
+                    s.seq_id, s.start_pos
+                ),
+            });
+        }
+        let ids = Tensor::new(s.tokens.as_slice(), &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
+        let (cos, sin) = self.rope.tables(s.start_pos, t, &self.device)?;
+        let mask = causal_mask(
+            t,
+            s.start_pos,
+            self.cfg.sliding_window,
+            self.dtype,
+            &self.device,
+        )?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
+            x = layer
+                .forward(&x, &self.rope, &cos, &sin, mask.as_ref(), cache, eps)
+                .in_layer(&format!("model.layers.{i}"))?;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
+        let x = if s.all_logits {
+            x.i(0)?
+        } else {
+            x.i((0, t - 1..t))?
+        };
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// Runs decoder layers `layers` on hidden states `x` (`[1, t, hidden]`, positions from 0,
+    /// no cache kept): the per-layer `Forward` of tests and tools.
+    ///
+    /// # Errors
+    /// An out-of-range layer, kernel or collective errors.
+    pub fn forward_layers(&self, layers: Range<usize>, x: &Tensor) -> Result<Tensor> {
+        if layers.end > self.layers.len() || layers.start > layers.end {
+            return Err(Error::Config {
+                field: "layers".into(),
+                reason: format!("{layers:?} is outside 0..{}", self.layers.len()),
+            });
+        }
+        let t = x.dim(1)?;
+        let (cos, sin) = self.rope.tables(0, t, &self.device)?;
+        let mask = causal_mask(t, 0, self.cfg.sliding_window, self.dtype, &self.device)?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let mut x = x.to_dtype(self.dtype)?;
+        for i in layers {
+            let mut cache = KvCache::new(2, t.max(1));
+            x = self.layers[i]
+                .forward(&x, &self.rope, &cos, &sin, mask.as_ref(), &mut cache, eps)
+                .in_layer(&format!("model.layers.{i}"))?;
+        }
+        Ok(x)
+    }
+
+    /// Quantizes every linear layer whose name contains one of `filter` (all when empty),
+    /// except the lm_head, which stays as loaded. Returns how many layers were quantized.
+    ///
+    /// # Errors
+    /// Kernel errors, naming the layer.
+    pub fn apply_isq(&mut self, ty: IsqType, filter: &[String]) -> Result<usize> {
+        let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f));
+        let mut n = 0;
+        for layer in &mut self.layers {
+            for lin in [
+                &mut layer.attn.qkv,
+                &mut layer.attn.o,
+                &mut layer.mlp.gate_up,
+                &mut layer.mlp.down,
+            ] {
+                if wanted(lin.name()) {
+                    lin.apply_isq(ty)?;
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Every parallel linear of this rank, in graph order (serialization, statistics).
+    pub fn linears(&self) -> Vec<&ParallelLinear> {
+        let mut v = Vec::with_capacity(self.layers.len() * 4 + 1);
+        for l in &self.layers {
+            v.extend([&l.attn.qkv, &l.attn.o, &l.mlp.gate_up, &l.mlp.down]);
+        }
+        v.push(&self.lm_head);
+        v
+    }
+}
+
+/// `[t, start + t]` additive mask (0 or -inf): causal, and limited to `window` past
+/// positions when set. `None` for a single token without a window (nothing to mask).
+fn causal_mask(
+    t: usize,
+    start: usize,
+    window: Option<usize>,
+    dtype: DType,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let total = start + t;
+    if t == 1 && window.is_none_or(|w| w >= total) {
+        return Ok(None);
+    }
+    let mask: Vec<f32> = (0..t)
+        .flat_map(|i| {
+            let pos = start + i;
+            (0..total).map(move |j| {
+                let future = j > pos;
+                let too_old = window.is_some_and(|w| pos - j.min(pos) >= w);
+                if future || too_old {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+        })
+        .collect();
+    Ok(Some(
+        Tensor::from_vec(mask, (t, total), device)?.to_dtype(dtype)?,
+    ))
+}
+
+impl DecoderLayer {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        eps: f32,
+    ) -> Result<Tensor> {
+        let h = candle_nn::ops::rms_norm(x, &self.input_norm, eps)?;
+        let a = self.attention(&h, rope, cos, sin, mask, cache, eps)?;
+        let x = (x + a)?;
+        let h = candle_nn::ops::rms_norm(&x, &self.post_norm, eps)?;
+        Ok((&x + self.mlp.forward(&h)?)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Option<&Tensor>,
+        cache: &mut KvCache,
+        eps: f32,
+    ) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let hd = self.attn.dims.head_dim;
+        let nq = self.attn.heads.q_heads.len();
+        let nkv = self.attn.heads.kv_heads.len();
+        let (q, k, v) = self.attn.qkv(x)?;
+        let mut q = q.reshape((b, t, nq, hd))?;
+        let mut k = k.reshape((b, t, nkv, hd))?;
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = candle_nn::ops::rms_norm(&q.contiguous()?, qn, eps)?;
+            k = candle_nn::ops::rms_norm(&k.contiguous()?, kn, eps)?;
+        }
+        let q = rope.apply(&q.transpose(1, 2)?, cos, sin)?;
+        let k = rope.apply(&k.transpose(1, 2)?, cos, sin)?;
+        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+        let (k, v) = cache.append(&k, &v)?;
+        let k = crate::layers::expand_kv(&k, &self.attn.heads)?;
+        let v = crate::layers::expand_kv(&v, &self.attn.heads)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut att = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(m) = mask {
+            att = att.broadcast_add(m)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y = att.matmul(&v.contiguous()?)?;
+        let y = y.transpose(1, 2)?.reshape((b, t, nq * hd))?;
+        self.attn.o(&y)
+    }
+}
+
+/// Index of the largest logit in a `[vocab]` or `[1, vocab]` tensor.
+///
+/// # Errors
+/// Kernel errors.
+pub fn argmax(logits: &Tensor) -> Result<u32> {
+    Ok(logits
+        .flatten_all()?
+        .argmax(D::Minus1)?
+        .to_scalar::<u32>()?)
+}
