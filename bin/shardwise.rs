@@ -4,8 +4,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use shardwise::app::{self, ClusterSpec, ModelSpec};
 use shardwise::bench::allreduce;
+use shardwise::cluster::ClusterConfig;
+use shardwise::model::SamplingParams;
 use shardwise::quant::IsqType;
+use shardwise::runtime::wire::parse_dtype;
+use shardwise::runtime::LocalTransport;
 use shardwise::shard::plan_heads;
 
 #[derive(Parser)]
@@ -19,8 +24,91 @@ struct Cli {
     cmd: Cmd,
 }
 
+/// Where the ranks run (exactly one of the two).
+#[derive(clap::Args)]
+#[group(required = true, multiple = false)]
+struct Ranks {
+    /// Drive the rank servers of this ranks.toml (started by `launch` or `rank`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Run N ranks as actors in this process.
+    #[arg(long)]
+    local: Option<usize>,
+}
+
+/// Model and how to load it.
+#[derive(clap::Args)]
+struct ModelArgs {
+    /// Model directory (config.json, safetensors, tokenizer.json) or .gguf file.
+    #[arg(long)]
+    model: PathBuf,
+    /// Quantize the linear layers after loading (q4_0, q4_1, q5_0, q5_1, q8_0, q2k..q8k).
+    #[arg(long)]
+    isq: Option<IsqType>,
+    /// Load dense weights of this dtype (f32, bf16, f16); GGUF blocks are dequantized.
+    #[arg(long)]
+    dtype: Option<String>,
+    /// Collectives of --local ranks: local (threads), grpc or shm.
+    #[arg(long, default_value = "local")]
+    transport: String,
+}
+
 #[derive(Subcommand)]
 enum Cmd {
+    /// Generate text: the continuation of the prompt goes to stdout, token by token.
+    Generate {
+        #[command(flatten)]
+        ranks: Ranks,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt text (used as is; no chat template is applied).
+        #[arg(long)]
+        prompt: String,
+        /// Most new tokens.
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f64,
+        /// Keep the k most likely tokens (0 = all).
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        /// Nucleus sampling threshold (1 = off).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        /// Penalty on tokens already present (1 = off).
+        #[arg(long, default_value_t = 1.0)]
+        repetition_penalty: f64,
+        /// Seed of the sampler.
+        #[arg(long, default_value_t = 299_792_458)]
+        seed: u64,
+    },
+    /// Perplexity of a text file run as one sequence.
+    Perplexity {
+        #[command(flatten)]
+        ranks: Ranks,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Text to score.
+        #[arg(long)]
+        text_file: PathBuf,
+    },
+    /// Start one rank server (collectives, rank actor, control service).
+    Rank {
+        /// Cluster description.
+        #[arg(long)]
+        config: PathBuf,
+        /// This rank's number.
+        #[arg(long)]
+        rank: usize,
+    },
+    /// Start every rank of ranks.toml that lives on this machine; stop them all on Ctrl-C or
+    /// when one exits.
+    Launch {
+        /// Cluster description.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Measure layers and I/O (figures go to BENCHMARKS.md).
     Bench {
         #[command(subcommand)]
@@ -148,8 +236,91 @@ enum BenchCmd {
     },
 }
 
+fn cluster_spec(ranks: &Ranks, transport: &str) -> shardwise::Result<ClusterSpec> {
+    let t = match transport {
+        "local" => LocalTransport::InProcess,
+        "grpc" => LocalTransport::Grpc,
+        "shm" => LocalTransport::Shm,
+        other => {
+            return Err(shardwise::Error::Config {
+                field: "--transport".into(),
+                reason: format!("`{other}` (expected local, grpc or shm)"),
+            })
+        }
+    };
+    Ok(match (&ranks.config, ranks.local) {
+        (Some(c), _) => ClusterSpec::Config(c.clone()),
+        (None, Some(n)) => ClusterSpec::Local(n, t),
+        (None, None) => unreachable!("clap requires --config or --local"),
+    })
+}
+
+fn model_spec(m: &ModelArgs) -> shardwise::Result<ModelSpec> {
+    Ok(ModelSpec {
+        model: m.model.clone(),
+        dtype: parse_dtype(m.dtype.as_deref().unwrap_or(""))?,
+        isq: m.isq,
+    })
+}
+
+fn tokio_runtime() -> shardwise::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|source| shardwise::Error::Io {
+            path: "tokio runtime".into(),
+            source,
+        })
+}
+
 fn run(cli: Cli) -> shardwise::Result<()> {
     match cli.cmd {
+        Cmd::Generate {
+            ranks,
+            model,
+            prompt,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+        } => {
+            let spec = cluster_spec(&ranks, &model.transport)?;
+            let m = model_spec(&model)?;
+            let sampling = SamplingParams {
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+                seed,
+            };
+            tokio_runtime()?
+                .block_on(app::run_generate(&spec, &m, &prompt, max_tokens, sampling))?;
+        }
+        Cmd::Perplexity {
+            ranks,
+            model,
+            text_file,
+        } => {
+            let spec = cluster_spec(&ranks, &model.transport)?;
+            let m = model_spec(&model)?;
+            tokio_runtime()?.block_on(app::run_perplexity(&spec, &m, &text_file))?;
+        }
+        Cmd::Rank { config, rank } => {
+            let cfg = ClusterConfig::load(&config)?;
+            tokio_runtime()?.block_on(shardwise::cluster::rank_server::serve_rank(cfg, rank))?;
+            // A request may still be running on a blocking thread: leave without waiting.
+            std::process::exit(0);
+        }
+        Cmd::Launch { config } => {
+            let cfg = ClusterConfig::load(&config)?;
+            let exe = std::env::current_exe().map_err(|source| shardwise::Error::Io {
+                path: "current executable".into(),
+                source,
+            })?;
+            shardwise::cluster::launch::launch(&config, &cfg, &exe)?;
+        }
         Cmd::Plan {
             heads,
             kv_heads,

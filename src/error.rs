@@ -98,6 +98,14 @@ pub enum Error {
         /// What happened, naming the peer ranks involved.
         reason: String,
     },
+    /// A rank failed or died while serving a request (as the coordinator sees it).
+    #[error("rank {rank}: {reason}")]
+    Rank {
+        /// The failing rank.
+        rank: usize,
+        /// What happened.
+        reason: String,
+    },
     /// A configuration value is invalid.
     #[error("invalid {field}: {reason}")]
     Config {

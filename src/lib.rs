@@ -17,20 +17,26 @@
 //!   ([`comm::select`]).
 //! - [`model`]: checkpoints (HF directories, GGUF), configs, the decoder graph on those
 //!   layers with per-rank KV caches, tokenizers and sampling.
+//! - [`runtime`]: rank actors owning their shards, the coordinator actor that sends one
+//!   message per step per rank (locally or over gRPC), generation and perplexity.
 //! - [`cluster`]: `ranks.toml`, validated with line-and-field errors.
 //! - [`proto`]: the wire protocol generated from `proto/shardwise.proto`.
+//! - [`app`]: the `generate` and `perplexity` jobs of the command line.
 //! - [`mod@bench`]: measurements behind `shardwise bench`.
 //! - [`error`]: one error type carrying file, tensor, rank and layer context.
 
+pub mod app;
 pub mod bench;
 pub mod cluster;
 pub mod comm;
 pub mod error;
+mod fsutil;
 pub mod layers;
 mod mem;
 pub mod model;
 pub mod proto;
 pub mod quant;
+pub mod runtime;
 pub mod shard;
 pub mod weights;
 

@@ -100,9 +100,9 @@ impl GrpcConfig {
     }
 }
 
-type HmacSha256 = Hmac<Sha256>;
+pub(crate) type HmacSha256 = Hmac<Sha256>;
 
-fn mac(token: &[u8], parts: &[&[u8]]) -> HmacSha256 {
+pub(crate) fn mac(token: &[u8], parts: &[&[u8]]) -> HmacSha256 {
     // HMAC accepts keys of any length; this cannot fail.
     let mut m = <HmacSha256 as Mac>::new_from_slice(token).unwrap_or_else(|_| unreachable!());
     for p in parts {
@@ -136,7 +136,12 @@ fn unhex(s: &str) -> Option<Vec<u8>> {
         .collect()
 }
 
-fn nonce() -> Vec<u8> {
+/// A fresh random cluster token (in-process clusters, tests).
+pub fn random_token() -> String {
+    hex(&nonce())
+}
+
+pub(crate) fn nonce() -> Vec<u8> {
     let mut n = vec![0u8; 32];
     rand::rng().fill_bytes(&mut n);
     n

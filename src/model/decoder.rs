@@ -335,6 +335,43 @@ impl Model {
         Ok(n)
     }
 
+    /// Tensors every rank holds whole: embedding and norms, under their checkpoint names.
+    pub fn replicated_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut v = vec![
+            ("model.embed_tokens.weight".to_string(), self.embed.clone()),
+            ("model.norm.weight".to_string(), self.norm.clone()),
+        ];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            v.push((format!("{p}.input_layernorm.weight"), l.input_norm.clone()));
+            v.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                l.post_norm.clone(),
+            ));
+            if let (Some(q), Some(k)) = (&l.q_norm, &l.k_norm) {
+                v.push((format!("{p}.self_attn.q_norm.weight"), q.clone()));
+                v.push((format!("{p}.self_attn.k_norm.weight"), k.clone()));
+            }
+        }
+        v
+    }
+
+    /// Bytes of weights this rank holds (linear pieces plus replicated tensors).
+    pub fn weight_bytes(&self) -> u64 {
+        let lin: usize = self
+            .linears()
+            .iter()
+            .flat_map(|l| l.parts().iter())
+            .map(|p| p.storage_bytes())
+            .sum();
+        let rep: usize = self
+            .replicated_tensors()
+            .iter()
+            .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
+            .sum();
+        (lin + rep) as u64
+    }
+
     /// Every parallel linear of this rank, in graph order (serialization, statistics).
     pub fn linears(&self) -> Vec<&ParallelLinear> {
         let mut v = Vec::with_capacity(self.layers.len() * 4 + 1);

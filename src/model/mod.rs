@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
+pub mod persist;
 pub mod rope;
 pub mod sampling;
 

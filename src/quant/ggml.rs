@@ -67,6 +67,29 @@ impl QuantMethod for GgmlLinear {
         format!("{:?}", self.w.dtype()).to_lowercase()
     }
 
+    fn storage_bytes(&self) -> usize {
+        self.w.storage_size_in_bytes()
+            + self
+                .b
+                .as_ref()
+                .map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
+    }
+
+    /// The raw GGML blocks as a `u8` tensor (`weight.ggml`; the type is [`Self::format`]) and
+    /// the bias.
+    fn persist_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let data = self.w.data()?.into_owned();
+        let n = data.len();
+        let mut v = vec![(
+            "weight.ggml".to_string(),
+            Tensor::from_vec(data, n, &candle_core::Device::Cpu)?,
+        )];
+        if let Some(b) = &self.b {
+            v.push(("bias".to_string(), b.clone()));
+        }
+        Ok(v)
+    }
+
     fn shape(&self) -> (usize, usize) {
         let d = self.w.shape().dims();
         (d[0], d[1])

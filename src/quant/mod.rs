@@ -29,6 +29,9 @@ pub trait QuantMethod: Send + Sync + Debug {
     /// `(out, in)` of the weight this rank holds.
     fn shape(&self) -> (usize, usize);
 
+    /// Bytes of memory the weight and bias occupy.
+    fn storage_bytes(&self) -> usize;
+
     /// `x @ W^T (+ bias)`; `x` is `[.., in]`, the result `[.., out]` in `x`'s dtype.
     ///
     /// # Errors

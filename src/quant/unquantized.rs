@@ -53,6 +53,19 @@ impl QuantMethod for UnquantLinear {
         format!("{:?}", self.w.dtype()).to_lowercase()
     }
 
+    fn storage_bytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        bytes(&self.w) + self.b.as_ref().map_or(0, bytes)
+    }
+
+    fn persist_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut v = vec![("weight".to_string(), self.w.clone())];
+        if let Some(b) = &self.b {
+            v.push(("bias".to_string(), b.clone()));
+        }
+        Ok(v)
+    }
+
     fn shape(&self) -> (usize, usize) {
         let d = self.w.dims();
         (d[0], d[1])

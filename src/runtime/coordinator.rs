@@ -1,0 +1,370 @@
+//! The coordinator actor and the [`Cluster`] users drive. A request goes to every rank at
+//! once (one message per rank, never one per layer); the reply of the rank that holds the
+//! result comes back. The first rank to fail or die fails the request with its rank named;
+//! the coordinator then stops every rank and refuses further requests with that cause.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use candle_core::Tensor;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use tokio::task::JoinSet;
+
+use super::handle::RankHandle;
+use super::messages::{HealthReport, LoadReport, LoadSpec, RankReply, RankRequest, StepRequest};
+use super::rank;
+use super::remote::RemoteRank;
+use super::worker::RankWorker;
+use crate::cluster::ClusterConfig;
+use crate::comm::select::{in_process_group, TransportChoice};
+use crate::comm::{Communicator, LocalComm};
+use crate::error::{Error, Result};
+use crate::quant::IsqType;
+
+/// A request for every rank, and where the replies go (in rank order).
+#[derive(Debug)]
+pub struct CoordMsg {
+    /// The request.
+    pub req: RankRequest,
+    /// Reply port.
+    pub reply: RpcReplyPort<Result<Vec<RankReply>>>,
+}
+
+/// The coordinator actor.
+#[derive(Debug, Default)]
+pub struct CoordinatorActor;
+
+/// Coordinator state.
+#[derive(Debug)]
+pub struct CoordState {
+    handles: Vec<RankHandle>,
+    step_deadline: Duration,
+    /// Set by the first failure: (rank, reason).
+    failed: Option<(usize, String)>,
+}
+
+/// What the coordinator starts with.
+#[derive(Debug)]
+pub struct CoordArgs {
+    /// One handle per rank, in rank order.
+    pub handles: Vec<RankHandle>,
+    /// Deadline of Step and Forward requests.
+    pub step_deadline: Duration,
+}
+
+impl Actor for CoordinatorActor {
+    type Msg = CoordMsg;
+    type State = CoordState;
+    type Arguments = CoordArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        args: CoordArgs,
+    ) -> std::result::Result<Self::State, ActorProcessingErr> {
+        Ok(CoordState {
+            handles: args.handles,
+            step_deadline: args.step_deadline,
+            failed: None,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: CoordMsg,
+        state: &mut CoordState,
+    ) -> std::result::Result<(), ActorProcessingErr> {
+        if let Some((rank, why)) = &state.failed {
+            let _ = msg.reply.send(Err(Error::Rank {
+                rank: *rank,
+                reason: format!("the cluster was stopped after this failure: {why}"),
+            }));
+            return Ok(());
+        }
+        let shutdown = matches!(msg.req, RankRequest::Shutdown);
+        let deadline = msg.req.deadline(state.step_deadline);
+        let result = broadcast(&state.handles, msg.req, deadline).await;
+        if let Err(e) = &result {
+            let (rank, why) = match e {
+                Error::Rank { rank, reason } => (*rank, reason.clone()),
+                other => (0, other.to_string()),
+            };
+            tracing::error!(rank, "request failed: {why}; stopping every rank");
+            if !shutdown {
+                for h in &state.handles {
+                    h.stop().await;
+                }
+            }
+            state.failed = Some((rank, why));
+        }
+        let _ = msg.reply.send(result);
+        Ok(())
+    }
+}
+
+/// Sends `req` to every rank concurrently; returns the replies in rank order, or the first
+/// failure (as it happens, without waiting for the other ranks).
+async fn broadcast(
+    handles: &[RankHandle],
+    req: RankRequest,
+    deadline: Duration,
+) -> Result<Vec<RankReply>> {
+    let mut set = JoinSet::new();
+    for h in handles {
+        let (h, req) = (h.clone(), req.clone());
+        set.spawn(async move {
+            let rank = h.rank();
+            let r = h.call(req, deadline).await.map_err(|e| match e {
+                e @ Error::Rank { .. } => e,
+                other => Error::Rank {
+                    rank,
+                    reason: other.to_string(),
+                },
+            });
+            (rank, r)
+        });
+    }
+    let mut replies: Vec<Option<RankReply>> = vec![None; handles.len()];
+    while let Some(joined) = set.join_next().await {
+        let (rank, r) = joined.map_err(|e| Error::Rank {
+            rank: 0,
+            reason: format!("coordinator task failed: {e}"),
+        })?;
+        // Dropping the set abandons the other calls; their ranks are stopped next.
+        replies[rank] = Some(r?);
+    }
+    Ok(replies.into_iter().flatten().collect())
+}
+
+/// Which collectives in-process ranks use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LocalTransport {
+    /// Shared buffers between threads (fastest).
+    #[default]
+    InProcess,
+    /// Real gRPC links on loopback.
+    Grpc,
+    /// Real shared-memory segments.
+    Shm,
+}
+
+/// A running cluster: the coordinator and its ranks, local or remote.
+#[derive(Debug)]
+pub struct Cluster {
+    coord: ActorRef<CoordMsg>,
+    world: usize,
+}
+
+/// Default deadline of a step for in-process clusters.
+const LOCAL_STEP_DEADLINE: Duration = Duration::from_secs(300);
+
+impl Cluster {
+    /// Starts `world` rank actors in this process and a coordinator over them.
+    ///
+    /// # Errors
+    /// A world size of 0, or the transport cannot connect.
+    pub async fn local(world: usize, transport: LocalTransport) -> Result<Self> {
+        let comms: Vec<Arc<dyn Communicator>> = match transport {
+            LocalTransport::InProcess => LocalComm::group(world)?
+                .into_iter()
+                .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+                .collect(),
+            t => {
+                let choice = if t == LocalTransport::Grpc {
+                    TransportChoice::Grpc
+                } else {
+                    TransportChoice::Shm
+                };
+                let token = crate::comm::grpc::random_token();
+                tokio::task::spawn_blocking(move || in_process_group(world, choice, &token))
+                    .await
+                    .map_err(|e| Error::Rank {
+                        rank: 0,
+                        reason: format!("connecting collectives failed: {e}"),
+                    })??
+            }
+        };
+        let mut handles = Vec::with_capacity(world);
+        for comm in comms {
+            let rank = comm.rank();
+            let (actor, _) = rank::spawn(RankWorker::new(comm)).await?;
+            handles.push(RankHandle::Local { rank, actor });
+        }
+        Self::start(handles, LOCAL_STEP_DEADLINE).await
+    }
+
+    /// Connects to the rank servers `ranks.toml` lists (started by `shardwise launch` or
+    /// `shardwise rank`), authenticating each.
+    ///
+    /// # Errors
+    /// An unreadable token, or a rank that cannot be reached or authenticated in the
+    /// connect timeout (named).
+    pub async fn connect(cfg: &ClusterConfig) -> Result<Self> {
+        let token = cfg.resolve_token()?;
+        let world = cfg.world_size();
+        let mut set = JoinSet::new();
+        for e in &cfg.ranks {
+            let (addr, rank, token) = (e.control_addr(), e.rank, token.clone());
+            let deadline = cfg.connect_timeout;
+            set.spawn(
+                async move { RemoteRank::connect(&addr, rank, world, &token, deadline).await },
+            );
+        }
+        let mut remotes = Vec::with_capacity(world);
+        while let Some(r) = set.join_next().await {
+            remotes.push(r.map_err(|e| Error::Rank {
+                rank: 0,
+                reason: format!("connect task failed: {e}"),
+            })??);
+        }
+        remotes.sort_by_key(RemoteRank::rank);
+        let handles = remotes.into_iter().map(RankHandle::Remote).collect();
+        // A step waits at most on a few collectives, each bounded by the collective timeout.
+        let step = (cfg.collective_timeout * 2).max(Duration::from_secs(60));
+        Self::start(handles, step).await
+    }
+
+    async fn start(handles: Vec<RankHandle>, step_deadline: Duration) -> Result<Self> {
+        let world = handles.len();
+        let (coord, _) = Actor::spawn(
+            None,
+            CoordinatorActor,
+            CoordArgs {
+                handles,
+                step_deadline,
+            },
+        )
+        .await
+        .map_err(|e| Error::Rank {
+            rank: 0,
+            reason: format!("cannot start the coordinator: {e}"),
+        })?;
+        Ok(Self { coord, world })
+    }
+
+    /// Number of ranks.
+    pub fn world_size(&self) -> usize {
+        self.world
+    }
+
+    /// Sends `req` to every rank; replies in rank order.
+    ///
+    /// # Errors
+    /// The first rank failure, naming the rank.
+    pub async fn request(&self, req: RankRequest) -> Result<Vec<RankReply>> {
+        match self.coord.call(|reply| CoordMsg { req, reply }, None).await {
+            Ok(ractor::rpc::CallResult::Success(r)) => r,
+            Ok(_) | Err(_) => Err(Error::Rank {
+                rank: 0,
+                reason: "the coordinator is not running".into(),
+            }),
+        }
+    }
+
+    /// Loads a checkpoint on every rank.
+    ///
+    /// # Errors
+    /// As [`Self::request`].
+    pub async fn load(&self, spec: LoadSpec) -> Result<Vec<LoadReport>> {
+        let replies = self.request(RankRequest::Load(spec)).await?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|r| match r {
+                RankReply::Loaded(l) => Some(l),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// One step; logits per sequence.
+    ///
+    /// # Errors
+    /// As [`Self::request`].
+    pub async fn step(&self, step: StepRequest) -> Result<Vec<Tensor>> {
+        for r in self.request(RankRequest::Step(step)).await? {
+            if let RankReply::Logits(l) = r {
+                return Ok(l);
+            }
+        }
+        Err(missing("step", "logits"))
+    }
+
+    /// Runs decoder layers on `input`.
+    ///
+    /// # Errors
+    /// As [`Self::request`].
+    pub async fn forward(&self, layers: std::ops::Range<usize>, input: Tensor) -> Result<Tensor> {
+        for r in self.request(RankRequest::Forward { layers, input }).await? {
+            if let RankReply::Tensor(t) = r {
+                return Ok(t);
+            }
+        }
+        Err(missing("forward", "a tensor"))
+    }
+
+    /// Quantizes matching linear layers on every rank; returns the count per rank.
+    ///
+    /// # Errors
+    /// As [`Self::request`].
+    pub async fn apply_isq(&self, ty: IsqType, filter: Vec<String>) -> Result<Vec<usize>> {
+        let replies = self.request(RankRequest::ApplyIsq { ty, filter }).await?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|r| match r {
+                RankReply::Quantized(n) => Some(n),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Each rank writes its shard next to `prefix`; returns the files in rank order.
+    ///
+    /// # Errors
+    /// As [`Self::request`].
+    pub async fn serialize(&self, prefix: PathBuf) -> Result<Vec<(PathBuf, u64)>> {
+        let replies = self
+            .request(RankRequest::Serialize { path: prefix })
+            .await?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|r| match r {
+                RankReply::Serialized { file, bytes } => Some((file, bytes)),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Every rank's state.
+    ///
+    /// # Errors
+    /// As [`Self::request`].
+    pub async fn health(&self) -> Result<Vec<HealthReport>> {
+        let replies = self.request(RankRequest::Health).await?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|r| match r {
+                RankReply::Health(h) => Some(h),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Stops every rank (rank processes exit) and the coordinator.
+    ///
+    /// # Errors
+    /// A rank that does not acknowledge.
+    pub async fn shutdown(self) -> Result<()> {
+        let r = self.request(RankRequest::Shutdown).await.map(|_| ());
+        self.coord.stop(None);
+        r
+    }
+}
+
+fn missing(op: &str, what: &str) -> Error {
+    Error::Rank {
+        rank: 0,
+        reason: format!("{op}: rank 0 returned no {what}"),
+    }
+}

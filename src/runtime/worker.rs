@@ -1,0 +1,135 @@
+//! The synchronous body of a rank: executes one request on this rank's model. The actor
+//! ([`super::rank`]) and the tests drive it; this is the one place requests are executed.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::messages::{HealthReport, LoadReport, LoadSpec, RankReply, RankRequest};
+use crate::comm::Communicator;
+use crate::error::{Error, Result};
+use crate::model::{persist, Checkpoint, Model};
+
+/// One rank's state: communicator and (once loaded) its shard of the model.
+#[derive(Debug)]
+pub struct RankWorker {
+    comm: Arc<dyn Communicator>,
+    model: Option<Model>,
+    model_path: Option<PathBuf>,
+}
+
+impl RankWorker {
+    /// A rank with no model yet.
+    pub fn new(comm: Arc<dyn Communicator>) -> Self {
+        Self {
+            comm,
+            model: None,
+            model_path: None,
+        }
+    }
+
+    /// This rank's number.
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn model(&mut self) -> Result<&mut Model> {
+        self.model.as_mut().ok_or_else(|| Error::Config {
+            field: "model".into(),
+            reason: "no model is loaded on this rank (send Load first)".into(),
+        })
+    }
+
+    /// Executes `req`. Rank 0 returns logits and forward outputs; the others answer
+    /// [`RankReply::Nothing`] for those.
+    ///
+    /// # Errors
+    /// Whatever the request hits: a missing model, load errors, kernel or collective errors.
+    pub fn handle(&mut self, req: RankRequest) -> Result<RankReply> {
+        let first = self.comm.rank() == 0;
+        Ok(match req {
+            RankRequest::Load(spec) => RankReply::Loaded(self.load(&spec)?),
+            RankRequest::Forward { layers, input } => {
+                let y = self.model()?.forward_layers(layers, &input)?;
+                if first {
+                    RankReply::Tensor(y)
+                } else {
+                    RankReply::Nothing
+                }
+            }
+            RankRequest::Step(step) => {
+                let model = self.model()?;
+                for id in &step.release {
+                    model.release(*id);
+                }
+                let logits = model.step(&step.seqs)?;
+                if first {
+                    RankReply::Logits(logits)
+                } else {
+                    RankReply::Nothing
+                }
+            }
+            RankRequest::ApplyIsq { ty, filter } => {
+                RankReply::Quantized(self.model()?.apply_isq(ty, &filter)?)
+            }
+            RankRequest::Serialize { path } => {
+                let (rank, world) = (self.comm.rank(), self.comm.world_size());
+                let (file, bytes) = persist::write_rank_file(self.model()?, &path, rank, world)?;
+                RankReply::Serialized { file, bytes }
+            }
+            RankRequest::Health => RankReply::Health(HealthReport {
+                rank: self.comm.rank(),
+                world_size: self.comm.world_size(),
+                model: self.model_path.as_ref().map(|p| p.display().to_string()),
+            }),
+            RankRequest::Shutdown => {
+                self.model = None;
+                RankReply::Done
+            }
+        })
+    }
+
+    fn load(&mut self, spec: &LoadSpec) -> Result<LoadReport> {
+        let t0 = Instant::now();
+        self.model = None;
+        self.model_path = None;
+        let ck = Checkpoint::open(&spec.model, spec.dtype)?;
+        let mut opts = ck.load_options();
+        let mut model = match Model::load(&ck.config, ck.source.as_ref(), &opts, self.comm.clone())
+        {
+            // A block size the split cannot honour: load with unaligned boundaries (those
+            // pieces are dequantized) rather than refuse the world size.
+            Err(Error::NoPlan { dim, .. }) if opts.block > 1 => {
+                tracing::warn!(
+                    "{}: {dim} cannot be split over {} ranks on {}-element blocks; loading \
+                     unaligned pieces dequantized",
+                    spec.model.display(),
+                    self.comm.world_size(),
+                    opts.block
+                );
+                opts.block = 1;
+                Model::load(&ck.config, ck.source.as_ref(), &opts, self.comm.clone())?
+            }
+            other => other?,
+        };
+        if let Some(ty) = spec.isq {
+            model.apply_isq(ty, &[])?;
+        }
+        let report = LoadReport {
+            seconds: t0.elapsed().as_secs_f64(),
+            weight_bytes: model.weight_bytes(),
+            rss_bytes: rss_bytes(),
+        };
+        self.model = Some(model);
+        self.model_path = Some(spec.model.clone());
+        Ok(report)
+    }
+}
+
+/// Resident set size of this process (0 where /proc is unavailable).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
