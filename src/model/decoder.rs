@@ -18,7 +18,7 @@ use crate::layers::{
     AttentionDims, AttentionProjections, LoraSet, Mlp, ParallelLinear, Piece, Reduce,
 };
 use crate::quant::{IsqType, QuantConfig};
-use crate::shard::{plan_split, Shard, SplitSpec};
+use crate::shard::{plan_heads, plan_split, Shard, SplitSpec};
 use crate::weights::WeightSource;
 
 /// How to load a checkpoint's weights.
@@ -117,6 +117,51 @@ impl Model {
             o_bias: cfg.o_bias,
         };
         let lora = opts.lora.as_ref();
+        // Each split keeps the block alignment where it can; where it cannot (more ranks than
+        // aligned units), boundaries fall inside blocks and those pieces load dequantized.
+        let world = comm.world_size();
+        let attn_align = if plan_heads(
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            world,
+            opts.block,
+        )
+        .is_ok()
+        {
+            opts.block
+        } else {
+            1
+        };
+        let mlp_spec = |align| SplitSpec {
+            name: "intermediate_size",
+            units: cfg.intermediate_size,
+            unit_elems: 1,
+            align,
+        };
+        let mlp_align = if plan_split(&mlp_spec(opts.block), world).is_ok() {
+            opts.block
+        } else {
+            1
+        };
+        if attn_align != opts.block || mlp_align != opts.block {
+            tracing::warn!(
+                "{} ranks cannot all split on {}-element blocks (attention: {}, MLP: {}); \
+                 unaligned pieces are kept dense",
+                world,
+                opts.block,
+                if attn_align == opts.block {
+                    "aligned"
+                } else {
+                    "unaligned"
+                },
+                if mlp_align == opts.block {
+                    "aligned"
+                } else {
+                    "unaligned"
+                },
+            );
+        }
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let p = format!("model.layers.{i}");
@@ -127,7 +172,7 @@ impl Model {
                 &opts.quant,
                 src,
                 comm.clone(),
-                opts.block,
+                attn_align,
                 lora,
             )?;
             let (q_norm, k_norm) = if cfg.qk_norm {
@@ -145,7 +190,7 @@ impl Model {
                 &opts.quant,
                 src,
                 comm.clone(),
-                opts.block,
+                mlp_align,
                 lora,
             )?;
             layers.push(DecoderLayer {

@@ -95,6 +95,10 @@ impl RankWorker {
         self.model_path = None;
         let ck = Checkpoint::open(&spec.model, spec.dtype)?;
         let mut opts = ck.load_options();
+        if let Some(ty) = spec.isq {
+            // Split on the ISQ type's blocks so every shard can take it (as one rank does).
+            opts.block = opts.block.max(ty.block_size());
+        }
         let mut model = match Model::load(&ck.config, ck.source.as_ref(), &opts, self.comm.clone())
         {
             // A block size the split cannot honour: load with unaligned boundaries (those
