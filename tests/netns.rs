@@ -218,3 +218,123 @@ fn two_hosts_with_two_ranks_each_mix_shared_memory_and_grpc() {
     let (ia, ib) = (net.ips[0].as_str(), net.ips[1].as_str());
     verified_run("auto", &[a, a, b, b], &[ia, ia, ib, ib]);
 }
+
+#[test]
+fn rank_servers_on_separate_hosts_run_the_model_like_one_rank() {
+    if let Some(why) = unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    use shardwise::model::SeqStep;
+    use shardwise::runtime::{Cluster, LoadSpec, LocalTransport, StepRequest};
+    let net = Net::create("d", 3).expect("create namespaces");
+    // The coordinator (this process) reaches the hosts through an address on the bridge.
+    let subnet = net.ips[0].rsplit_once('.').unwrap().0.to_string();
+    ip(&[
+        "addr",
+        "add",
+        &format!("{subnet}.254/24"),
+        "dev",
+        &net.bridge,
+    ])
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut text = format!(
+        "cluster = \"hosts\"\ntoken = \"{}\"\n[timeouts]\ncollective_s = 20\nconnect_s = 30\n",
+        shardwise::comm::grpc::random_token()
+    );
+    for (r, addr) in net.ips.iter().enumerate() {
+        text += &format!("[[rank]]\nrank = {r}\nhost = \"{addr}\"\ncontrol_port = 7100\n");
+    }
+    let cfg_path = dir.path().join("ranks.toml");
+    std::fs::write(&cfg_path, text).unwrap();
+    let mut ranks: Vec<std::process::Child> = net
+        .ns
+        .iter()
+        .enumerate()
+        .map(|(r, ns)| {
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    ns,
+                    env!("CARGO_BIN_EXE_shardwise"),
+                    "rank",
+                    "--config",
+                ])
+                .arg(&cfg_path)
+                .args(["--rank", &r.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let model =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/tiny-qwen2");
+    let tokens: Vec<u32> = vec![3, 14, 15, 92, 65, 35, 89, 79];
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let logits = |c: &Cluster| {
+        let step = StepRequest {
+            seqs: vec![SeqStep {
+                seq_id: 1,
+                tokens: tokens.clone(),
+                start_pos: 0,
+                all_logits: true,
+            }],
+            release: vec![],
+        };
+        rt.block_on(c.step(step)).unwrap().remove(0)
+    };
+    let spec = LoadSpec {
+        model: model.clone(),
+        dtype: None,
+        isq: None,
+    };
+    let one = rt
+        .block_on(Cluster::local(1, LocalTransport::InProcess))
+        .unwrap();
+    rt.block_on(one.load(spec.clone())).unwrap();
+    let want = logits(&one);
+    let cfg = shardwise::cluster::ClusterConfig::load(&cfg_path).unwrap();
+    let c = rt.block_on(Cluster::connect(&cfg)).unwrap();
+    rt.block_on(c.load(spec)).unwrap();
+    let got = logits(&c);
+    let diff = (&got - &want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = want
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(
+        diff / scale <= 1e-5,
+        "3 hosts vs one rank: {}",
+        diff / scale
+    );
+    rt.block_on(c.shutdown()).unwrap();
+    let t0 = Instant::now();
+    for (r, p) in ranks.iter_mut().enumerate() {
+        loop {
+            if p.try_wait().unwrap().is_some() {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "rank {r} did not exit after Shutdown"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
