@@ -204,8 +204,10 @@ fn smollm2_matches_transformers_and_one_rank() {
                 if world == 1 {
                     one_rank.push(last);
                 } else {
-                    let rel = max_abs_diff(&[last.clone()], &[one_rank[k].clone()])
-                        / max_abs(&[one_rank[k].clone()]);
+                    let rel = max_abs_diff(
+                        std::slice::from_ref(&last),
+                        std::slice::from_ref(&one_rank[k]),
+                    ) / max_abs(std::slice::from_ref(&one_rank[k]));
                     assert!(rel <= 1e-5, "world {world} case {k}: {rel} from one rank");
                 }
                 // Compare greedy tokens up to the first near-tie of the reference (one

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use shardwise::cluster::ClusterConfig;
 use shardwise::model::SeqStep;
 use shardwise::quant::IsqType;
@@ -255,7 +255,7 @@ impl Drop for Launch {
 fn alive(pid: u32) -> bool {
     // A zombie still answers kill(0); look at its state instead.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.split_whitespace().nth(2).is_some_and(|st| st == "Z"))
+        .map(|s| s.split_whitespace().nth(2).is_none_or(|st| st != "Z"))
         .unwrap_or(false)
 }
 

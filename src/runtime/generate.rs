@@ -188,7 +188,7 @@ pub async fn perplexity(cluster: &Cluster, tokens: &[u32], context: usize) -> Re
     Ok((perplexity_of(&rows, tokens), tokens.len() - 1))
 }
 
-/// exp(mean over i >= 1 of -log softmax(rows[i - 1])[tokens[i]]), in f64.
+/// `exp(mean over i >= 1 of -log softmax(rows[i - 1])[tokens[i]])`, in f64.
 pub fn perplexity_of(rows: &[Vec<f32>], tokens: &[u32]) -> f64 {
     let mut nll = 0.0;
     for i in 1..tokens.len() {

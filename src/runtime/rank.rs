@@ -27,7 +27,8 @@ pub struct RankActor;
 #[derive(Debug)]
 pub struct RankState {
     rank: usize,
-    worker: Arc<Mutex<RankWorker>>,
+    /// Taken in `post_stop`, so the worker is dropped on a blocking thread.
+    worker: Option<Arc<Mutex<RankWorker>>>,
 }
 
 impl Actor for RankActor {
@@ -42,8 +43,20 @@ impl Actor for RankActor {
     ) -> std::result::Result<Self::State, ActorProcessingErr> {
         Ok(RankState {
             rank: worker.rank(),
-            worker: Arc::new(Mutex::new(worker)),
+            worker: Some(Arc::new(Mutex::new(worker))),
         })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> std::result::Result<(), ActorProcessingErr> {
+        // Communicators close their links with blocking calls; never on an async thread.
+        if let Some(w) = state.worker.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(w)).await;
+        }
+        Ok(())
     }
 
     async fn handle(
@@ -54,7 +67,13 @@ impl Actor for RankActor {
     ) -> std::result::Result<(), ActorProcessingErr> {
         let shutdown = matches!(msg.req, RankRequest::Shutdown);
         let rank = state.rank;
-        let worker = state.worker.clone();
+        let Some(worker) = state.worker.clone() else {
+            let _ = msg.reply.send(Err(Error::Rank {
+                rank,
+                reason: "the rank is stopping".into(),
+            }));
+            return Ok(());
+        };
         let span = tracing::info_span!("rank", rank);
         let op = msg.req.name();
         let result = tokio::task::spawn_blocking(move || {
