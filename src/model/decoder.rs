@@ -307,18 +307,18 @@ impl Model {
         }
         let ids = Tensor::new(s.tokens.as_slice(), &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
-        let (cos, sin) = self.rope.tables(s.start_pos, t, &self.device)?;
-        let mask = causal_mask(
-            t,
+        let ctx = StepCtx::new(
+            &self.rope,
+            &self.cfg,
             s.start_pos,
-            self.cfg.sliding_window,
+            t,
             self.dtype,
             &self.device,
         )?;
-        let eps = self.cfg.rms_norm_eps as f32;
+        let eps = ctx.eps;
         for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
             x = layer
-                .forward(&x, &self.rope, &cos, &sin, mask.as_ref(), cache, eps)
+                .forward(&x, &ctx, cache)
                 .in_layer(&format!("model.layers.{i}"))?;
         }
         let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
@@ -343,14 +343,12 @@ impl Model {
             });
         }
         let t = x.dim(1)?;
-        let (cos, sin) = self.rope.tables(0, t, &self.device)?;
-        let mask = causal_mask(t, 0, self.cfg.sliding_window, self.dtype, &self.device)?;
-        let eps = self.cfg.rms_norm_eps as f32;
+        let ctx = StepCtx::new(&self.rope, &self.cfg, 0, t, self.dtype, &self.device)?;
         let mut x = x.to_dtype(self.dtype)?;
         for i in layers {
             let mut cache = KvCache::new(2, t.max(1));
             x = self.layers[i]
-                .forward(&x, &self.rope, &cos, &sin, mask.as_ref(), &mut cache, eps)
+                .forward(&x, &ctx, &mut cache)
                 .in_layer(&format!("model.layers.{i}"))?;
         }
         Ok(x)
@@ -460,36 +458,47 @@ fn causal_mask(
     ))
 }
 
+/// What every layer of one step shares: rotary tables and mask for the step's positions.
+struct StepCtx<'a> {
+    rope: &'a Rope,
+    cos: Tensor,
+    sin: Tensor,
+    mask: Option<Tensor>,
+    eps: f32,
+}
+
+impl<'a> StepCtx<'a> {
+    fn new(
+        rope: &'a Rope,
+        cfg: &ModelConfig,
+        start: usize,
+        t: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (cos, sin) = rope.tables(start, t, device)?;
+        Ok(Self {
+            rope,
+            cos,
+            sin,
+            mask: causal_mask(t, start, cfg.sliding_window, dtype, device)?,
+            eps: cfg.rms_norm_eps as f32,
+        })
+    }
+}
+
 impl DecoderLayer {
-    #[allow(clippy::too_many_arguments)]
-    fn forward(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        cache: &mut KvCache,
-        eps: f32,
-    ) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, ctx: &StepCtx<'_>, cache: &mut KvCache) -> Result<Tensor> {
+        let eps = ctx.eps;
         let h = candle_nn::ops::rms_norm(x, &self.input_norm, eps)?;
-        let a = self.attention(&h, rope, cos, sin, mask, cache, eps)?;
+        let a = self.attention(&h, ctx, cache)?;
         let x = (x + a)?;
         let h = candle_nn::ops::rms_norm(&x, &self.post_norm, eps)?;
         Ok((&x + self.mlp.forward(&h)?)?)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        x: &Tensor,
-        rope: &Rope,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: Option<&Tensor>,
-        cache: &mut KvCache,
-        eps: f32,
-    ) -> Result<Tensor> {
+    fn attention(&self, x: &Tensor, ctx: &StepCtx<'_>, cache: &mut KvCache) -> Result<Tensor> {
+        let eps = ctx.eps;
         let (b, t, _) = x.dims3()?;
         let hd = self.attn.dims.head_dim;
         let nq = self.attn.heads.q_heads.len();
@@ -501,15 +510,15 @@ impl DecoderLayer {
             q = candle_nn::ops::rms_norm(&q.contiguous()?, qn, eps)?;
             k = candle_nn::ops::rms_norm(&k.contiguous()?, kn, eps)?;
         }
-        let q = rope.apply(&q.transpose(1, 2)?, cos, sin)?;
-        let k = rope.apply(&k.transpose(1, 2)?, cos, sin)?;
+        let q = ctx.rope.apply(&q.transpose(1, 2)?, &ctx.cos, &ctx.sin)?;
+        let k = ctx.rope.apply(&k.transpose(1, 2)?, &ctx.cos, &ctx.sin)?;
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let (k, v) = cache.append(&k, &v)?;
         let k = crate::layers::expand_kv(&k, &self.attn.heads)?;
         let v = crate::layers::expand_kv(&v, &self.attn.heads)?;
         let scale = 1.0 / (hd as f64).sqrt();
         let mut att = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(m) = mask {
+        if let Some(m) = &ctx.mask {
             att = att.broadcast_add(m)?;
         }
         let att = candle_nn::ops::softmax_last_dim(&att)?;
