@@ -82,6 +82,9 @@ enum Cmd {
         /// Seed of the sampler.
         #[arg(long, default_value_t = 299_792_458)]
         seed: u64,
+        /// Keep generating past end-of-sequence tokens (benchmarks).
+        #[arg(long)]
+        ignore_eos: bool,
     },
     /// Perplexity of a text file run as one sequence.
     Perplexity {
@@ -285,6 +288,7 @@ fn run(cli: Cli) -> shardwise::Result<()> {
             top_p,
             repetition_penalty,
             seed,
+            ignore_eos,
         } => {
             let spec = cluster_spec(&ranks, &model.transport)?;
             let m = model_spec(&model)?;
@@ -295,8 +299,9 @@ fn run(cli: Cli) -> shardwise::Result<()> {
                 repetition_penalty,
                 seed,
             };
-            tokio_runtime()?
-                .block_on(app::run_generate(&spec, &m, &prompt, max_tokens, sampling))?;
+            tokio_runtime()?.block_on(app::run_generate(
+                &spec, &m, &prompt, max_tokens, sampling, ignore_eos,
+            ))?;
         }
         Cmd::Perplexity {
             ranks,

@@ -102,6 +102,7 @@ pub async fn run_generate(
     prompt: &str,
     max_tokens: usize,
     sampling: SamplingParams,
+    ignore_eos: bool,
 ) -> Result<()> {
     let tok = load_tokenizer(&model.model)?;
     let ids = encode(&tok, prompt)?;
@@ -119,7 +120,7 @@ pub async fn run_generate(
     let params = GenerateParams {
         max_tokens,
         sampling,
-        eos,
+        eos: if ignore_eos { vec![] } else { eos },
         context,
     };
     let mut stream = TextStream::new();
