@@ -48,6 +48,10 @@ struct ModelArgs {
     /// Load dense weights of this dtype (f32, bf16, f16); GGUF blocks are dequantized.
     #[arg(long)]
     dtype: Option<String>,
+    /// Load the weights from a UQFF set written by `shardwise quantize` (--model still gives
+    /// the configuration and tokenizer).
+    #[arg(long)]
+    from_uqff: Option<PathBuf>,
     /// Collectives of --local ranks: local (threads), grpc or shm.
     #[arg(long, default_value = "local")]
     transport: String,
@@ -95,6 +99,17 @@ enum Cmd {
         /// Text to score.
         #[arg(long)]
         text_file: PathBuf,
+    },
+    /// Quantize a model on every rank (ISQ) and write it as a UQFF set that reloads at any
+    /// world size whose split aligns.
+    Quantize {
+        #[command(flatten)]
+        ranks: Ranks,
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Path of the set's index (rank files are written next to it).
+        #[arg(long)]
+        out: PathBuf,
     },
     /// Start one rank server (collectives, rank actor, control service).
     Rank {
@@ -263,6 +278,7 @@ fn model_spec(m: &ModelArgs) -> shardwise::Result<ModelSpec> {
         model: m.model.clone(),
         dtype: parse_dtype(m.dtype.as_deref().unwrap_or(""))?,
         isq: m.isq,
+        uqff: m.from_uqff.clone(),
     })
 }
 
@@ -311,6 +327,11 @@ fn run(cli: Cli) -> shardwise::Result<()> {
             let spec = cluster_spec(&ranks, &model.transport)?;
             let m = model_spec(&model)?;
             tokio_runtime()?.block_on(app::run_perplexity(&spec, &m, &text_file))?;
+        }
+        Cmd::Quantize { ranks, model, out } => {
+            let spec = cluster_spec(&ranks, &model.transport)?;
+            let m = model_spec(&model)?;
+            tokio_runtime()?.block_on(app::run_quantize(&spec, &m, &out))?;
         }
         Cmd::Rank { config, rank } => {
             let cfg = ClusterConfig::load(&config)?;
@@ -517,7 +538,14 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     shardwise::init_logging();
-    match run(Cli::parse()) {
+    let cli = Cli::parse();
+    if let Cmd::Generate { ranks, .. }
+    | Cmd::Perplexity { ranks, .. }
+    | Cmd::Quantize { ranks, .. } = &cli.cmd
+    {
+        shardwise::threads::size_pools_for(ranks.local.unwrap_or(1));
+    }
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");

@@ -34,6 +34,16 @@ pub struct ModelSpec {
     pub dtype: Option<DType>,
     /// In-situ quantization after loading.
     pub isq: Option<IsqType>,
+    /// Weights from a UQFF set written by `shardwise quantize`.
+    pub uqff: Option<PathBuf>,
+}
+
+/// Paths sent to rank servers are absolute (they run in another working directory).
+fn abs(p: &std::path::Path, spec: &ClusterSpec) -> PathBuf {
+    match spec {
+        ClusterSpec::Local(..) => p.to_path_buf(),
+        ClusterSpec::Config(_) => std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()),
+    }
 }
 
 fn gib(b: u64) -> f64 {
@@ -68,16 +78,13 @@ pub async fn open(spec: &ClusterSpec, model: &ModelSpec) -> Result<(Cluster, usi
             .unwrap_or_default()
     );
     let t0 = Instant::now();
-    let model_path = if model.model.is_relative() && matches!(spec, ClusterSpec::Local(..)) {
-        model.model.clone()
-    } else {
-        std::path::absolute(&model.model).unwrap_or_else(|_| model.model.clone())
-    };
+    let model_path = abs(&model.model, spec);
     let reports = cluster
         .load(LoadSpec {
             model: model_path,
             dtype: model.dtype,
             isq: model.isq,
+            uqff: model.uqff.as_ref().map(|u| abs(u, spec)),
         })
         .await?;
     for (r, l) in reports.iter().enumerate() {
@@ -193,4 +200,39 @@ async fn finish(spec: &ClusterSpec, cluster: Cluster) -> Result<()> {
         ClusterSpec::Local(..) => cluster.shutdown().await,
         ClusterSpec::Config(_) => Ok(()),
     }
+}
+
+/// `shardwise quantize`: loads the model with ISQ on every rank and writes a UQFF set at `out`
+/// (the index; each rank's file next to it).
+///
+/// # Errors
+/// As [`open`]; I/O errors writing the set.
+pub async fn run_quantize(
+    spec: &ClusterSpec,
+    model: &ModelSpec,
+    out: &std::path::Path,
+) -> Result<()> {
+    let ck = Checkpoint::open(&model.model, model.dtype)?;
+    let cfg = ck.config.clone();
+    drop(ck);
+    let (cluster, _, _) = open(spec, model).await?;
+    let t0 = Instant::now();
+    let files = match cluster.serialize(abs(out, spec)).await {
+        Ok(f) => f,
+        Err(e) => {
+            let _ = cluster.shutdown().await;
+            return Err(e);
+        }
+    };
+    let isq = model.isq.map(|t| vec![t.name()]).unwrap_or_default();
+    crate::model::persist::write_index(out, &cfg, isq, &files)?;
+    let total: u64 = files.iter().map(|(_, b)| b).sum();
+    eprintln!(
+        "wrote {} ({} rank files, {:.3} GiB) in {:.2} s",
+        out.display(),
+        files.len(),
+        gib(total),
+        t0.elapsed().as_secs_f64()
+    );
+    finish(spec, cluster).await
 }

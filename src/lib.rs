@@ -23,6 +23,7 @@
 //! - [`proto`]: the wire protocol generated from `proto/shardwise.proto`.
 //! - [`app`]: the `generate` and `perplexity` jobs of the command line.
 //! - [`mod@bench`]: measurements behind `shardwise bench`.
+//! - [`threads`]: kernel threads per rank when ranks share a host's cores.
 //! - [`error`]: one error type carrying file, tensor, rank and layer context.
 
 pub mod app;
@@ -38,6 +39,7 @@ pub mod proto;
 pub mod quant;
 pub mod runtime;
 pub mod shard;
+pub mod threads;
 pub mod weights;
 
 pub use error::{Error, Result};

@@ -86,6 +86,7 @@ pub fn launch(config_path: &Path, cfg: &ClusterConfig, exe: &Path) -> Result<()>
             .arg(config_path)
             .arg("--rank")
             .arg(e.rank.to_string())
+            .envs(crate::threads::pool_env(mine.len()))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         // SAFETY: prctl in the child before exec; async-signal-safe.

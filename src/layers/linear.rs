@@ -108,6 +108,8 @@ pub fn load_linear(
 pub struct ParallelLinear {
     name: String,
     parts: Vec<Arc<dyn QuantMethod>>,
+    /// Which tensor slice each part holds (empty for layers built from parts).
+    pieces: Vec<Piece>,
     reduce: Reduce,
     /// Row-parallel bias, added once after the all-reduce.
     bias_after: Option<Tensor>,
@@ -162,6 +164,7 @@ impl ParallelLinear {
             Ok(Self {
                 name: name.to_string(),
                 parts,
+                pieces: pieces.iter().map(|p| p.clone().with_lora(None)).collect(),
                 reduce,
                 bias_after,
                 comm,
@@ -181,6 +184,7 @@ impl ParallelLinear {
         Self {
             name: name.to_string(),
             parts,
+            pieces: Vec::new(),
             reduce,
             bias_after,
             comm,
@@ -195,6 +199,16 @@ impl ParallelLinear {
     /// This rank's weight pieces.
     pub fn parts(&self) -> &[Arc<dyn QuantMethod>] {
         &self.parts
+    }
+
+    /// The tensor slice each part holds, in part order (empty for layers built from parts).
+    pub fn pieces(&self) -> &[Piece] {
+        &self.pieces
+    }
+
+    /// The bias added once after the reduction (row-parallel layers).
+    pub fn bias_after(&self) -> Option<&Tensor> {
+        self.bias_after.as_ref()
     }
 
     /// How outputs combine.

@@ -103,6 +103,35 @@ impl Checkpoint {
         })
     }
 
+    /// Opens the configuration of `model` with the weights of the UQFF set at `uqff`.
+    ///
+    /// # Errors
+    /// As [`Self::open`] and [`crate::weights::UqffSource::open`]; a set written for another
+    /// model.
+    pub fn open_uqff(model: &Path, uqff: &Path) -> Result<Self> {
+        let base = Self::open(model, None)?;
+        let source = crate::weights::UqffSource::open(uqff)?;
+        let want = super::persist::config_hash(&base.config);
+        if source.index().config_hash != want {
+            return Err(bad(
+                uqff,
+                format!(
+                    "written for another model (configuration {}, {}; {} is {want})",
+                    source.index().config_hash,
+                    source.index().architecture,
+                    model.display()
+                ),
+            ));
+        }
+        Ok(Self {
+            path: base.path,
+            config: base.config,
+            block: source.block(),
+            source: Box::new(source),
+            quant: QuantConfig::Ggml,
+        })
+    }
+
     /// Load options for this checkpoint's default storage.
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions {

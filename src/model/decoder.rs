@@ -117,49 +117,37 @@ impl Model {
             o_bias: cfg.o_bias,
         };
         let lora = opts.lora.as_ref();
-        // Each split keeps the block alignment where it can; where it cannot (more ranks than
-        // aligned units), boundaries fall inside blocks and those pieces load dequantized.
+        // Each split keeps the largest block alignment it can: the format's block, else the
+        // 32-element block of the legacy GGML types (ISQ falls back to those), else none,
+        // where pieces load dense.
         let world = comm.world_size();
-        let attn_align = if plan_heads(
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-            world,
-            opts.block,
-        )
-        .is_ok()
-        {
-            opts.block
-        } else {
-            1
+        let choose = |ok: &dyn Fn(usize) -> bool| {
+            [opts.block, 32, 1]
+                .into_iter()
+                .filter(|&a| a <= opts.block.max(1))
+                .find(|&a| ok(a))
+                .unwrap_or(1)
         };
-        let mlp_spec = |align| SplitSpec {
-            name: "intermediate_size",
-            units: cfg.intermediate_size,
-            unit_elems: 1,
-            align,
-        };
-        let mlp_align = if plan_split(&mlp_spec(opts.block), world).is_ok() {
-            opts.block
-        } else {
-            1
-        };
-        if attn_align != opts.block || mlp_align != opts.block {
-            tracing::warn!(
-                "{} ranks cannot all split on {}-element blocks (attention: {}, MLP: {}); \
-                 unaligned pieces are kept dense",
+        let attn_align = choose(&|a| {
+            plan_heads(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, world, a).is_ok()
+        });
+        let mlp_align = choose(&|a| {
+            plan_split(
+                &SplitSpec {
+                    name: "intermediate_size",
+                    units: cfg.intermediate_size,
+                    unit_elems: 1,
+                    align: a,
+                },
                 world,
-                opts.block,
-                if attn_align == opts.block {
-                    "aligned"
-                } else {
-                    "unaligned"
-                },
-                if mlp_align == opts.block {
-                    "aligned"
-                } else {
-                    "unaligned"
-                },
+            )
+            .is_ok()
+        });
+        if opts.block > 1 && (attn_align == 1 || mlp_align == 1) {
+            tracing::warn!(
+                "{world} ranks cannot split attention ({attn_align}) and MLP ({mlp_align}) on \
+                 {}-element blocks; pieces cut inside a block load dense",
+                opts.block
             );
         }
         let mut layers = Vec::with_capacity(cfg.num_layers);

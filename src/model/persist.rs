@@ -1,62 +1,172 @@
-//! Writing one rank's shard to a safetensors file: every parallel linear's pieces in their
-//! storage format (dense weights, or raw GGML blocks), plus, on rank 0, the replicated
-//! tensors. The header records the rank, world size and each piece's format and shape.
+//! Writing a sharded model as a UQFF file set ([`crate::weights::uqff`]): every rank writes
+//! its own pieces ([`write_rank_file`]), then the coordinator writes the index that makes the
+//! set complete ([`write_index`]). Every file goes through a temporary name, fsync and rename,
+//! and the index comes last: a crash never leaves a set that looks complete.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use candle_core::Tensor;
-use serde_json::json;
+use candle_core::{DType, Tensor};
+use sha2::{Digest, Sha256};
 
+use super::config::ModelConfig;
 use super::decoder::Model;
 use crate::error::{Error, Result};
+use crate::weights::uqff::{
+    dtype_name, tag, Entry, Index, IndexFile, RankHeader, Slice, FORMAT, HEADER_KEY, VERSION,
+};
 
-/// Path of `rank`'s file for output prefix `prefix`.
-pub fn rank_file(prefix: &Path, rank: usize, world: usize) -> PathBuf {
-    let mut name = prefix.as_os_str().to_owned();
+/// Path of `rank`'s file for index `index`.
+pub fn rank_file(index: &Path, rank: usize, world: usize) -> PathBuf {
+    let mut name = index.as_os_str().to_owned();
     name.push(format!(".rank{rank}-of-{world}.safetensors"));
     PathBuf::from(name)
 }
 
-/// Writes this rank's shard of `model` next to `prefix` (see [`rank_file`]), atomically.
+/// Hash of the parts of a configuration that decide the weights' shapes and meaning.
+pub fn config_hash(cfg: &ModelConfig) -> String {
+    let key = format!(
+        "{}|{}|{}|{}|{}|{}|{}|{}|{}",
+        cfg.arch.name(),
+        cfg.vocab_size,
+        cfg.hidden_size,
+        cfg.intermediate_size,
+        cfg.num_layers,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.rope_interleaved
+    );
+    let d = Sha256::digest(key.as_bytes());
+    d.iter().take(12).map(|b| format!("{b:02x}")).collect()
+}
+
+fn bytes_of(t: &Tensor) -> Result<Vec<u8>> {
+    Ok(match t.dtype() {
+        DType::U8 => t.flatten_all()?.to_vec1::<u8>()?,
+        _ => crate::comm::wire::tensor_to_bytes(t)?,
+    })
+}
+
+/// Writes this rank's pieces of `model` next to `index` (see [`rank_file`]), atomically.
 /// Returns the file and its size.
 ///
 /// # Errors
 /// A layer format without a persistent form, I/O errors (named).
 pub fn write_rank_file(
     model: &Model,
-    prefix: &Path,
+    index: &Path,
     rank: usize,
     world: usize,
 ) -> Result<(PathBuf, u64)> {
-    let path = rank_file(prefix, rank, world);
+    let path = rank_file(index, rank, world);
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
-    let mut layers = serde_json::Map::new();
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut add = |tensor: String,
+                   t: Tensor,
+                   format: u8,
+                   ggml: Option<String>,
+                   shape: Vec<usize>,
+                   slice: Option<Slice>|
+     -> Result<()> {
+        let t = t.contiguous()?;
+        let key = format!("p{}", entries.len());
+        let crc32 = crc32fast::hash(&bytes_of(&t)?);
+        entries.push(Entry {
+            tensor,
+            key: key.clone(),
+            format,
+            dtype: (format == tag::UNQUANT).then(|| dtype_name(t.dtype())),
+            ggml_type: ggml,
+            shape,
+            slice,
+            crc32,
+        });
+        tensors.push((key, t));
+        Ok(())
+    };
+    let mut sliced = BTreeSet::new();
     for lin in model.linears() {
-        let mut pieces = Vec::new();
-        for (i, part) in lin.parts().iter().enumerate() {
-            let (o, inp) = part.shape();
-            pieces.push(json!({"format": part.format(), "shape": [o, inp]}));
+        if lin.pieces().len() != lin.parts().len() {
+            return Err(Error::Unsupported {
+                what: format!("serializing `{}` (built without piece records)", lin.name()),
+                by: "the UQFF writer".into(),
+            });
+        }
+        for (piece, part) in lin.pieces().iter().zip(lin.parts()) {
+            let full = [piece.out, piece.inp];
+            let dim = piece.shard.dim();
+            let (start, len) = piece.shard.resolve(full[dim])?;
+            let slice = Slice { dim, start, len };
             for (suffix, t) in part.persist_tensors()? {
-                tensors.push((format!("{}.{i}.{suffix}", lin.name()), t.contiguous()?));
+                let (name, format, ggml, shape, slice) = match suffix.as_str() {
+                    "weight.ggml" => (
+                        format!("{}.weight", piece.name),
+                        tag::GGUF,
+                        Some(part.format()),
+                        full.to_vec(),
+                        slice,
+                    ),
+                    "weight" => (
+                        format!("{}.weight", piece.name),
+                        tag::UNQUANT,
+                        None,
+                        full.to_vec(),
+                        slice,
+                    ),
+                    "bias" => (
+                        format!("{}.bias", piece.name),
+                        tag::UNQUANT,
+                        None,
+                        vec![piece.out],
+                        Slice { dim: 0, start, len },
+                    ),
+                    other => {
+                        return Err(Error::Unsupported {
+                            what: format!("persisted tensor kind `{other}` of `{}`", lin.name()),
+                            by: "the UQFF writer".into(),
+                        })
+                    }
+                };
+                sliced.insert(name.clone());
+                add(name, t, format, ggml, shape, Some(slice))?;
             }
         }
-        layers.insert(lin.name().to_string(), json!(pieces));
+        if let (Some(b), Some(p), 0) = (lin.bias_after(), lin.pieces().first(), rank) {
+            add(
+                format!("{}.bias", p.name),
+                b.clone(),
+                tag::UNQUANT,
+                None,
+                b.dims().to_vec(),
+                None,
+            )?;
+        }
     }
     if rank == 0 {
         for (name, t) in model.replicated_tensors() {
-            tensors.push((name, t.contiguous()?));
+            // A tied lm_head stores the embedding as pieces already.
+            if !sliced.contains(&name) {
+                let shape = t.dims().to_vec();
+                add(name, t, tag::UNQUANT, None, shape, None)?;
+            }
         }
     }
-    let header = json!({
-        "format": "shardwise-rank-shard",
-        "version": 1,
-        "rank": rank,
-        "world_size": world,
-        "architecture": model.config().arch.name(),
-        "layers": layers,
-    });
-    let meta = HashMap::from([("shardwise".to_string(), header.to_string())]);
+    let header = RankHeader {
+        format: FORMAT.into(),
+        version: VERSION,
+        rank,
+        world_size: world,
+        config_hash: config_hash(model.config()),
+        entries,
+    };
+    let meta = HashMap::from([(
+        HEADER_KEY.to_string(),
+        serde_json::to_string(&header).map_err(|e| Error::BadFile {
+            file: path.clone(),
+            reason: format!("cannot encode the header: {e}"),
+        })?,
+    )]);
     let bytes =
         safetensors::tensor::serialize(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(meta))
             .map_err(|e| Error::BadFile {
@@ -65,4 +175,39 @@ pub fn write_rank_file(
             })?;
     crate::fsutil::write_atomic(&path, &bytes)?;
     Ok((path, bytes.len() as u64))
+}
+
+/// Writes the index naming the rank files, last and atomically.
+///
+/// # Errors
+/// I/O errors (named).
+pub fn write_index(
+    index: &Path,
+    cfg: &ModelConfig,
+    isq: Vec<String>,
+    files: &[(PathBuf, u64)],
+) -> Result<()> {
+    let idx = Index {
+        format: FORMAT.into(),
+        version: VERSION,
+        world_size: files.len(),
+        config_hash: config_hash(cfg),
+        architecture: cfg.arch.name().into(),
+        isq,
+        files: files
+            .iter()
+            .map(|(p, bytes)| IndexFile {
+                name: p
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                bytes: *bytes,
+            })
+            .collect(),
+    };
+    let text = serde_json::to_string_pretty(&idx).map_err(|e| Error::BadFile {
+        file: index.to_path_buf(),
+        reason: format!("cannot encode the index: {e}"),
+    })?;
+    crate::fsutil::write_atomic(index, text.as_bytes())
 }

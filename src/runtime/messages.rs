@@ -19,6 +19,9 @@ pub struct LoadSpec {
     pub dtype: Option<DType>,
     /// In-situ quantization applied after loading.
     pub isq: Option<IsqType>,
+    /// Weights from this UQFF index instead of the checkpoint's own files (`model` still
+    /// gives the configuration).
+    pub uqff: Option<PathBuf>,
 }
 
 /// One step of generation: new tokens of each sequence, plus caches to drop.
@@ -51,9 +54,9 @@ pub enum RankRequest {
         /// Layers whose name contains one of these (all when empty).
         filter: Vec<String>,
     },
-    /// Write this rank's shard next to an output prefix.
+    /// Write this rank's pieces as one file of a UQFF set.
     Serialize {
-        /// Output prefix.
+        /// Path of the set's index (each rank writes its file next to it).
         path: PathBuf,
     },
     /// Report state.

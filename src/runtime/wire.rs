@@ -84,6 +84,11 @@ pub fn request_to_proto(req: &RankRequest) -> Result<control_request::Body> {
             model: s.model.display().to_string(),
             dtype: dtype_name(s.dtype),
             isq: s.isq.map(|t| t.name()).unwrap_or_default(),
+            uqff: s
+                .uqff
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
         }),
         RankRequest::Forward { layers, input } => Body::Forward(proto::ForwardRequest {
             first_layer: layers.start as u32,
@@ -133,6 +138,7 @@ pub fn request_from_proto(body: control_request::Body) -> Result<Option<RankRequ
             model: PathBuf::from(l.model),
             dtype: parse_dtype(&l.dtype)?,
             isq: isq(&l.isq)?,
+            uqff: (!l.uqff.is_empty()).then(|| PathBuf::from(l.uqff)),
         }),
         Body::Forward(f) => RankRequest::Forward {
             layers: f.first_layer as usize..f.end_layer as usize,

@@ -93,7 +93,10 @@ impl RankWorker {
         let t0 = Instant::now();
         self.model = None;
         self.model_path = None;
-        let ck = Checkpoint::open(&spec.model, spec.dtype)?;
+        let ck = match &spec.uqff {
+            Some(u) => Checkpoint::open_uqff(&spec.model, u)?,
+            None => Checkpoint::open(&spec.model, spec.dtype)?,
+        };
         let mut opts = ck.load_options();
         if let Some(ty) = spec.isq {
             // Split on the ISQ type's blocks so every shard can take it (as one rank does).

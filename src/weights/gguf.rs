@@ -75,34 +75,12 @@ impl GgufSource {
         let info = self.info(name)?;
         let dims = info.shape.dims().to_vec();
         let ty = info.ggml_dtype;
-        let (bs, ts) = (ty.block_size(), ty.type_size());
         let bad = |reason: String| Error::BadFile {
             file: self.path.clone(),
             reason: format!("tensor `{name}`: {reason}"),
         };
-        let last = dims
-            .len()
-            .checked_sub(1)
-            .ok_or_else(|| bad("0-d tensor".into()))?;
-        if dims[last] % bs != 0 {
-            return Err(bad(format!(
-                "row of {} is not a multiple of block {bs}",
-                dims[last]
-            )));
-        }
-        let shape = shard.sharded_shape(&dims).map_err(|e| e.in_layer(name))?;
-        let (mut offset, mut len) = shard.resolve(dims[shard.dim()])?;
-        if shard.dim() == last {
-            if offset % bs != 0 || len % bs != 0 {
-                return Ok(None);
-            }
-            offset /= bs;
-            len /= bs;
-        }
-        // Storage units: whole blocks along the last dimension.
-        let mut units = dims.clone();
-        units[last] /= bs;
-        let total = units.iter().product::<usize>() * ts;
+        let units = block_units(&dims, ty).map_err(bad)?;
+        let total = units.iter().product::<usize>() * ty.type_size();
         let start = (self.content.tensor_data_offset + info.offset) as usize;
         let bytes = self.mmap.get(start..start + total).ok_or_else(|| {
             bad(format!(
@@ -110,11 +88,71 @@ impl GgufSource {
                 start + total
             ))
         })?;
-        let data = copy_shard(bytes, &units, ts, shard.dim(), offset, len);
-        self.copied.fetch_add(data.len() as u64, Ordering::Relaxed);
-        let storage = QStorage::from_data(std::borrow::Cow::Owned(data), &Device::Cpu, ty)?;
-        Ok(Some(QTensor::new(storage, shape)?))
+        let q = quantized_shard(bytes, &dims, ty, shard).map_err(|e| e.in_layer(name))?;
+        if let Some(q) = &q {
+            self.copied
+                .fetch_add(q.storage_size_in_bytes() as u64, Ordering::Relaxed);
+        }
+        Ok(q)
     }
+}
+
+/// Storage units of a GGML tensor of shape `dims`: whole blocks along the last dimension.
+///
+/// # Errors
+/// A 0-d tensor, or rows that are not a whole number of blocks.
+pub(crate) fn block_units(
+    dims: &[usize],
+    ty: GgmlDType,
+) -> std::result::Result<Vec<usize>, String> {
+    let bs = ty.block_size();
+    let last = dims.len().checked_sub(1).ok_or("0-d tensor")?;
+    if dims[last] % bs != 0 {
+        return Err(format!(
+            "row of {} is not a multiple of block {bs}",
+            dims[last]
+        ));
+    }
+    let mut units = dims.to_vec();
+    units[last] /= bs;
+    Ok(units)
+}
+
+/// `shard` of a whole GGML tensor `full` (shape `dims`, type `ty`) as a `QTensor`, copying
+/// only the shard's blocks; `None` when the shard cuts inside a block.
+///
+/// # Errors
+/// A shard that does not fit, or bytes that do not match the shape.
+pub(crate) fn quantized_shard(
+    full: &[u8],
+    dims: &[usize],
+    ty: GgmlDType,
+    shard: &Shard,
+) -> Result<Option<QTensor>> {
+    let bs = ty.block_size();
+    let units = block_units(dims, ty).map_err(|reason| Error::Config {
+        field: "quantized tensor".into(),
+        reason,
+    })?;
+    let last = dims.len() - 1;
+    let shape = shard.sharded_shape(dims)?;
+    let (mut offset, mut len) = shard.resolve(dims[shard.dim()])?;
+    if shard.dim() == last {
+        if offset % bs != 0 || len % bs != 0 {
+            return Ok(None);
+        }
+        offset /= bs;
+        len /= bs;
+    }
+    if full.len() != units.iter().product::<usize>() * ty.type_size() {
+        return Err(Error::Config {
+            field: "quantized tensor".into(),
+            reason: format!("{} bytes do not hold {dims:?} in {ty:?}", full.len()),
+        });
+    }
+    let data = copy_shard(full, &units, ty.type_size(), shard.dim(), offset, len);
+    let storage = QStorage::from_data(std::borrow::Cow::Owned(data), &Device::Cpu, ty)?;
+    Ok(Some(QTensor::new(storage, shape)?))
 }
 
 impl WeightSource for GgufSource {

@@ -9,6 +9,7 @@ pub mod gguf;
 pub mod memory;
 pub mod renamed;
 pub mod safetensors;
+pub mod uqff;
 
 use std::fmt::Debug;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ pub use self::gguf::GgufSource;
 pub use self::memory::MemorySource;
 pub use self::renamed::RenamedSource;
 pub use self::safetensors::SafetensorsSource;
+pub use self::uqff::UqffSource;
 
 /// Storage type of a tensor in a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
