@@ -115,6 +115,7 @@ fn tiny_models_match_transformers_and_one_rank() {
                     model: dir.clone(),
                     dtype: None,
                     isq: None,
+                    uqff: None,
                 })
                 .await
                 .unwrap();
@@ -188,6 +189,7 @@ fn smollm2_matches_transformers_and_one_rank() {
                 model: gguf.clone(),
                 dtype: Some(DType::F32),
                 isq: None,
+                uqff: None,
             })
             .await
             .unwrap();
@@ -250,6 +252,7 @@ fn quantized_gguf_stays_close_to_one_rank() {
                 model: gguf.clone(),
                 dtype,
                 isq: None,
+                uqff: None,
             })
             .await
             .unwrap();
@@ -283,6 +286,7 @@ fn bad_input_gives_clear_errors() {
                 model,
                 dtype: None,
                 isq: None,
+                uqff: None,
             })
             .await
             .map(|_| ())
@@ -334,6 +338,7 @@ fn bad_input_gives_clear_errors() {
             model: src.clone(),
             dtype: None,
             isq: None,
+            uqff: None,
         })
         .await
         .unwrap();

@@ -32,6 +32,7 @@ fn spec(isq: Option<IsqType>) -> LoadSpec {
         model: tiny(),
         dtype: None,
         isq,
+        uqff: None,
     }
 }
 
@@ -69,7 +70,7 @@ async fn exercise(c: &Cluster, x: &Tensor, out_prefix: &Path) -> Outputs {
     for (r, (f, bytes)) in files.iter().enumerate() {
         assert!(f.exists() && *bytes > 0, "rank {r}: {}", f.display());
     }
-    check_serialized(out_prefix, c.world_size());
+    check_serialized(&files, out_prefix);
     let q8 = IsqType::Ggml(candle_core::quantized::GgmlDType::Q8_0);
     let n = c.apply_isq(q8, vec![]).await.unwrap();
     assert!(n.iter().all(|&k| k == 2 * 4), "{n:?}");
@@ -91,38 +92,30 @@ async fn exercise(c: &Cluster, x: &Tensor, out_prefix: &Path) -> Outputs {
     }
 }
 
-/// The per-rank files together hold exactly the checkpoint's weights: row-parallel pieces
-/// side by side, column-parallel pieces stacked.
-fn check_serialized(prefix: &Path, world: usize) {
+/// The rank files plus an index form a UQFF set holding exactly the checkpoint's tensors.
+fn check_serialized(files: &[(PathBuf, u64)], index: &Path) {
+    use shardwise::weights::WeightSource;
+    let cfg = shardwise::model::ModelConfig::from_hf_file(&tiny()).unwrap();
+    shardwise::model::persist::write_index(index, &cfg, vec![], files).unwrap();
+    let set = shardwise::weights::UqffSource::open(index).unwrap();
     let full =
         candle_core::safetensors::load(tiny().join("model.safetensors"), &candle_core::Device::Cpu)
             .unwrap();
-    let pieces: Vec<_> = (0..world)
-        .map(|r| {
-            let f = shardwise::model::persist::rank_file(prefix, r, world);
-            candle_core::safetensors::load(&f, &candle_core::Device::Cpu).unwrap()
-        })
-        .collect();
-    let down: Vec<Tensor> = pieces
-        .iter()
-        .map(|p| p["model.layers.1.mlp.down_proj.0.weight"].clone())
-        .collect();
-    let down = Tensor::cat(&down, 1).unwrap();
-    let want = &full["model.layers.1.mlp.down_proj.weight"];
-    assert_eq!(common::rel_err(&down, want), 0.0, "down_proj pieces");
-    let up: Vec<Tensor> = pieces
-        .iter()
-        .map(|p| p["model.layers.1.mlp.gate_up.1.weight"].clone())
-        .collect();
-    let up = Tensor::cat(&up, 0).unwrap();
-    assert_eq!(
-        common::rel_err(&up, &full["model.layers.1.mlp.up_proj.weight"]),
-        0.0,
-        "up_proj pieces"
-    );
-    // Replicated tensors once, on rank 0.
-    assert!(pieces[0].contains_key("model.embed_tokens.weight"));
-    assert!(world == 1 || !pieces[1].contains_key("model.embed_tokens.weight"));
+    let mut names = set.names();
+    names.sort();
+    let mut want: Vec<String> = full.keys().cloned().collect();
+    want.sort();
+    assert_eq!(names, want, "tensor names");
+    for (name, t) in &full {
+        let got = set
+            .read(
+                name,
+                &shardwise::shard::Shard::full(),
+                candle_core::DType::F32,
+            )
+            .unwrap();
+        assert_eq!(common::rel_err(&got, t), 0.0, "{name}");
+    }
 }
 
 fn assert_close(a: &Tensor, b: &Tensor, tol: f64, what: &str) {

@@ -123,12 +123,16 @@ impl Checkpoint {
                 ),
             ));
         }
+        let quant = match source.dense_dtype() {
+            Some(dtype) => QuantConfig::Unquantized { dtype },
+            None => QuantConfig::Ggml,
+        };
         Ok(Self {
             path: base.path,
             config: base.config,
             block: source.block(),
             source: Box::new(source),
-            quant: QuantConfig::Ggml,
+            quant,
         })
     }
 

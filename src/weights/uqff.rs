@@ -404,6 +404,18 @@ impl UqffSource {
             .unwrap_or(1)
     }
 
+    /// The dtype of every piece when all are dense and share one (a set written without
+    /// ISQ), so the model computes in it as it did before saving.
+    pub fn dense_dtype(&self) -> Option<DType> {
+        let mut it = self.tensors.values().flat_map(|t| t.pieces.iter());
+        let first = match it.next()?.storage {
+            Storage::Dense(d) => d,
+            Storage::Ggml(_) => return None,
+        };
+        it.all(|p| p.storage == Storage::Dense(first))
+            .then_some(first)
+    }
+
     fn entry(&self, name: &str) -> Result<&TensorEntry> {
         self.tensors.get(name).ok_or_else(|| Error::MissingTensor {
             file: self.index_path.clone(),
