@@ -255,9 +255,10 @@ impl ParallelLinear {
     /// # Errors
     /// Kernel errors, naming the layer.
     pub fn apply_isq(&mut self, ty: IsqType) -> Result<()> {
+        use rayon::prelude::*;
         let parts = self
             .parts
-            .iter()
+            .par_iter()
             .map(|p| p.apply_isq(ty, &self.name))
             .collect::<Result<Vec<_>>>()
             .in_layer(&self.name)?;

@@ -142,6 +142,7 @@ impl Checkpoint {
             quant: self.quant,
             block: self.block,
             lora: None,
+            isq: None,
         }
     }
 

@@ -31,6 +31,9 @@ pub struct LoadOptions {
     pub block: usize,
     /// LoRA adapters merged at load.
     pub lora: Option<LoraSet>,
+    /// In-situ quantization applied to each layer as soon as it is loaded, so no more than
+    /// one layer's dense weights exist at a time.
+    pub isq: Option<IsqType>,
 }
 
 /// One sequence's part of a step: tokens at positions `start_pos..start_pos + tokens.len()`.
@@ -181,14 +184,18 @@ impl Model {
                 mlp_align,
                 lora,
             )?;
-            layers.push(DecoderLayer {
+            let mut layer = DecoderLayer {
                 input_norm: norm("input_layernorm", h)?,
                 attn,
                 q_norm,
                 k_norm,
                 post_norm: norm("post_attention_layernorm", h)?,
                 mlp,
-            });
+            };
+            if let Some(ty) = opts.isq {
+                layer.apply_isq(ty, &[])?;
+            }
+            layers.push(layer);
         }
         let norm = read_full("model.norm.weight", &[h])?;
         let head_name = if cfg.tie_word_embeddings || !src.contains("lm_head.weight") {
@@ -348,22 +355,15 @@ impl Model {
     /// # Errors
     /// Kernel errors, naming the layer.
     pub fn apply_isq(&mut self, ty: IsqType, filter: &[String]) -> Result<usize> {
-        let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f));
-        let mut n = 0;
-        for layer in &mut self.layers {
-            for lin in [
-                &mut layer.attn.qkv,
-                &mut layer.attn.o,
-                &mut layer.mlp.gate_up,
-                &mut layer.mlp.down,
-            ] {
-                if wanted(lin.name()) {
-                    lin.apply_isq(ty)?;
-                    n += 1;
-                }
-            }
-        }
-        Ok(n)
+        use rayon::prelude::*;
+        // Layers in parallel over the CPU threads; each holds one dense and one quantized
+        // copy of a layer at a time.
+        let counts = self
+            .layers
+            .par_iter_mut()
+            .map(|l| l.apply_isq(ty, filter))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(counts.into_iter().sum())
     }
 
     /// Tensors every rank holds whole: embedding and norms, under their checkpoint names.
@@ -476,6 +476,25 @@ impl<'a> StepCtx<'a> {
 }
 
 impl DecoderLayer {
+    /// Quantizes this layer's linears whose name contains one of `filter` (all when empty);
+    /// returns how many.
+    fn apply_isq(&mut self, ty: IsqType, filter: &[String]) -> Result<usize> {
+        let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f));
+        let mut n = 0;
+        for lin in [
+            &mut self.attn.qkv,
+            &mut self.attn.o,
+            &mut self.mlp.gate_up,
+            &mut self.mlp.down,
+        ] {
+            if wanted(lin.name()) {
+                lin.apply_isq(ty)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     fn forward(&self, x: &Tensor, ctx: &StepCtx<'_>, cache: &mut KvCache) -> Result<Tensor> {
         let eps = ctx.eps;
         let h = candle_nn::ops::rms_norm(x, &self.input_norm, eps)?;

@@ -99,11 +99,12 @@ impl RankWorker {
         };
         let mut opts = ck.load_options();
         if let Some(ty) = spec.isq {
-            // Split on the ISQ type's blocks so every shard can take it (as one rank does).
+            // Split on the ISQ type's blocks so every shard can take it (as one rank does),
+            // and quantize each layer as it loads.
             opts.block = opts.block.max(ty.block_size());
+            opts.isq = Some(ty);
         }
-        let mut model = match Model::load(&ck.config, ck.source.as_ref(), &opts, self.comm.clone())
-        {
+        let model = match Model::load(&ck.config, ck.source.as_ref(), &opts, self.comm.clone()) {
             // A block size the split cannot honour: load with unaligned boundaries (those
             // pieces are dequantized) rather than refuse the world size.
             Err(Error::NoPlan { dim, .. }) if opts.block > 1 => {
@@ -119,9 +120,6 @@ impl RankWorker {
             }
             other => other?,
         };
-        if let Some(ty) = spec.isq {
-            model.apply_isq(ty, &[])?;
-        }
         let report = LoadReport {
             seconds: t0.elapsed().as_secs_f64(),
             weight_bytes: model.weight_bytes(),
