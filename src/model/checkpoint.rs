@@ -143,6 +143,7 @@ impl Checkpoint {
             block: self.block,
             lora: None,
             isq: None,
+            progress: false,
         }
     }
 

@@ -34,6 +34,8 @@ pub struct LoadOptions {
     /// In-situ quantization applied to each layer as soon as it is loaded, so no more than
     /// one layer's dense weights exist at a time.
     pub isq: Option<IsqType>,
+    /// Draw a progress bar of the layers on stderr (rank 0 on a terminal).
+    pub progress: bool,
 }
 
 /// One sequence's part of a step: tokens at positions `start_pos..start_pos + tokens.len()`.
@@ -196,6 +198,9 @@ impl Model {
                 layer.apply_isq(ty, &[])?;
             }
             layers.push(layer);
+            if opts.progress {
+                progress_bar(i + 1, cfg.num_layers, opts.isq);
+            }
         }
         let norm = read_full("model.norm.weight", &[h])?;
         let head_name = if cfg.tie_word_embeddings || !src.contains("lm_head.weight") {
@@ -412,6 +417,26 @@ impl Model {
         v.push(&self.lm_head);
         v
     }
+}
+
+/// One line of `[#####.....] 12/30 layers`, redrawn in place.
+fn progress_bar(done: usize, total: usize, isq: Option<IsqType>) {
+    use std::io::Write;
+    let width = 30;
+    let filled = done * width / total.max(1);
+    let mut err = std::io::stderr();
+    let _ = write!(
+        err,
+        "\r  [{}{}] {done}/{total} layers{}",
+        "#".repeat(filled),
+        ".".repeat(width - filled),
+        isq.map(|t| format!(" (ISQ {})", t.name()))
+            .unwrap_or_default()
+    );
+    if done == total {
+        let _ = writeln!(err);
+    }
+    let _ = err.flush();
 }
 
 /// `[t, start + t]` additive mask (0 or -inf): causal, and limited to `window` past

@@ -104,6 +104,8 @@ impl RankWorker {
             opts.block = opts.block.max(ty.block_size());
             opts.isq = Some(ty);
         }
+        opts.progress =
+            self.comm.rank() == 0 && std::io::IsTerminal::is_terminal(&std::io::stderr());
         let model = match Model::load(&ck.config, ck.source.as_ref(), &opts, self.comm.clone()) {
             // A block size the split cannot honour: load with unaligned boundaries (those
             // pieces are dequantized) rather than refuse the world size.
