@@ -197,7 +197,7 @@ LOAD_START="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo '?')"
 for label in "${LABELS[@]}"; do
     file="${FILE[$label]}"
     TYPES[$label]="$(gguf_types "$file" 2>/dev/null || echo '?')"
-    log "[$label] llama-bench ($(du -h "$file" | cut -f1), ${TYPES[$label]})"
+    log "[$label] llama-bench ($(du -hL "$file" | cut -f1), ${TYPES[$label]})"
     if "$LBIN/llama-bench" -m "$file" -p "$N_PROMPT" -n "$N_GEN" -t "$THREADS" -r "$REPS" -o json \
             >"$TMP/ll.json" 2>"$TMP/ll.err"; then
         { echo "### llama-bench $file"; cat "$TMP/ll.json" "$TMP/ll.err"; } >>"$LOG"
