@@ -62,7 +62,10 @@ struct Outputs {
 }
 
 async fn exercise(c: &Cluster, x: &Tensor, out_prefix: &Path) -> Outputs {
-    c.load(spec(None)).await.unwrap();
+    let first = c.load(spec(None)).await.unwrap();
+    // The same spec again (each `generate --config` sends one) reuses the loaded shards.
+    let again = c.load(spec(None)).await.unwrap();
+    assert_eq!(first, again, "a repeated Load reloaded");
     let logits_dense = logits(c).await;
     let forward = c.forward(0..2, x.clone()).await.unwrap();
     let files = c.serialize(out_prefix.to_path_buf()).await.unwrap();

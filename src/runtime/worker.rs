@@ -16,6 +16,9 @@ pub struct RankWorker {
     comm: Arc<dyn Communicator>,
     model: Option<Model>,
     model_path: Option<PathBuf>,
+    /// What is loaded and what loading it cost: a repeated Load of the same spec (each
+    /// `generate --config` sends one) answers at once.
+    loaded: Option<(LoadSpec, LoadReport)>,
 }
 
 impl RankWorker {
@@ -25,6 +28,7 @@ impl RankWorker {
             comm,
             model: None,
             model_path: None,
+            loaded: None,
         }
     }
 
@@ -48,7 +52,12 @@ impl RankWorker {
     pub fn handle(&mut self, req: RankRequest) -> Result<RankReply> {
         let first = self.comm.rank() == 0;
         Ok(match req {
-            RankRequest::Load(spec) => RankReply::Loaded(self.load(&spec)?),
+            RankRequest::Load(spec) => match &self.loaded {
+                Some((s, report)) if *s == spec && self.model.is_some() => {
+                    RankReply::Loaded(report.clone())
+                }
+                _ => RankReply::Loaded(self.load(&spec)?),
+            },
             RankRequest::Forward { layers, input } => {
                 let y = self.model()?.forward_layers(layers, &input)?;
                 if first {
@@ -70,6 +79,8 @@ impl RankWorker {
                 }
             }
             RankRequest::ApplyIsq { ty, filter } => {
+                // The weights no longer match the spec they were loaded from.
+                self.loaded = None;
                 RankReply::Quantized(self.model()?.apply_isq(ty, &filter)?)
             }
             RankRequest::Serialize { path } => {
@@ -84,6 +95,7 @@ impl RankWorker {
             }),
             RankRequest::Shutdown => {
                 self.model = None;
+                self.loaded = None;
                 RankReply::Done
             }
         })
@@ -93,6 +105,7 @@ impl RankWorker {
         let t0 = Instant::now();
         self.model = None;
         self.model_path = None;
+        self.loaded = None;
         let ck = match &spec.uqff {
             Some(u) => Checkpoint::open_uqff(&spec.model, u)?,
             None => Checkpoint::open(&spec.model, spec.dtype)?,
@@ -129,6 +142,7 @@ impl RankWorker {
         };
         self.model = Some(model);
         self.model_path = Some(spec.model.clone());
+        self.loaded = Some((spec.clone(), report.clone()));
         Ok(report)
     }
 }
