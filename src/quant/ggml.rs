@@ -8,6 +8,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use super::{add_bias, check_delta, IsqType, QuantMethod};
 use crate::error::{Error, Result};
 
+/// Rows of activations from which a product goes through a dequantized f32 GEMM.
+pub const DEQUANT_ROWS: usize = 32;
+
 /// A linear layer whose weight is a GGML-quantized `[out, in]` tensor.
 #[derive(Debug, Clone)]
 pub struct GgmlLinear {
@@ -95,9 +98,26 @@ impl QuantMethod for GgmlLinear {
         (d[0], d[1])
     }
 
+    /// Up to [`DEQUANT_ROWS`] rows (decode, short prompts): candle's quantized kernel, which
+    /// quantizes the activations per block. From there on (prefill): the weight is expanded
+    /// to f32 once and multiplied by a blocked f32 GEMM, which is several times faster for
+    /// many rows than one block dot product per (row, column) and exact in the activations.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let in_dtype = x.dtype();
-        let y = self.mm.forward(&x.to_dtype(DType::F32)?)?;
+        let (out, inp) = self.shape();
+        let rows = x.elem_count() / inp.max(1);
+        let x32 = x.to_dtype(DType::F32)?;
+        let y = if rows >= DEQUANT_ROWS {
+            let mut dims = x.dims().to_vec();
+            let w = self.w.dequantize(&self.w.device())?;
+            let y = x32.reshape((rows, inp))?.matmul(&w.t()?)?;
+            if let Some(last) = dims.last_mut() {
+                *last = out;
+            }
+            y.reshape(dims)?
+        } else {
+            self.mm.forward(&x32)?
+        };
         add_bias(y.to_dtype(in_dtype)?, self.b.as_ref())
     }
 
