@@ -121,31 +121,17 @@ pub struct Index {
     pub files: Vec<IndexFile>,
 }
 
-const GGML_TYPES: [GgmlDType; 15] = [
-    GgmlDType::F32,
-    GgmlDType::F16,
-    GgmlDType::BF16,
-    GgmlDType::Q4_0,
-    GgmlDType::Q4_1,
-    GgmlDType::Q5_0,
-    GgmlDType::Q5_1,
-    GgmlDType::Q8_0,
-    GgmlDType::Q8_1,
-    GgmlDType::Q2K,
-    GgmlDType::Q3K,
-    GgmlDType::Q4K,
-    GgmlDType::Q5K,
-    GgmlDType::Q6K,
-    GgmlDType::Q8K,
-];
-
 /// Name of a GGML type in headers (`q4k`, `q8_0`).
 pub fn ggml_name(t: GgmlDType) -> String {
     format!("{t:?}").to_lowercase()
 }
 
 fn parse_ggml(s: &str) -> Option<GgmlDType> {
-    GGML_TYPES.into_iter().find(|t| ggml_name(*t) == s)
+    // The block types, plus the float types a GGML tensor can also hold.
+    crate::quant::isq::GGML_TYPES
+        .into_iter()
+        .chain([GgmlDType::F32, GgmlDType::F16, GgmlDType::BF16])
+        .find(|t| ggml_name(*t) == s)
 }
 
 /// Name of a dense dtype in headers.
