@@ -2,7 +2,9 @@
 //! --config` print the same greedy continuation as `generate --local 1`, a second generate
 //! reuses the running ranks, and SIGTERM to the launcher stops every rank.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,31 +16,6 @@ fn smollm2() -> PathBuf {
     }
     PathBuf::from(std::env::var("HOME").unwrap())
         .join(".cache/shardwise/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-}
-
-fn config(dir: &Path, n: usize) -> PathBuf {
-    let held: Vec<std::net::TcpListener> = (0..2 * n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let ports: Vec<u16> = held
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect();
-    drop(held);
-    let mut text = format!(
-        "cluster = \"cli\"\ntoken = \"{}\"\n",
-        shardwise::comm::grpc::random_token()
-    );
-    for r in 0..n {
-        text += &format!(
-            "[[rank]]\nrank = {r}\nhost = \"127.0.0.1\"\ncontrol_port = {}\ncollective_port = {}\n",
-            ports[2 * r],
-            ports[2 * r + 1]
-        );
-    }
-    let p = dir.join("ranks.toml");
-    std::fs::write(&p, text).unwrap();
-    p
 }
 
 fn generate(ranks: &[&str]) -> String {
@@ -85,7 +62,7 @@ fn generate_through_launched_ranks_matches_one_local_rank() {
     // stdout is the continuation only: the prompt is not repeated.
     assert!(!want.contains("The capital of France is"), "{want}");
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), 2);
+    let cfg = common::ranks_toml(dir.path(), &vec!["127.0.0.1".to_string(); 2], "auto");
     let mut launch = Command::new(BIN)
         .args(["launch", "--config"])
         .arg(&cfg)

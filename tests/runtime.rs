@@ -177,33 +177,6 @@ fn local_actors_agree_with_one_rank() {
     }
 }
 
-/// A `ranks.toml` on loopback (or given hosts) with free ports and an inline token.
-fn write_config(dir: &Path, hosts: &[String]) -> PathBuf {
-    let mut text = format!(
-        "cluster = \"test\"\ntoken = \"{}\"\ntransport = \"grpc\"\n[timeouts]\ncollective_s = 20\nconnect_s = 20\n",
-        shardwise::comm::grpc::random_token()
-    );
-    // Hold every probe listener until all ports are chosen, so none is handed out twice.
-    let held: Vec<std::net::TcpListener> = (0..2 * hosts.len())
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let ports: Vec<u16> = held
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect();
-    drop(held);
-    for (r, h) in hosts.iter().enumerate() {
-        text += &format!(
-            "[[rank]]\nrank = {r}\nhost = \"{h}\"\ncontrol_port = {}\ncollective_port = {}\n",
-            ports[2 * r],
-            ports[2 * r + 1]
-        );
-    }
-    let p = dir.join("ranks.toml");
-    std::fs::write(&p, text).unwrap();
-    p
-}
-
 /// `shardwise launch` running in the background; stopped on drop.
 struct Launch(Child);
 
@@ -261,7 +234,7 @@ fn launched_processes_agree_with_one_rank() {
     let want = reference(&x);
     let dir = tempfile::tempdir().unwrap();
     let hosts = vec!["127.0.0.1".to_string(); 3];
-    let cfg_path = write_config(dir.path(), &hosts);
+    let cfg_path = common::ranks_toml(dir.path(), &hosts, "grpc");
     let mut launch = Launch::start(&cfg_path);
     let cfg = ClusterConfig::load(&cfg_path).unwrap();
     let got = rt().block_on(async {
@@ -286,7 +259,7 @@ fn launched_processes_agree_with_one_rank() {
 fn kill_9_of_a_rank_is_named_within_5_s_and_leaves_no_process() {
     for run in 0..10 {
         let dir = tempfile::tempdir().unwrap();
-        let cfg_path = write_config(dir.path(), &vec!["127.0.0.1".to_string(); 3]);
+        let cfg_path = common::ranks_toml(dir.path(), &vec!["127.0.0.1".to_string(); 3], "grpc");
         let mut launch = Launch::start(&cfg_path);
         let cfg = ClusterConfig::load(&cfg_path).unwrap();
         let rt = rt();

@@ -81,3 +81,31 @@ pub fn rms_rel_err(a: &Tensor, b: &Tensor) -> f64 {
 pub fn cols(t: &Tensor, start: usize, end: usize) -> Tensor {
     t.narrow(t.rank() - 1, start, end - start).unwrap()
 }
+
+/// A `ranks.toml` in `dir` for `hosts` (one rank each) with free ports, an inline random
+/// token, the given transport and 20 s timeouts.
+pub fn ranks_toml(dir: &Path, hosts: &[String], transport: &str) -> std::path::PathBuf {
+    let mut text = format!(
+        "cluster = \"test\"\ntoken = \"{}\"\ntransport = \"{transport}\"\n[timeouts]\ncollective_s = 20\nconnect_s = 20\n",
+        shardwise::comm::grpc::random_token()
+    );
+    // Hold every probe listener until all ports are chosen, so none is handed out twice.
+    let held: Vec<std::net::TcpListener> = (0..2 * hosts.len())
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let ports: Vec<u16> = held
+        .iter()
+        .map(|l| l.local_addr().unwrap().port())
+        .collect();
+    drop(held);
+    for (r, h) in hosts.iter().enumerate() {
+        text += &format!(
+            "[[rank]]\nrank = {r}\nhost = \"{h}\"\ncontrol_port = {}\ncollective_port = {}\n",
+            ports[2 * r],
+            ports[2 * r + 1]
+        );
+    }
+    let p = dir.join("ranks.toml");
+    std::fs::write(&p, text).unwrap();
+    p
+}
