@@ -132,10 +132,47 @@ async fn broadcast(
             rank: 0,
             reason: format!("coordinator task failed: {e}"),
         })?;
-        // Dropping the set abandons the other calls; their ranks are stopped next.
-        replies[rank] = Some(r?);
+        match r {
+            Ok(reply) => replies[rank] = Some(reply),
+            // Dropping the set abandons the other calls; their ranks are stopped next.
+            Err(e) => return Err(root_cause(handles, e).await),
+        }
     }
     Ok(replies.into_iter().flatten().collect())
+}
+
+/// When one rank process dies, a launcher stops its neighbours and their connections break
+/// too, sometimes before the coordinator has read the first one. After a short grace, the
+/// rank whose connection broke first is the cause; otherwise the error that arrived first.
+async fn root_cause(handles: &[RankHandle], first: Error) -> Error {
+    if !handles.iter().any(|h| h.died_at().is_some()) {
+        return first;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let earliest = handles
+        .iter()
+        .filter_map(|h| h.died_at().map(|t| (t, h.rank())))
+        .min();
+    match (earliest, &first) {
+        (Some((_, rank)), Error::Rank { rank: r, .. }) if rank != *r => {
+            let reason = handles[rank]
+                .call(RankRequest::Health, Duration::from_millis(10))
+                .await
+                .err()
+                .map_or_else(
+                    || "lost its connection".to_string(),
+                    |e| match e {
+                        Error::Rank { reason, .. } => reason,
+                        other => other.to_string(),
+                    },
+                );
+            Error::Rank {
+                rank,
+                reason: format!("{reason} (first of the ranks to fail; then: {first})"),
+            }
+        }
+        _ => first,
+    }
 }
 
 /// Which collectives in-process ranks use.

@@ -33,6 +33,15 @@ impl RankHandle {
         }
     }
 
+    /// When this rank's connection broke (remote ranks; `None` while alive or for local
+    /// actors).
+    pub fn died_at(&self) -> Option<std::time::Instant> {
+        match self {
+            Self::Local { .. } => None,
+            Self::Remote(r) => r.died_at(),
+        }
+    }
+
     /// Sends `req` and waits up to `deadline` for the reply.
     ///
     /// # Errors

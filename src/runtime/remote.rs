@@ -74,7 +74,8 @@ struct Inner {
     addr: String,
     tx: mpsc::Sender<ControlRequest>,
     pending: Arc<Pending>,
-    dead: Arc<Mutex<Option<String>>>,
+    /// Why and when the session broke.
+    dead: Arc<Mutex<Option<(String, Instant)>>>,
     next_id: AtomicU64,
 }
 
@@ -191,7 +192,7 @@ impl RemoteRank {
             }
         }
         let pending: Arc<Pending> = Arc::default();
-        let dead: Arc<Mutex<Option<String>>> = Arc::default();
+        let dead: Arc<Mutex<Option<(String, Instant)>>> = Arc::default();
         let (p, d, a) = (pending.clone(), dead.clone(), addr.to_string());
         tokio::spawn(async move {
             let why = loop {
@@ -212,7 +213,7 @@ impl RemoteRank {
                 }
             };
             if let Ok(mut d) = d.lock() {
-                *d = Some(why.clone());
+                *d = Some((why.clone(), Instant::now()));
             }
             let waiters: Vec<_> = p
                 .lock()
@@ -237,6 +238,15 @@ impl RemoteRank {
         self.0.rank
     }
 
+    /// When the control session broke, if it did.
+    pub fn died_at(&self) -> Option<Instant> {
+        self.0
+            .dead
+            .lock()
+            .ok()
+            .and_then(|d| d.as_ref().map(|(_, t)| *t))
+    }
+
     /// Control address.
     pub fn addr(&self) -> &str {
         &self.0.addr
@@ -248,7 +258,7 @@ impl RemoteRank {
     /// The rank's error, a lost connection, or no reply in time; all name the rank.
     pub async fn call(&self, req: &RankRequest, deadline: Duration) -> Result<RankReply> {
         let rank = self.0.rank;
-        if let Some(why) = self.0.dead.lock().ok().and_then(|d| d.clone()) {
+        if let Some((why, _)) = self.0.dead.lock().ok().and_then(|d| d.clone()) {
             return Err(rank_err(rank, why));
         }
         let id = self.0.next_id.fetch_add(1, Ordering::Relaxed);
