@@ -42,7 +42,7 @@ struct ModelArgs {
     /// Model directory (config.json, safetensors, tokenizer.json) or .gguf file.
     #[arg(long)]
     model: PathBuf,
-    /// Quantize the linear layers after loading (q4_0, q4_1, q5_0, q5_1, q8_0, q2k..q8k).
+    /// Quantize the linear layers after loading (q4_0, q4_1, q5_0, q5_1, q8_0, q2k..q8k, fp8).
     #[arg(long)]
     isq: Option<IsqType>,
     /// Load dense weights of this dtype (f32, bf16, f16); GGUF blocks are dequantized.
@@ -52,6 +52,10 @@ struct ModelArgs {
     /// the configuration and tokenizer).
     #[arg(long)]
     from_uqff: Option<PathBuf>,
+    /// Expert layout of MoE models: packed (per-expert layers in their own formats) or fused
+    /// (stacked dense tensors).
+    #[arg(long, default_value = "packed")]
+    moe: shardwise::layers::moe::MoeImpl,
     /// Collectives of --local ranks: local (threads), grpc or shm.
     #[arg(long, default_value = "local")]
     transport: String,
@@ -279,6 +283,7 @@ fn model_spec(m: &ModelArgs) -> shardwise::Result<ModelSpec> {
         dtype: parse_dtype(m.dtype.as_deref().unwrap_or(""))?,
         isq: m.isq,
         uqff: m.from_uqff.clone(),
+        moe: m.moe,
     })
 }
 

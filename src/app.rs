@@ -36,6 +36,8 @@ pub struct ModelSpec {
     pub isq: Option<IsqType>,
     /// Weights from a UQFF set written by `shardwise quantize`.
     pub uqff: Option<PathBuf>,
+    /// Expert layout of MoE models.
+    pub moe: crate::layers::moe::MoeImpl,
 }
 
 /// Paths sent to rank servers are absolute (they run in another working directory).
@@ -85,6 +87,7 @@ pub async fn open(spec: &ClusterSpec, model: &ModelSpec) -> Result<(Cluster, usi
             dtype: model.dtype,
             isq: model.isq,
             uqff: model.uqff.as_ref().map(|u| abs(u, spec)),
+            moe: model.moe,
         })
         .await?;
     for (r, l) in reports.iter().enumerate() {

@@ -116,6 +116,7 @@ fn tiny_models_match_transformers_and_one_rank() {
                     dtype: None,
                     isq: None,
                     uqff: None,
+                    moe: Default::default(),
                 })
                 .await
                 .unwrap();
@@ -190,6 +191,7 @@ fn smollm2_matches_transformers_and_one_rank() {
                 dtype: Some(DType::F32),
                 isq: None,
                 uqff: None,
+                moe: Default::default(),
             })
             .await
             .unwrap();
@@ -253,6 +255,7 @@ fn quantized_gguf_stays_close_to_one_rank() {
                 dtype,
                 isq: None,
                 uqff: None,
+                moe: Default::default(),
             })
             .await
             .unwrap();
@@ -287,6 +290,7 @@ fn bad_input_gives_clear_errors() {
                 dtype: None,
                 isq: None,
                 uqff: None,
+                moe: Default::default(),
             })
             .await
             .map(|_| ())
@@ -339,6 +343,7 @@ fn bad_input_gives_clear_errors() {
             dtype: None,
             isq: None,
             uqff: None,
+            moe: Default::default(),
         })
         .await
         .unwrap();

@@ -33,6 +33,7 @@ fn spec(isq: Option<IsqType>) -> LoadSpec {
         dtype: None,
         isq,
         uqff: None,
+        moe: Default::default(),
     }
 }
 

@@ -45,6 +45,7 @@ fn spec(model: &Path, dtype: Option<DType>, isq: Option<IsqType>, uqff: Option<&
         dtype,
         isq,
         uqff: uqff.map(Path::to_path_buf),
+        moe: Default::default(),
     }
 }
 

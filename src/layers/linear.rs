@@ -74,14 +74,19 @@ pub fn load_linear(
     bias: bool,
 ) -> Result<Arc<dyn QuantMethod>> {
     let w_name = format!("{}.weight", piece.name);
-    src.expect_shape(&w_name, &[piece.out, piece.inp])?;
     let b = if bias && piece.shard.dim() == 0 {
         src.expect_shape(&format!("{}.bias", piece.name), &[piece.out])?;
         Some(src.read(&format!("{}.bias", piece.name), &piece.shard, DType::F32)?)
     } else {
         None
     };
+    if !matches!(quant, QuantConfig::Prequantized { .. }) {
+        src.expect_shape(&w_name, &[piece.out, piece.inp])?;
+    }
     let layer: Arc<dyn QuantMethod> = match quant {
+        QuantConfig::Prequantized { dtype, format } => {
+            super::prequantized::load(*format, *dtype, src, piece, b)?
+        }
         QuantConfig::Unquantized { dtype } => {
             let b = b.map(|b| b.to_dtype(*dtype)).transpose()?;
             Arc::new(UnquantLinear::new(

@@ -10,6 +10,8 @@ pub mod attention;
 pub mod linear;
 pub mod lora;
 pub mod mlp;
+pub mod moe;
+pub mod prequantized;
 
 pub use attention::{expand_kv, AttentionDims, AttentionProjections};
 pub use linear::{load_linear, ParallelLinear, Piece, Reduce};

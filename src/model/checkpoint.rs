@@ -90,16 +90,31 @@ impl Checkpoint {
                 "no config.json in this directory (expected a Hugging Face model directory)",
             ));
         }
-        let config = ModelConfig::from_hf_file(&path.join("config.json"))?;
+        let config_file = path.join("config.json");
+        let config = ModelConfig::from_hf_file(&config_file)?;
+        let json: serde_json::Value = std::fs::read_to_string(&config_file)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        let prequant = crate::quant::PrequantFormat::from_hf(&json).map_err(|e| match e {
+            crate::error::Error::Config { field, reason } => crate::error::Error::Config {
+                field: format!("{}: {field}", config_file.display()),
+                reason,
+            },
+            other => other,
+        })?;
         let source = crate::weights::open(path)?;
+        let dtype = dtype.unwrap_or(DType::F32);
+        let quant = match prequant {
+            Some(format) => QuantConfig::Prequantized { dtype, format },
+            None => QuantConfig::Unquantized { dtype },
+        };
         Ok(Self {
             path: path.to_path_buf(),
             config,
             source,
-            quant: QuantConfig::Unquantized {
-                dtype: dtype.unwrap_or(DType::F32),
-            },
-            block: 1,
+            block: quant.block(),
+            quant,
         })
     }
 
@@ -123,14 +138,29 @@ impl Checkpoint {
                 ),
             ));
         }
-        let quant = match source.dense_dtype() {
-            Some(dtype) => QuantConfig::Unquantized { dtype },
-            None => QuantConfig::Ggml,
+        // FP8 and MXFP4 pieces load through the pre-quantized path; the model computes in
+        // the dtype its dense tensors were stored in.
+        let compute = match source.meta("model.norm.weight").map(|m| m.dtype) {
+            Ok(FileDType::Dense(d)) => d,
+            _ => DType::F32,
+        };
+        let prequant = match (source.fp8_block(), source.has_mxfp4()) {
+            (Some(block), _) => Some(crate::quant::PrequantFormat::Fp8 { block }),
+            (None, true) => Some(crate::quant::PrequantFormat::Mxfp4),
+            (None, false) => None,
+        };
+        let quant = match (prequant, source.dense_dtype()) {
+            (Some(format), _) => QuantConfig::Prequantized {
+                dtype: compute,
+                format,
+            },
+            (None, Some(dtype)) => QuantConfig::Unquantized { dtype },
+            (None, None) => QuantConfig::Ggml,
         };
         Ok(Self {
             path: base.path,
             config: base.config,
-            block: source.block(),
+            block: source.block().max(quant.block()),
             source: Box::new(source),
             quant,
         })
@@ -144,6 +174,7 @@ impl Checkpoint {
             lora: None,
             isq: None,
             progress: false,
+            moe: Default::default(),
         }
     }
 

@@ -19,6 +19,10 @@ pub enum Arch {
     Qwen2,
     /// Qwen3: RMSNorm on each query and key head.
     Qwen3,
+    /// Qwen3-MoE: Qwen3 attention, sparse MoE feed-forward (`mlp.gate`, `mlp.experts`).
+    Qwen3Moe,
+    /// Mixtral: Mistral attention, sparse MoE feed-forward (`block_sparse_moe`).
+    Mixtral,
 }
 
 impl Arch {
@@ -29,6 +33,8 @@ impl Arch {
             "mistral" => Self::Mistral,
             "qwen2" => Self::Qwen2,
             "qwen3" => Self::Qwen3,
+            "qwen3_moe" => Self::Qwen3Moe,
+            "mixtral" => Self::Mixtral,
             _ => return None,
         })
     }
@@ -40,6 +46,8 @@ impl Arch {
             Self::Mistral => "mistral",
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
+            Self::Qwen3Moe => "qwen3_moe",
+            Self::Mixtral => "mixtral",
         }
     }
 }
@@ -124,12 +132,41 @@ pub struct ModelConfig {
     pub bos_token_id: Option<u32>,
     /// End-of-sequence tokens (generation stops on any).
     pub eos_token_ids: Vec<u32>,
+    /// Sparse mixture-of-experts feed-forward (Qwen3-MoE, Mixtral).
+    pub moe: Option<MoeConfig>,
+}
+
+/// The mixture-of-experts part of a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MoeConfig {
+    /// Experts per MoE layer (`num_experts`, transformers 5.x `num_local_experts`).
+    pub num_experts: usize,
+    /// Experts each token is routed to (`num_experts_per_tok`).
+    pub top_k: usize,
+    /// Renormalise the top-k routing weights to sum to one (`norm_topk_prob`; Mixtral always).
+    pub norm_topk_prob: bool,
+    /// Width of one expert's MLP (`moe_intermediate_size`; Mixtral: `intermediate_size`).
+    pub expert_intermediate: usize,
+    /// Layers with a dense MLP of `intermediate_size` instead (`mlp_only_layers`, and layers
+    /// off `decoder_sparse_step`).
+    pub dense_layers: Vec<usize>,
+    /// Tensor prefix of the block inside a layer (`mlp` or `block_sparse_moe`).
+    pub prefix: &'static str,
+}
+
+impl ModelConfig {
+    /// True when layer `i` has a sparse MoE block.
+    pub fn is_moe_layer(&self, i: usize) -> bool {
+        self.moe
+            .as_ref()
+            .is_some_and(|m| !m.dense_layers.contains(&i))
+    }
 }
 
 fn unsupported(what: String) -> Error {
     Error::Unsupported {
         what,
-        by: "shardwise (architectures: llama, mistral, qwen2, qwen3)".into(),
+        by: "shardwise (architectures: llama, mistral, qwen2, qwen3, qwen3_moe, mixtral)".into(),
     }
 }
 
@@ -257,11 +294,68 @@ impl ModelConfig {
                 None => vec![],
             }
         };
+        let moe = match arch {
+            Arch::Qwen3Moe | Arch::Mixtral => {
+                let experts_key = ["num_experts", "num_local_experts"]
+                    .into_iter()
+                    .find(|k| get(k).is_some())
+                    .ok_or_else(|| cfg_err(file, "num_experts", "missing (also as num_local_experts)"))?;
+                let num_experts = usize_of(experts_key)?;
+                let top_k = usize_of("num_experts_per_tok")?;
+                if num_experts == 0 || top_k == 0 || top_k > num_experts {
+                    return Err(cfg_err(
+                        file,
+                        "num_experts_per_tok",
+                        format!("{top_k} experts per token of {num_experts}"),
+                    ));
+                }
+                let layers = usize_of("num_hidden_layers")?;
+                let (expert_intermediate, norm, dense_layers, prefix) = if arch == Arch::Mixtral {
+                    (usize_of("intermediate_size")?, true, vec![], "block_sparse_moe")
+                } else {
+                    let step = match get("decoder_sparse_step") {
+                        Some(_) => usize_of("decoder_sparse_step")?.max(1),
+                        None => 1,
+                    };
+                    let only: Vec<usize> = match get("mlp_only_layers") {
+                        Some(Json::Array(a)) => a
+                            .iter()
+                            .map(|v| v.as_u64().map(|v| v as usize))
+                            .collect::<Option<_>>()
+                            .ok_or_else(|| {
+                                cfg_err(file, "mlp_only_layers", "not a list of layer indices")
+                            })?,
+                        Some(_) => {
+                            return Err(cfg_err(file, "mlp_only_layers", "not a list"))
+                        }
+                        None => vec![],
+                    };
+                    let dense = (0..layers)
+                        .filter(|i| only.contains(i) || (i + 1) % step != 0)
+                        .collect();
+                    (
+                        usize_of("moe_intermediate_size")?,
+                        get("norm_topk_prob").and_then(Json::as_bool).unwrap_or(false),
+                        dense,
+                        "mlp",
+                    )
+                };
+                Some(MoeConfig {
+                    num_experts,
+                    top_k,
+                    norm_topk_prob: norm,
+                    expert_intermediate,
+                    dense_layers,
+                    prefix,
+                })
+            }
+            _ => None,
+        };
         let sliding_window = match arch {
-            Arch::Mistral => get("sliding_window")
+            Arch::Mistral | Arch::Mixtral => get("sliding_window")
                 .and_then(Json::as_u64)
                 .map(|v| v as usize),
-            Arch::Qwen2 | Arch::Qwen3
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe
                 if get("use_sliding_window")
                     .and_then(Json::as_bool)
                     .unwrap_or(false) =>
@@ -294,11 +388,12 @@ impl ModelConfig {
                 .unwrap_or(false),
             qkv_bias: arch == Arch::Qwen2 || attention_bias,
             o_bias: attention_bias && arch != Arch::Qwen2,
-            qk_norm: arch == Arch::Qwen3,
+            qk_norm: matches!(arch, Arch::Qwen3 | Arch::Qwen3Moe),
             sliding_window,
             rope_interleaved: false,
             bos_token_id: token_ids("bos_token_id").first().copied(),
             eos_token_ids: token_ids("eos_token_id"),
+            moe,
         })
     }
 
@@ -394,6 +489,8 @@ impl ModelConfig {
             rope_interleaved: matches!(arch, Arch::Llama | Arch::Mistral),
             bos_token_id: tok("tokenizer.ggml.bos_token_id"),
             eos_token_ids: tok("tokenizer.ggml.eos_token_id").into_iter().collect(),
+            // MoE GGUFs (`ffn_gate_exps`) are not read yet; their architectures do not parse.
+            moe: None,
         })
     }
 }

@@ -14,12 +14,13 @@ use super::config::ModelConfig;
 use super::rope::Rope;
 use crate::comm::Communicator;
 use crate::error::{Error, LayerContext, Result};
+use crate::layers::moe::{MoeBlock, MoeImpl};
 use crate::layers::{
     AttentionDims, AttentionProjections, LoraSet, Mlp, ParallelLinear, Piece, Reduce,
 };
 use crate::quant::{IsqType, QuantConfig};
 use crate::shard::{plan_heads, plan_split, Shard, SplitSpec};
-use crate::weights::WeightSource;
+use crate::weights::{ExpertView, WeightSource};
 
 /// How to load a checkpoint's weights.
 #[derive(Debug, Clone)]
@@ -36,6 +37,8 @@ pub struct LoadOptions {
     pub isq: Option<IsqType>,
     /// Draw a progress bar of the layers on stderr (rank 0 on a terminal).
     pub progress: bool,
+    /// Expert layout of MoE models.
+    pub moe: MoeImpl,
 }
 
 /// One sequence's part of a step: tokens at positions `start_pos..start_pos + tokens.len()`.
@@ -51,6 +54,31 @@ pub struct SeqStep {
     pub all_logits: bool,
 }
 
+/// A layer's feed-forward block.
+#[derive(Debug, Clone)]
+enum FeedForward {
+    /// SwiGLU MLP.
+    Dense(Mlp),
+    /// Sparse mixture of experts.
+    Moe(Box<MoeBlock>),
+}
+
+impl FeedForward {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            FeedForward::Dense(m) => m.forward(x),
+            FeedForward::Moe(m) => m.forward(x),
+        }
+    }
+
+    fn linears(&self) -> Vec<&ParallelLinear> {
+        match self {
+            FeedForward::Dense(m) => vec![&m.gate_up, &m.down],
+            FeedForward::Moe(m) => m.linears(),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct DecoderLayer {
     input_norm: Tensor,
@@ -58,7 +86,7 @@ struct DecoderLayer {
     q_norm: Option<Tensor>,
     k_norm: Option<Tensor>,
     post_norm: Tensor,
-    mlp: Mlp,
+    ffn: FeedForward,
 }
 
 /// This rank's shard of a decoder-only model, plus its KV caches.
@@ -104,10 +132,10 @@ impl Model {
         opts: &LoadOptions,
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
-        let dtype = match opts.quant {
-            QuantConfig::Unquantized { dtype } => dtype,
-            QuantConfig::Ggml => DType::F32,
-        };
+        let dtype = opts.quant.dtype();
+        // MoE experts appear under per-expert names whatever the checkpoint's layout.
+        let view = ExpertView::new(src, cfg)?;
+        let src: &dyn WeightSource = &view;
         let h = cfg.hidden_size;
         let read_full = |name: &str, shape: &[usize]| -> Result<Tensor> {
             src.read_expect(name, shape, &Shard::full(), dtype)
@@ -136,19 +164,28 @@ impl Model {
         let attn_align = choose(&|a| {
             plan_heads(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, world, a).is_ok()
         });
-        let mlp_align = choose(&|a| {
-            plan_split(
-                &SplitSpec {
-                    name: "intermediate_size",
-                    units: cfg.intermediate_size,
-                    unit_elems: 1,
-                    align: a,
-                },
-                world,
-            )
-            .is_ok()
-        });
-        if opts.block > 1 && (attn_align == 1 || mlp_align == 1) {
+        let width_align = |units: usize| {
+            choose(&|a| {
+                plan_split(
+                    &SplitSpec {
+                        name: "intermediate_size",
+                        units,
+                        unit_elems: 1,
+                        align: a,
+                    },
+                    world,
+                )
+                .is_ok()
+            })
+        };
+        let mlp_align = width_align(cfg.intermediate_size);
+        let expert_align = cfg
+            .moe
+            .as_ref()
+            .map_or(1, |m| width_align(m.expert_intermediate));
+        if opts.block > 1
+            && (attn_align == 1 || mlp_align == 1 || (cfg.moe.is_some() && expert_align == 1))
+        {
             tracing::warn!(
                 "{world} ranks cannot split attention ({attn_align}) and MLP ({mlp_align}) on \
                  {}-element blocks; pieces cut inside a block load dense",
@@ -176,23 +213,35 @@ impl Model {
             } else {
                 (None, None)
             };
-            let mlp = Mlp::load(
-                &format!("{p}.mlp"),
-                h,
-                cfg.intermediate_size,
-                &opts.quant,
-                src,
-                comm.clone(),
-                mlp_align,
-                lora,
-            )?;
+            let ffn = match &cfg.moe {
+                Some(moe) if cfg.is_moe_layer(i) => FeedForward::Moe(Box::new(MoeBlock::load(
+                    &format!("{p}.{}", moe.prefix),
+                    h,
+                    moe,
+                    opts.moe,
+                    &opts.quant,
+                    src,
+                    comm.clone(),
+                    expert_align,
+                )?)),
+                _ => FeedForward::Dense(Mlp::load(
+                    &format!("{p}.mlp"),
+                    h,
+                    cfg.intermediate_size,
+                    &opts.quant,
+                    src,
+                    comm.clone(),
+                    mlp_align,
+                    lora,
+                )?),
+            };
             let mut layer = DecoderLayer {
                 input_norm: norm("input_layernorm", h)?,
                 attn,
                 q_norm,
                 k_norm,
                 post_norm: norm("post_attention_layernorm", h)?,
-                mlp,
+                ffn,
             };
             if let Some(ty) = opts.isq {
                 layer.apply_isq(ty, &[])?;
@@ -371,7 +420,16 @@ impl Model {
         Ok(counts.into_iter().sum())
     }
 
-    /// Tensors every rank holds whole: embedding and norms, under their checkpoint names.
+    /// True when MoE experts are held stacked ([`MoeImpl::Fused`]), which the UQFF writer
+    /// does not store.
+    pub fn has_fused_experts(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|l| matches!(&l.ffn, FeedForward::Moe(m) if m.fused_bytes() > 0))
+    }
+
+    /// Tensors every rank holds whole: embedding, norms and MoE routers, under their
+    /// checkpoint names.
     pub fn replicated_tensors(&self) -> Vec<(String, Tensor)> {
         let mut v = vec![
             ("model.embed_tokens.weight".to_string(), self.embed.clone()),
@@ -387,6 +445,12 @@ impl Model {
             if let (Some(q), Some(k)) = (&l.q_norm, &l.k_norm) {
                 v.push((format!("{p}.self_attn.q_norm.weight"), q.clone()));
                 v.push((format!("{p}.self_attn.k_norm.weight"), k.clone()));
+            }
+            if let (FeedForward::Moe(m), Some(moe)) = (&l.ffn, &self.cfg.moe) {
+                v.push((
+                    format!("{p}.{}.gate.weight", moe.prefix),
+                    m.router.weight.clone(),
+                ));
             }
         }
         v
@@ -405,14 +469,23 @@ impl Model {
             .iter()
             .map(|(_, t)| t.elem_count() * t.dtype().size_in_bytes())
             .sum();
-        (lin + rep) as u64
+        let fused: usize = self
+            .layers
+            .iter()
+            .map(|l| match &l.ffn {
+                FeedForward::Moe(m) => m.fused_bytes(),
+                FeedForward::Dense(_) => 0,
+            })
+            .sum();
+        (lin + rep + fused) as u64
     }
 
     /// Every parallel linear of this rank, in graph order (serialization, statistics).
     pub fn linears(&self) -> Vec<&ParallelLinear> {
         let mut v = Vec::with_capacity(self.layers.len() * 4 + 1);
         for l in &self.layers {
-            v.extend([&l.attn.qkv, &l.attn.o, &l.mlp.gate_up, &l.mlp.down]);
+            v.extend([&l.attn.qkv, &l.attn.o]);
+            v.extend(l.ffn.linears());
         }
         v.push(&self.lm_head);
         v
@@ -506,12 +579,12 @@ impl DecoderLayer {
     fn apply_isq(&mut self, ty: IsqType, filter: &[String]) -> Result<usize> {
         let wanted = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f));
         let mut n = 0;
-        for lin in [
-            &mut self.attn.qkv,
-            &mut self.attn.o,
-            &mut self.mlp.gate_up,
-            &mut self.mlp.down,
-        ] {
+        let mut lins = vec![&mut self.attn.qkv, &mut self.attn.o];
+        match &mut self.ffn {
+            FeedForward::Dense(m) => lins.extend([&mut m.gate_up, &mut m.down]),
+            FeedForward::Moe(m) => n += m.apply_isq(ty, filter)?,
+        }
+        for lin in lins {
             if wanted(lin.name()) {
                 lin.apply_isq(ty)?;
                 n += 1;
@@ -526,7 +599,7 @@ impl DecoderLayer {
         let a = self.attention(&h, ctx, cache)?;
         let x = (x + a)?;
         let h = candle_nn::ops::rms_norm(&x, &self.post_norm, eps)?;
-        Ok((&x + self.mlp.forward(&h)?)?)
+        Ok((&x + self.ffn.forward(&h)?)?)
     }
 
     fn attention(&self, x: &Tensor, ctx: &StepCtx<'_>, cache: &mut KvCache) -> Result<Tensor> {

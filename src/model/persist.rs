@@ -44,8 +44,39 @@ pub fn config_hash(cfg: &ModelConfig) -> String {
 fn bytes_of(t: &Tensor) -> Result<Vec<u8>> {
     Ok(match t.dtype() {
         DType::U8 => t.flatten_all()?.to_vec1::<u8>()?,
+        DType::F8E4M3 => t
+            .flatten_all()?
+            .to_vec1::<float8::F8E4M3>()?
+            .iter()
+            .map(float8::F8E4M3::to_bits)
+            .collect(),
         _ => crate::comm::wire::tensor_to_bytes(t)?,
     })
+}
+
+/// The scale block an FP8 piece is stored with: `None` for one scale per tensor. Its grid must
+/// be a slice of the whole tensor's grid (the piece starts on a block boundary).
+fn fp8_block_of(
+    part: &dyn crate::quant::QuantMethod,
+    piece: &crate::layers::Piece,
+    full: [usize; 2],
+) -> Result<Option<[usize; 2]>> {
+    let Some(b) = part.scale_block() else {
+        return Ok(None);
+    };
+    let dim = piece.shard.dim();
+    let (start, _) = piece.shard.resolve(full[dim])?;
+    if start % b[dim] != 0 {
+        return Err(Error::Unsupported {
+            what: format!(
+                "storing FP8 piece `{}` ({}): it starts at {start}, inside a block of {}",
+                piece.name, piece.shard, b[dim]
+            ),
+            by: "the UQFF writer (quantize at a world size whose splits fall on FP8 blocks)"
+                .into(),
+        });
+    }
+    Ok(Some(b))
 }
 
 /// Writes this rank's pieces of `model` next to `index` (see [`rank_file`]), atomically.
@@ -67,7 +98,8 @@ pub fn write_rank_file(
                    format: u8,
                    ggml: Option<String>,
                    shape: Vec<usize>,
-                   slice: Option<Slice>|
+                   slice: Option<Slice>,
+                   block: Option<[usize; 2]>|
      -> Result<()> {
         let t = t.contiguous()?;
         let key = format!("p{}", entries.len());
@@ -76,15 +108,22 @@ pub fn write_rank_file(
             tensor,
             key: key.clone(),
             format,
-            dtype: (format == tag::UNQUANT).then(|| dtype_name(t.dtype())),
+            dtype: (format != tag::GGUF).then(|| dtype_name(t.dtype())),
             ggml_type: ggml,
             shape,
             slice,
             crc32,
+            block,
         });
         tensors.push((key, t));
         Ok(())
     };
+    if model.has_fused_experts() {
+        return Err(Error::Unsupported {
+            what: "storing fused (stacked) experts".into(),
+            by: "the UQFF writer (load with --moe packed to quantize and store)".into(),
+        });
+    }
     let mut sliced = BTreeSet::new();
     for lin in model.linears() {
         if lin.pieces().len() != lin.parts().len() {
@@ -98,7 +137,9 @@ pub fn write_rank_file(
             let dim = piece.shard.dim();
             let (start, len) = piece.shard.resolve(full[dim])?;
             let slice = Slice { dim, start, len };
+            let fp8_block = fp8_block_of(part.as_ref(), piece, full)?;
             for (suffix, t) in part.persist_tensors()? {
+                let mut block = None;
                 let (name, format, ggml, shape, slice) = match suffix.as_str() {
                     "weight.ggml" => (
                         format!("{}.weight", piece.name),
@@ -114,6 +155,63 @@ pub fn write_rank_file(
                         full.to_vec(),
                         slice,
                     ),
+                    "weight.fp8" => {
+                        block = fp8_block;
+                        (
+                            format!("{}.weight", piece.name),
+                            tag::FP8,
+                            None,
+                            full.to_vec(),
+                            slice,
+                        )
+                    }
+                    "weight_scale_inv" => match fp8_block {
+                        // One scale for the tensor: every rank holds (and writes) it whole.
+                        None => {
+                            let name = format!("{}.weight_scale", piece.name);
+                            add(name, t.flatten_all()?, tag::UNQUANT, None, vec![1], None, None)?;
+                            continue;
+                        }
+                        Some(b) => {
+                            let grid = [full[0].div_ceil(b[0]), full[1].div_ceil(b[1])];
+                            let s = Slice {
+                                dim,
+                                start: start / b[dim],
+                                len: t.dim(dim)?,
+                            };
+                            (
+                                format!("{}.weight_scale_inv", piece.name),
+                                tag::UNQUANT,
+                                None,
+                                grid.to_vec(),
+                                s,
+                            )
+                        }
+                    },
+                    "weight_blocks" | "weight_scales" => {
+                        let nb = piece.inp / crate::quant::mxfp4::MXFP4_BLOCK;
+                        let mut shape = vec![piece.out, nb];
+                        if suffix == "weight_blocks" {
+                            shape.push(crate::quant::mxfp4::MXFP4_BLOCK / 2);
+                        }
+                        let s = if dim == 0 {
+                            slice
+                        } else {
+                            let b = crate::quant::mxfp4::MXFP4_BLOCK;
+                            Slice {
+                                dim,
+                                start: start / b,
+                                len: len / b,
+                            }
+                        };
+                        (
+                            format!("{}.{suffix}", piece.name),
+                            tag::MXFP4,
+                            None,
+                            shape,
+                            s,
+                        )
+                    }
                     "bias" => (
                         format!("{}.bias", piece.name),
                         tag::UNQUANT,
@@ -129,7 +227,7 @@ pub fn write_rank_file(
                     }
                 };
                 sliced.insert(name.clone());
-                add(name, t, format, ggml, shape, Some(slice))?;
+                add(name, t, format, ggml, shape, Some(slice), block)?;
             }
         }
         if let (Some(b), Some(p), 0) = (lin.bias_after(), lin.pieces().first(), rank) {
@@ -140,6 +238,7 @@ pub fn write_rank_file(
                 None,
                 b.dims().to_vec(),
                 None,
+                None,
             )?;
         }
     }
@@ -148,7 +247,7 @@ pub fn write_rank_file(
             // A tied lm_head stores the embedding as pieces already.
             if !sliced.contains(&name) {
                 let shape = t.dims().to_vec();
-                add(name, t, tag::UNQUANT, None, shape, None)?;
+                add(name, t, tag::UNQUANT, None, shape, None, None)?;
             }
         }
     }

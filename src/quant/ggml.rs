@@ -144,6 +144,11 @@ impl QuantMethod for GgmlLinear {
                 g,
                 self.b.clone(),
             )?)),
+            Some(IsqType::Fp8) => Ok(Arc::new(super::Fp8Linear::quantize(
+                &self.dequantize_w()?,
+                super::fp8::ISQ_BLOCK,
+                self.b.clone(),
+            )?)),
             None => Ok(Arc::new(self.clone())),
         }
     }

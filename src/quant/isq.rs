@@ -16,6 +16,8 @@ use crate::error::Error;
 pub enum IsqType {
     /// A GGML block type.
     Ggml(GgmlDType),
+    /// F8E4M3 with one f32 scale per 128x128 block ([`super::fp8::ISQ_BLOCK`]).
+    Fp8,
 }
 
 /// Every GGML block type, in the order users see them listed.
@@ -39,13 +41,16 @@ impl IsqType {
     pub fn block_size(self) -> usize {
         match self {
             IsqType::Ggml(g) => g.block_size(),
+            IsqType::Fp8 => super::fp8::ISQ_BLOCK[1],
         }
     }
 
     /// The nearest type with a smaller block, used when a shard does not align.
     pub fn fallback(self) -> Option<IsqType> {
         use GgmlDType::*;
-        let IsqType::Ggml(g) = self;
+        let IsqType::Ggml(g) = self else {
+            return None;
+        };
         let next = match g {
             Q2K | Q3K => Q4_0,
             Q4K => Q4_1,
@@ -58,8 +63,18 @@ impl IsqType {
 
     /// Lower-case name as accepted by [`FromStr`] (`q4k`, `q8_0`).
     pub fn name(self) -> String {
-        let IsqType::Ggml(g) = self;
-        format!("{g:?}").to_lowercase()
+        match self {
+            IsqType::Ggml(g) => format!("{g:?}").to_lowercase(),
+            IsqType::Fp8 => "fp8".into(),
+        }
+    }
+
+    /// Every type, in the order users see them listed.
+    pub fn all() -> impl Iterator<Item = IsqType> {
+        GGML_TYPES
+            .iter()
+            .map(|&g| IsqType::Ggml(g))
+            .chain([IsqType::Fp8])
     }
 }
 
@@ -74,17 +89,14 @@ impl FromStr for IsqType {
 
     fn from_str(s: &str) -> Result<Self, Error> {
         let want = s.to_ascii_lowercase().replace('-', "_");
-        GGML_TYPES
-            .iter()
-            .map(|&g| IsqType::Ggml(g))
+        IsqType::all()
             .find(|t| t.name() == want || t.name().replace('_', "") == want)
             .ok_or_else(|| Error::Config {
                 field: "isq".into(),
                 reason: format!(
                     "unknown type `{s}`; expected one of {}",
-                    GGML_TYPES
-                        .iter()
-                        .map(|&g| IsqType::Ggml(g).name())
+                    IsqType::all()
+                        .map(IsqType::name)
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),
@@ -94,8 +106,12 @@ impl FromStr for IsqType {
 
 /// The type a shard with `in_dim` input columns actually gets when `wanted` is asked for:
 /// `wanted` if its block divides `in_dim`, else the first fallback that does (with a
-/// warning), else `None` (the layer stays unquantized, with a warning).
+/// warning), else `None` (the layer stays unquantized, with a warning). FP8 takes any shape
+/// (its last blocks may be partial).
 pub fn choose(wanted: IsqType, in_dim: usize, layer: &str, out_dim: usize) -> Option<IsqType> {
+    if wanted == IsqType::Fp8 {
+        return Some(wanted);
+    }
     let mut ty = wanted;
     loop {
         if in_dim % ty.block_size() == 0 {

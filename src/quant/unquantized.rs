@@ -96,6 +96,11 @@ impl QuantMethod for UnquantLinear {
             Some(IsqType::Ggml(g)) => {
                 Ok(Arc::new(GgmlLinear::quantize(&self.w, g, self.b.clone())?))
             }
+            Some(IsqType::Fp8) => Ok(Arc::new(super::Fp8Linear::quantize(
+                &self.w,
+                super::fp8::ISQ_BLOCK,
+                self.b.clone(),
+            )?)),
             None => Ok(Arc::new(self.clone())),
         }
     }

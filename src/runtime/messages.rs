@@ -11,7 +11,7 @@ use crate::model::SeqStep;
 use crate::quant::IsqType;
 
 /// Which checkpoint a rank loads, and how.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct LoadSpec {
     /// Model directory or `.gguf` file, as a path on the rank's host.
     pub model: PathBuf,
@@ -22,6 +22,8 @@ pub struct LoadSpec {
     /// Weights from this UQFF index instead of the checkpoint's own files (`model` still
     /// gives the configuration).
     pub uqff: Option<PathBuf>,
+    /// Expert layout of MoE models.
+    pub moe: crate::layers::moe::MoeImpl,
 }
 
 /// One step of generation: new tokens of each sequence, plus caches to drop.

@@ -89,6 +89,7 @@ pub fn request_to_proto(req: &RankRequest) -> Result<control_request::Body> {
                 .as_ref()
                 .map(|p| p.display().to_string())
                 .unwrap_or_default(),
+            moe: s.moe.name().into(),
         }),
         RankRequest::Forward { layers, input } => Body::Forward(proto::ForwardRequest {
             first_layer: layers.start as u32,
@@ -139,6 +140,11 @@ pub fn request_from_proto(body: control_request::Body) -> Result<Option<RankRequ
             dtype: parse_dtype(&l.dtype)?,
             isq: isq(&l.isq)?,
             uqff: (!l.uqff.is_empty()).then(|| PathBuf::from(l.uqff)),
+            moe: if l.moe.is_empty() {
+                Default::default()
+            } else {
+                l.moe.parse()?
+            },
         }),
         Body::Forward(f) => RankRequest::Forward {
             layers: f.first_layer as usize..f.end_layer as usize,

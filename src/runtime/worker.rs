@@ -111,6 +111,7 @@ impl RankWorker {
             None => Checkpoint::open(&spec.model, spec.dtype)?,
         };
         let mut opts = ck.load_options();
+        opts.moe = spec.moe;
         if let Some(ty) = spec.isq {
             // Split on the ISQ type's blocks so every shard can take it (as one rank does),
             // and quantize each layer as it loads.

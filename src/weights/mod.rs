@@ -5,6 +5,7 @@
 //! run). [`open`] picks the source from a path.
 
 pub mod copy;
+pub mod experts;
 pub mod gguf;
 pub mod memory;
 pub mod renamed;
@@ -20,6 +21,7 @@ use candle_core::{DType, Tensor};
 use crate::error::{Error, Result};
 use crate::shard::Shard;
 
+pub use self::experts::ExpertView;
 pub use self::gguf::GgufSource;
 pub use self::memory::MemorySource;
 pub use self::renamed::RenamedSource;
@@ -138,6 +140,10 @@ impl dyn WeightSource + '_ {
 
 /// Checks a requested dense dtype and builds the error for an unconvertible one.
 pub(crate) fn check_target(file: &Path, name: &str, found: FileDType, want: DType) -> Result<()> {
+    if found == FileDType::Dense(want) {
+        // Stored as asked (integer and byte tensors of quantized formats too).
+        return Ok(());
+    }
     let convertible = match found {
         FileDType::Dense(d) => FLOAT_DTYPES.contains(&d) || d == DType::F64,
         FileDType::Ggml(_) => true,

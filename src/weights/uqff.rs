@@ -74,6 +74,9 @@ pub struct Entry {
     pub slice: Option<Slice>,
     /// CRC-32 of the piece's bytes.
     pub crc32: u32,
+    /// Scale block `[rows, cols]` of an FP8 weight (tag 3); `None` for one scale per tensor.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block: Option<[usize; 2]>,
 }
 
 /// Header of one rank's file.
@@ -140,7 +143,7 @@ pub fn dtype_name(d: DType) -> String {
 }
 
 fn parse_dtype(s: &str) -> Option<DType> {
-    [DType::F32, DType::BF16, DType::F16, DType::U8]
+    [DType::F32, DType::BF16, DType::F16, DType::U8, DType::F8E4M3]
         .into_iter()
         .find(|d| dtype_name(*d) == s)
 }
@@ -173,6 +176,7 @@ pub struct UqffSource {
     index: Index,
     maps: Vec<Mmap>,
     tensors: BTreeMap<String, TensorEntry>,
+    fp8_block: Option<Option<[usize; 2]>>,
     copied: AtomicU64,
 }
 
@@ -230,6 +234,7 @@ impl UqffSource {
         let dir = path.parent().unwrap_or(Path::new("."));
         let mut maps = Vec::with_capacity(index.files.len());
         let mut tensors: BTreeMap<String, TensorEntry> = BTreeMap::new();
+        let mut fp8_blocks: Vec<(String, Option<[usize; 2]>)> = Vec::new();
         for (r, f) in index.files.iter().enumerate() {
             let fpath = dir.join(&f.name);
             let file = File::open(&fpath).map_err(|source| Error::Io {
@@ -315,7 +320,9 @@ impl UqffSource {
                             )
                         })?,
                     ),
-                    tag::UNQUANT => Storage::Dense(
+                    // FP8 weights and MXFP4 blocks/scales are raw bytes of their dtype,
+                    // served as they are (the loader reads them by name).
+                    tag::UNQUANT | tag::FP8 | tag::MXFP4 => Storage::Dense(
                         e.dtype.as_deref().and_then(parse_dtype).ok_or_else(|| {
                             bad(
                                 &fpath,
@@ -333,6 +340,9 @@ impl UqffSource {
                         ))
                     }
                 };
+                if e.format == tag::FP8 {
+                    fp8_blocks.push((e.tensor.clone(), e.block));
+                }
                 let start = data.as_ptr() as usize - base;
                 let piece = PieceRef {
                     file: r,
@@ -363,13 +373,37 @@ impl UqffSource {
         for (name, t) in &tensors {
             check_coverage(name, t, path)?;
         }
+        let fp8_block = match fp8_blocks.first() {
+            None => None,
+            Some((_, first)) => {
+                if let Some((t, b)) = fp8_blocks.iter().find(|(_, b)| b != first) {
+                    return Err(bad(
+                        path,
+                        format!("`{t}`: FP8 scale block {b:?}, other pieces use {first:?}"),
+                    ));
+                }
+                Some(*first)
+            }
+        };
         Ok(Self {
             index_path: path.to_path_buf(),
             index,
             maps,
             tensors,
+            fp8_block,
             copied: AtomicU64::new(0),
         })
+    }
+
+    /// The FP8 scale block of the set's FP8 weights: `None` when it has none,
+    /// `Some(None)` for per-tensor scales.
+    pub fn fp8_block(&self) -> Option<Option<[usize; 2]>> {
+        self.fp8_block
+    }
+
+    /// True when the set holds MXFP4 weights.
+    pub fn has_mxfp4(&self) -> bool {
+        self.tensors.keys().any(|n| n.ends_with(".weight_blocks"))
     }
 
     /// The index.
