@@ -3,45 +3,17 @@
 //! at world sizes 1 to 4 (9 heads over 3 KV heads: 2 and 4 ranks split unevenly), driven
 //! through the coordinator and in-process rank actors.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 
 use candle_core::{DType, Tensor};
-use serde_json::Value;
+use common::reference::{
+    all_logits, check_reference, fixtures, floats, greedy, ids, json, max_abs, max_abs_diff, rt,
+};
 use shardwise::model::checkpoint::{encode, load_tokenizer};
-use shardwise::model::{SamplingParams, SeqStep};
-use shardwise::runtime::generate::{generate, perplexity, GenerateParams};
-use shardwise::runtime::{Cluster, LoadSpec, LocalTransport, StepRequest};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
-}
-
-fn json(path: &Path) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use shardwise::runtime::generate::perplexity;
+use shardwise::runtime::{Cluster, LoadSpec, LocalTransport};
 
 /// The SmolLM2 GGUF: `SHARDWISE_SMOLLM2`, or the cache `scripts/get-smollm2.sh` fills.
 fn smollm2() -> PathBuf {
@@ -60,101 +32,15 @@ fn smollm2() -> PathBuf {
     p
 }
 
-async fn all_logits(c: &Cluster, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let l = c
-        .step(StepRequest {
-            seqs: vec![SeqStep {
-                seq_id: 1,
-                tokens: tokens.to_vec(),
-                start_pos: 0,
-                all_logits: true,
-            }],
-            release: vec![],
-        })
-        .await
-        .unwrap();
-    l[0].to_vec2().unwrap()
-}
-
-async fn greedy(c: &Cluster, prompt: &[u32], n: usize) -> Vec<u32> {
-    let params = GenerateParams {
-        max_tokens: n,
-        sampling: SamplingParams::default(),
-        eos: vec![],
-        context: 1 << 20,
-    };
-    generate(c, prompt, &params, |_| Ok(())).await.unwrap().0
-}
-
-fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
-    a.iter()
-        .flatten()
-        .zip(b.iter().flatten())
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-fn max_abs(a: &[Vec<f32>]) -> f32 {
-    a.iter().flatten().map(|x| x.abs()).fold(0.0, f32::max)
-}
-
 #[test]
 fn tiny_models_match_transformers_and_one_rank() {
-    let rt = rt();
     for name in ["tiny-llama", "tiny-qwen3", "tiny-qwen2", "tiny-mistral"] {
         let dir = fixtures().join("models").join(name);
-        let reference = json(&dir.join("reference.json"));
-        let cases = reference["cases"].as_array().unwrap();
-        let mut one_rank: Vec<Vec<Vec<f32>>> = Vec::new();
-        for world in 1..=4 {
-            rt.block_on(async {
-                let c = Cluster::local(world, LocalTransport::InProcess)
-                    .await
-                    .unwrap();
-                c.load(LoadSpec {
-                    model: dir.clone(),
-                    dtype: None,
-                    isq: None,
-                    uqff: None,
-                    moe: Default::default(),
-                })
-                .await
-                .unwrap();
-                for (k, case) in cases.iter().enumerate() {
-                    let input = ids(&case["input_ids"]);
-                    let ours = all_logits(&c, &input).await;
-                    let theirs: Vec<Vec<f32>> = case["logits"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(floats)
-                        .collect();
-                    let d = max_abs_diff(&ours, &theirs);
-                    assert!(d <= 1e-3, "{name} world {world} case {k}: max |dlogit| {d}");
-                    if world == 1 {
-                        one_rank.push(ours.clone());
-                    } else {
-                        let rel = max_abs_diff(&ours, &one_rank[k]) / max_abs(&one_rank[k]);
-                        assert!(
-                            rel <= 1e-5,
-                            "{name} world {world} case {k}: {rel} from one rank"
-                        );
-                    }
-                    let want = ids(&case["greedy_ids"]);
-                    let got = greedy(&c, &input, want.len()).await;
-                    assert_eq!(got, want, "{name} world {world} case {k}: greedy tokens");
-                    if let Some(p) = case["perplexity"].as_f64() {
-                        let (ppl, n) = perplexity(&c, &input, 1 << 20).await.unwrap();
-                        assert_eq!(n, input.len() - 1);
-                        assert!(
-                            ((ppl - p) / p).abs() <= 1e-3,
-                            "{name} world {world} case {k}: perplexity {ppl} vs {p}"
-                        );
-                    }
-                }
-                c.shutdown().await.unwrap();
-            });
-        }
+        let spec = LoadSpec {
+            model: dir.clone(),
+            ..Default::default()
+        };
+        check_reference(name, &spec, &dir.join("reference.json"), 1..=4);
     }
 }
 

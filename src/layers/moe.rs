@@ -177,13 +177,25 @@ impl MoeBlock {
         )?;
         let range = ranges[comm.rank()].clone();
         let gate = format!("{prefix}.gate.weight");
-        let weight = src.read_expect(&gate, &[moe.num_experts, hidden], &Shard::full(), DType::F32)?;
+        let weight = src.read_expect(
+            &gate,
+            &[moe.num_experts, hidden],
+            &Shard::full(),
+            DType::F32,
+        )?;
         let mut experts = Vec::with_capacity(moe.num_experts);
         for e in 0..moe.num_experts {
             let p = format!("{prefix}.experts.{e}");
             let pieces: Vec<Piece> = ["gate_proj", "up_proj"]
                 .iter()
-                .map(|n| Piece::new(format!("{p}.{n}"), inter, hidden, Shard::range(0, range.clone())))
+                .map(|n| {
+                    Piece::new(
+                        format!("{p}.{n}"),
+                        inter,
+                        hidden,
+                        Shard::range(0, range.clone()),
+                    )
+                })
                 .collect();
             let gate_up = ParallelLinear::load(
                 &format!("{p}.gate_up"),
@@ -199,7 +211,12 @@ impl MoeBlock {
                 &down_name,
                 quant,
                 src,
-                &[Piece::new(down_name.clone(), hidden, inter, Shard::range(1, range.clone()))],
+                &[Piece::new(
+                    down_name.clone(),
+                    hidden,
+                    inter,
+                    Shard::range(1, range.clone()),
+                )],
                 false,
                 Reduce::None,
                 comm.clone(),
@@ -218,8 +235,14 @@ impl MoeBlock {
                         .collect::<Result<Vec<_>>>()?;
                     Ok(Tensor::cat(&parts, 0)?.to_dtype(dtype)?)
                 };
-                let gu = experts.iter().map(|x| dense(&x.gate_up)).collect::<Result<Vec<_>>>()?;
-                let dn = experts.iter().map(|x| dense(&x.down)).collect::<Result<Vec<_>>>()?;
+                let gu = experts
+                    .iter()
+                    .map(|x| dense(&x.gate_up))
+                    .collect::<Result<Vec<_>>>()?;
+                let dn = experts
+                    .iter()
+                    .map(|x| dense(&x.down))
+                    .collect::<Result<Vec<_>>>()?;
                 Experts::Fused {
                     gate_up: Tensor::stack(&gu, 0)?,
                     down: Tensor::stack(&dn, 0)?,

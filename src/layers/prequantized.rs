@@ -118,7 +118,9 @@ fn load_fp8(
         .find(|s| src.contains(s))
         .ok_or_else(|| Error::MissingTensor {
             file: src.location().to_path_buf(),
-            tensor: format!("{n}.weight_scale_inv (or {n}.weight_scale): the scales of FP8 `{w_name}`"),
+            tensor: format!(
+                "{n}.weight_scale_inv (or {n}.weight_scale): the scales of FP8 `{w_name}`"
+            ),
         })?;
     let s_meta = src.meta(&s_name)?;
     let (d, o, l, full) = span(piece)?;
@@ -139,7 +141,10 @@ fn load_fp8(
         let s = src.read(&s_name, &Shard::full(), DType::F32)?;
         return Ok(Arc::new(Fp8Linear::per_tensor(w, s, bias, dtype)?));
     };
-    let want = [blocks_of(piece.out, block[0]), blocks_of(piece.inp, block[1])];
+    let want = [
+        blocks_of(piece.out, block[0]),
+        blocks_of(piece.inp, block[1]),
+    ];
     if s_meta.shape != want {
         return Err(Error::Config {
             field: format!("{}: {s_name}", s_meta.file.display()),
@@ -251,10 +256,7 @@ fn load_int4(
         Int4Packing::Gptq { .. } => src.expect_shape(&qn, &[inp / 8, out])?,
         Int4Packing::Awq => src.expect_shape(&qn, &[inp, out / 8])?,
     };
-    for (name, shape) in [
-        ("qzeros", [groups, out / 8]),
-        ("scales", [groups, out]),
-    ] {
+    for (name, shape) in [("qzeros", [groups, out / 8]), ("scales", [groups, out])] {
         let full = format!("{n}.{name}");
         let meta = src.meta(&full).map_err(|_| Error::MissingTensor {
             file: src.location().to_path_buf(),
@@ -288,7 +290,11 @@ fn load_int4(
         (0..inp).map(|i| i / group).collect()
     };
     let (d, o, l, _) = span(piece)?;
-    let (outs, ins) = if d == 0 { (o..o + l, 0..inp) } else { (0..out, o..o + l) };
+    let (outs, ins) = if d == 0 {
+        (o..o + l, 0..inp)
+    } else {
+        (0..out, o..o + l)
+    };
     // The window of packed words holding the piece.
     let (wshard, row0, col0, cols) = match (packing, d) {
         (Int4Packing::Gptq { .. }, 0) => (Shard::range(1, outs.clone()), 0, o, l),

@@ -299,7 +299,9 @@ impl ModelConfig {
                 let experts_key = ["num_experts", "num_local_experts"]
                     .into_iter()
                     .find(|k| get(k).is_some())
-                    .ok_or_else(|| cfg_err(file, "num_experts", "missing (also as num_local_experts)"))?;
+                    .ok_or_else(|| {
+                        cfg_err(file, "num_experts", "missing (also as num_local_experts)")
+                    })?;
                 let num_experts = usize_of(experts_key)?;
                 let top_k = usize_of("num_experts_per_tok")?;
                 if num_experts == 0 || top_k == 0 || top_k > num_experts {
@@ -311,7 +313,12 @@ impl ModelConfig {
                 }
                 let layers = usize_of("num_hidden_layers")?;
                 let (expert_intermediate, norm, dense_layers, prefix) = if arch == Arch::Mixtral {
-                    (usize_of("intermediate_size")?, true, vec![], "block_sparse_moe")
+                    (
+                        usize_of("intermediate_size")?,
+                        true,
+                        vec![],
+                        "block_sparse_moe",
+                    )
                 } else {
                     let step = match get("decoder_sparse_step") {
                         Some(_) => usize_of("decoder_sparse_step")?.max(1),
@@ -325,9 +332,7 @@ impl ModelConfig {
                             .ok_or_else(|| {
                                 cfg_err(file, "mlp_only_layers", "not a list of layer indices")
                             })?,
-                        Some(_) => {
-                            return Err(cfg_err(file, "mlp_only_layers", "not a list"))
-                        }
+                        Some(_) => return Err(cfg_err(file, "mlp_only_layers", "not a list")),
                         None => vec![],
                     };
                     let dense = (0..layers)
@@ -335,7 +340,9 @@ impl ModelConfig {
                         .collect();
                     (
                         usize_of("moe_intermediate_size")?,
-                        get("norm_topk_prob").and_then(Json::as_bool).unwrap_or(false),
+                        get("norm_topk_prob")
+                            .and_then(Json::as_bool)
+                            .unwrap_or(false),
                         dense,
                         "mlp",
                     )

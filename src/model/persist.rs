@@ -72,8 +72,7 @@ fn fp8_block_of(
                 "storing FP8 piece `{}` ({}): it starts at {start}, inside a block of {}",
                 piece.name, piece.shard, b[dim]
             ),
-            by: "the UQFF writer (quantize at a world size whose splits fall on FP8 blocks)"
-                .into(),
+            by: "the UQFF writer (quantize at a world size whose splits fall on FP8 blocks)".into(),
         });
     }
     Ok(Some(b))
@@ -169,7 +168,15 @@ pub fn write_rank_file(
                         // One scale for the tensor: every rank holds (and writes) it whole.
                         None => {
                             let name = format!("{}.weight_scale", piece.name);
-                            add(name, t.flatten_all()?, tag::UNQUANT, None, vec![1], None, None)?;
+                            add(
+                                name,
+                                t.flatten_all()?,
+                                tag::UNQUANT,
+                                None,
+                                vec![1],
+                                None,
+                                None,
+                            )?;
                             continue;
                         }
                         Some(b) => {

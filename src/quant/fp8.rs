@@ -16,9 +16,11 @@ use crate::error::{Error, Result};
 /// Largest finite E4M3 value: block scales map each block's absolute maximum onto it.
 pub const FP8_MAX: f32 = 448.0;
 
-/// Block of the FP8 scales that in-situ quantization writes (the DeepSeek-V3 layout, so a
-/// quantized set and a blockwise checkpoint load through the same code).
-pub const ISQ_BLOCK: [usize; 2] = [128, 128];
+/// Block of the FP8 scales that in-situ quantization writes. 32x32 rather than DeepSeek-V3's
+/// 128x128: shard boundaries already fall on 32-element steps for the GGML types wherever the
+/// model allows, so every shard's blocks are blocks of the whole tensor and a quantized set
+/// reloads at other world sizes; the scales cost 0.4% of the weight.
+pub const ISQ_BLOCK: [usize; 2] = [32, 32];
 
 /// A linear layer whose weight is F8E4M3 with block scales.
 #[derive(Debug, Clone)]
@@ -83,7 +85,10 @@ impl Fp8Linear {
         }
         if let Some(b) = &b {
             if b.dims() != [out] {
-                return Err(bad(format!("bias {:?} for weight [{out}, {inp}]", b.dims())));
+                return Err(bad(format!(
+                    "bias {:?} for weight [{out}, {inp}]",
+                    b.dims()
+                )));
             }
         }
         Ok(Self {
@@ -186,7 +191,9 @@ impl QuantMethod for Fp8Linear {
     }
 
     fn storage_bytes(&self) -> usize {
-        self.w.elem_count() + 4 * self.scale.elem_count() + self.b.as_ref().map_or(0, |b| 4 * b.elem_count())
+        self.w.elem_count()
+            + 4 * self.scale.elem_count()
+            + self.b.as_ref().map_or(0, |b| 4 * b.elem_count())
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -284,12 +291,26 @@ mod tests {
         .unwrap();
         assert_eq!(again.scale_block(), None);
         assert_eq!(q.scale_block(), Some([8, 12]));
-        let a = q.dequantize_w().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = again.dequantize_w().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let a = q
+            .dequantize_w()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = again
+            .dequantize_w()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(a, b);
-        assert!(Fp8Linear::new(q.w.clone(), q.scale.clone(), [4, 12], None, DType::F32)
-            .unwrap_err()
-            .to_string()
-            .contains("expected [2, 1]"));
+        assert!(
+            Fp8Linear::new(q.w.clone(), q.scale.clone(), [4, 12], None, DType::F32)
+                .unwrap_err()
+                .to_string()
+                .contains("expected [2, 1]")
+        );
     }
 }

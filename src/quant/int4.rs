@@ -166,7 +166,13 @@ mod tests {
             row0: 0,
             col0: 0,
         };
-        let got = dequantize(Int4Packing::Gptq { zero_offset: 1 }, &win, &gr, 0..out, 0..inp);
+        let got = dequantize(
+            Int4Packing::Gptq { zero_offset: 1 },
+            &win,
+            &gr,
+            0..out,
+            0..inp,
+        );
         assert_eq!(got, want);
         // A window of inputs 8..16 (GPTQ words 1..2).
         let win = QWindow {
@@ -202,16 +208,16 @@ mod tests {
         }
         let qw: Vec<i32> = qw.into_iter().map(|x| x as i32).collect();
         let qz: Vec<i32> = qz.into_iter().map(|x| x as i32).collect();
-        let gr = Int4Groups {
-            qzeros: &qz,
-            ..gr
-        };
+        let gr = Int4Groups { qzeros: &qz, ..gr };
         let win = QWindow {
             words: &qw,
             cols: out / 8,
             row0: 0,
             col0: 0,
         };
-        assert_eq!(dequantize(Int4Packing::Awq, &win, &gr, 0..out, 0..inp), want);
+        assert_eq!(
+            dequantize(Int4Packing::Awq, &win, &gr, 0..out, 0..inp),
+            want
+        );
     }
 }

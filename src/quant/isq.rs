@@ -16,7 +16,7 @@ use crate::error::Error;
 pub enum IsqType {
     /// A GGML block type.
     Ggml(GgmlDType),
-    /// F8E4M3 with one f32 scale per 128x128 block ([`super::fp8::ISQ_BLOCK`]).
+    /// F8E4M3 with one f32 scale per 32x32 block ([`super::fp8::ISQ_BLOCK`]).
     Fp8,
 }
 

@@ -193,7 +193,9 @@ impl PrequantFormat {
     /// 8 codes of a word).
     pub fn align(&self) -> usize {
         match *self {
-            PrequantFormat::Fp8 { block: Some([r, c]) } => r.max(c),
+            PrequantFormat::Fp8 {
+                block: Some([r, c]),
+            } => r.max(c),
             PrequantFormat::Fp8 { block: None } => 1,
             PrequantFormat::Mxfp4 => mxfp4::MXFP4_BLOCK,
             PrequantFormat::Int4 { .. } => 8,

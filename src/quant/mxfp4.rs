@@ -243,7 +243,13 @@ mod tests {
         let blocks = q.blocks.flatten_all().unwrap().to_vec1::<u8>().unwrap();
         // element 0: 3.0 / 0.5 = 6 -> code 7 (low nibble); element 1: -0.5 -> code 9 (high).
         assert_eq!(blocks[0], 7 | (9 << 4));
-        let d = q.dequantize_w().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let d = q
+            .dequantize_w()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert_eq!(&d[..3], &[3.0, -0.25, 1.0]);
     }
 }

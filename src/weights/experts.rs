@@ -131,10 +131,9 @@ impl<'a> ExpertView<'a> {
                         ("down_proj", "down_proj", 0..h, h, i),
                     ] {
                         let nb = inp / 32;
-                        for (suffix, shape) in [
-                            ("blocks", vec![out, nb, 16]),
-                            ("scales", vec![out, nb]),
-                        ] {
+                        for (suffix, shape) in
+                            [("blocks", vec![out, nb, 16]), ("scales", vec![out, nb])]
+                        {
                             served.insert(
                                 format!("{p}.{part}.weight_{suffix}"),
                                 Served::Stacked {

@@ -267,9 +267,14 @@ impl WeightSource for SafetensorsSource {
         let FileDType::Dense(src_dtype) = found else {
             unreachable!("check_target accepts only dense safetensors dtypes")
         };
-        let shape = shard
-            .sharded_shape(&e.shape)
-            .map_err(|err| err.in_layer(name))?;
+        // A 0-d tensor (a per-tensor scale) has nothing to shard.
+        let shape = if e.shape.is_empty() {
+            Vec::new()
+        } else {
+            shard
+                .sharded_shape(&e.shape)
+                .map_err(|err| err.in_layer(name))?
+        };
         let bytes = &file.mmap[e.bytes.clone()];
         let (dim, offset, len) = if e.shape.is_empty() {
             (0, 0, 1)

@@ -143,9 +143,15 @@ pub fn dtype_name(d: DType) -> String {
 }
 
 fn parse_dtype(s: &str) -> Option<DType> {
-    [DType::F32, DType::BF16, DType::F16, DType::U8, DType::F8E4M3]
-        .into_iter()
-        .find(|d| dtype_name(*d) == s)
+    [
+        DType::F32,
+        DType::BF16,
+        DType::F16,
+        DType::U8,
+        DType::F8E4M3,
+    ]
+    .into_iter()
+    .find(|d| dtype_name(*d) == s)
 }
 
 /// A piece's storage.
@@ -634,7 +640,39 @@ impl WeightSource for UqffSource {
     }
 
     fn read_quantized(&self, name: &str, shard: &Shard) -> Result<Option<QTensor>> {
-        let t = self.entry(name)?;
+        let whole = self.entry(name)?;
+        // The pieces the shard overlaps must all hold one GGML type (a tensor whose other
+        // pieces were left dense, e.g. a rank whose split cut the blocks, still serves its
+        // quantized part); the rest of the buffer stays unused.
+        let (off, len) = shard.resolve(whole.shape[shard.dim()])?;
+        let overlaps = |p: &PieceRef| match p.slice {
+            None => true,
+            Some(s) => s.dim != shard.dim() || (s.start < off + len && off < s.start + s.len),
+        };
+        let mut used = TensorEntry {
+            shape: whole.shape.clone(),
+            pieces: whole.pieces.iter().filter(|p| overlaps(p)).cloned().collect(),
+        };
+        let mut shard = *shard;
+        // Pieces cut along the shard's dimension: assemble only the span they cover.
+        let spans: Option<Vec<Slice>> = used
+            .pieces
+            .iter()
+            .map(|p| p.slice.filter(|s| s.dim == shard.dim()))
+            .collect();
+        if let Some(spans) = spans.filter(|s| !s.is_empty()) {
+            let lo = spans.iter().map(|s| s.start).min().unwrap_or(0);
+            let hi = spans.iter().map(|s| s.start + s.len).max().unwrap_or(0);
+            used.shape[shard.dim()] = hi - lo;
+            for p in &mut used.pieces {
+                if let Some(s) = &mut p.slice {
+                    s.start -= lo;
+                }
+            }
+            shard = Shard::range(shard.dim(), off - lo..off - lo + len);
+        }
+        let shard = &shard;
+        let t = &used;
         let Some(Storage::Ggml(g)) = Self::uniform(t) else {
             return Ok(None);
         };
@@ -658,13 +696,12 @@ impl WeightSource for UqffSource {
         match quantized_shard(&full, &t.shape, g, shard)? {
             Some(q) => Ok(Some(q)),
             None => {
-                let saved: Vec<String> = t
+                let saved: Vec<String> = whole
                     .pieces
                     .iter()
                     .filter_map(|p| p.slice)
                     .map(|s| format!("{}..{}", s.start, s.start + s.len))
                     .collect();
-                let (off, len) = shard.resolve(t.shape[shard.dim()])?;
                 Err(Error::Config {
                     field: format!("{}: tensor `{name}`", self.index_path.display()),
                     reason: format!(

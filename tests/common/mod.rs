@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod reference;
+
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;

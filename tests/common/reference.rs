@@ -1,0 +1,148 @@
+//! Checking a model against its transformers fixture (`tests/fixtures/models/<name>`): logits
+//! of every case within 1e-3, identical greedy tokens, the perplexity within 1e-3 relative,
+//! and every world size within 1e-5 (relative) of one rank.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use shardwise::model::{SamplingParams, SeqStep};
+use shardwise::runtime::generate::{generate, perplexity, GenerateParams};
+use shardwise::runtime::{Cluster, LoadSpec, LocalTransport, StepRequest};
+
+/// `tests/fixtures`.
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// A parsed JSON file.
+pub fn json(path: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// A JSON array of numbers as f32.
+pub fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// A multi-threaded tokio runtime.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Logits of every position of `tokens` (a fresh sequence).
+pub async fn all_logits(c: &Cluster, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let l = c
+        .step(StepRequest {
+            seqs: vec![SeqStep {
+                seq_id: 1,
+                tokens: tokens.to_vec(),
+                start_pos: 0,
+                all_logits: true,
+            }],
+            release: vec![],
+        })
+        .await
+        .unwrap();
+    l[0].to_vec2().unwrap()
+}
+
+/// `n` greedy tokens after `prompt`, no EOS stop.
+pub async fn greedy(c: &Cluster, prompt: &[u32], n: usize) -> Vec<u32> {
+    let params = GenerateParams {
+        max_tokens: n,
+        sampling: SamplingParams::default(),
+        eos: vec![],
+        context: 1 << 20,
+    };
+    generate(c, prompt, &params, |_| Ok(())).await.unwrap().0
+}
+
+/// Largest elementwise difference.
+pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    a.iter()
+        .flatten()
+        .zip(b.iter().flatten())
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// Largest magnitude.
+pub fn max_abs(a: &[Vec<f32>]) -> f32 {
+    a.iter().flatten().map(|x| x.abs()).fold(0.0, f32::max)
+}
+
+/// Loads `spec` at every world size of `worlds` (in-process ranks) and checks it against
+/// `reference` (a fixture's reference.json) and against the first world size. Returns the
+/// first world size's logits per case.
+pub fn check_reference(
+    label: &str,
+    spec: &LoadSpec,
+    reference: &Path,
+    worlds: std::ops::RangeInclusive<usize>,
+) -> Vec<Vec<Vec<f32>>> {
+    let rt = rt();
+    let reference = json(reference);
+    let cases = reference["cases"].as_array().unwrap();
+    let mut first: Vec<Vec<Vec<f32>>> = Vec::new();
+    for world in worlds {
+        rt.block_on(async {
+            let c = Cluster::local(world, LocalTransport::InProcess)
+                .await
+                .unwrap();
+            c.load(spec.clone()).await.unwrap();
+            for (k, case) in cases.iter().enumerate() {
+                let input = ids(&case["input_ids"]);
+                let ours = all_logits(&c, &input).await;
+                let theirs: Vec<Vec<f32>> = case["logits"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(floats)
+                    .collect();
+                let d = max_abs_diff(&ours, &theirs);
+                assert!(
+                    d <= 1e-3,
+                    "{label} world {world} case {k}: max |dlogit| {d}"
+                );
+                if first.len() < cases.len() {
+                    first.push(ours.clone());
+                } else {
+                    let rel = max_abs_diff(&ours, &first[k]) / max_abs(&first[k]);
+                    assert!(
+                        rel <= 1e-5,
+                        "{label} world {world} case {k}: {rel} from the first world size"
+                    );
+                }
+                let want = ids(&case["greedy_ids"]);
+                let got = greedy(&c, &input, want.len()).await;
+                assert_eq!(got, want, "{label} world {world} case {k}: greedy tokens");
+                if let Some(p) = case["perplexity"].as_f64() {
+                    let (ppl, n) = perplexity(&c, &input, 1 << 20).await.unwrap();
+                    assert_eq!(n, input.len() - 1);
+                    assert!(
+                        ((ppl - p) / p).abs() <= 1e-3,
+                        "{label} world {world} case {k}: perplexity {ppl} vs {p}"
+                    );
+                }
+            }
+            c.shutdown().await.unwrap();
+        });
+    }
+    first
+}
