@@ -12,8 +12,9 @@ use common::reference::{
     all_logits, check_reference, fixtures, floats, greedy, ids, json, max_abs, max_abs_diff, rt,
 };
 use shardwise::model::checkpoint::{encode, load_tokenizer};
-use shardwise::runtime::generate::perplexity;
-use shardwise::runtime::{Cluster, LoadSpec, LocalTransport};
+use shardwise::model::{SamplingParams, SeqStep};
+use shardwise::runtime::generate::{generate, perplexity, GenerateParams};
+use shardwise::runtime::{Cluster, LoadSpec, LocalTransport, StepRequest};
 
 /// The SmolLM2 GGUF: `SHARDWISE_SMOLLM2`, or the cache `scripts/get-smollm2.sh` fills.
 fn smollm2() -> PathBuf {

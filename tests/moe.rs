@@ -98,19 +98,6 @@ fn prequantized_checkpoints_match_their_dequantized_reference() {
     }
 }
 
-/// Logits of a fixed prompt on `world` ranks.
-fn logits(world: usize, spec: &LoadSpec) -> Vec<Vec<f32>> {
-    rt().block_on(async {
-        let c = Cluster::local(world, LocalTransport::InProcess)
-            .await
-            .unwrap();
-        c.load(spec.clone()).await.unwrap();
-        let l = common::reference::all_logits(&c, &[1, 17, 200, 45, 3, 99, 128, 7]).await;
-        c.shutdown().await.unwrap();
-        l
-    })
-}
-
 #[test]
 fn isq_to_fp8_equals_the_reference_quantizer() {
     // tiny-qwen3-moe-fp8 holds tiny-qwen3-moe quantized by the fixture script (torch

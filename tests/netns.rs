@@ -291,9 +291,7 @@ fn rank_servers_on_separate_hosts_run_the_model_like_one_rank() {
     };
     let spec = LoadSpec {
         model: model.clone(),
-        dtype: None,
-        isq: None,
-        uqff: None,
+        ..Default::default()
     };
     let one = rt
         .block_on(Cluster::local(1, LocalTransport::InProcess))

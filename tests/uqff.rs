@@ -169,7 +169,10 @@ fn round_trip_is_bit_identical_for_every_format() {
                     .unwrap()
                     .to_scalar::<f32>()
                     .unwrap();
-            assert!(rel <= 1e-5, "{name}: reloaded at {other} ranks, {rel} from {world}");
+            assert!(
+                rel <= 1e-5,
+                "{name}: reloaded at {other} ranks, {rel} from {world}"
+            );
         });
         let set = UqffSource::open(&index).unwrap();
         let tags: std::collections::BTreeSet<String> = set

@@ -598,6 +598,79 @@ mod tests {
     }
 
     #[test]
+    fn moe_keys_in_both_spellings() {
+        // transformers 4.x Qwen3-MoE (`num_experts`), sparse every 2nd layer, layer 2 dense.
+        let mut q = base();
+        q["model_type"] = "qwen3_moe".into();
+        q["num_hidden_layers"] = 6.into();
+        q["num_experts"] = 8.into();
+        q["num_experts_per_tok"] = 2.into();
+        q["moe_intermediate_size"] = 32.into();
+        q["decoder_sparse_step"] = 2.into();
+        q["mlp_only_layers"] = serde_json::json!([3]);
+        q["norm_topk_prob"] = true.into();
+        let c = ModelConfig::from_hf_json(&q, Path::new("q.json")).unwrap();
+        let m = c.moe.clone().unwrap();
+        assert_eq!((m.num_experts, m.top_k, m.expert_intermediate), (8, 2, 32));
+        assert!(m.norm_topk_prob && c.qk_norm);
+        assert_eq!(m.dense_layers, vec![0, 2, 3, 4]);
+        assert!(c.is_moe_layer(1) && c.is_moe_layer(5) && !c.is_moe_layer(3));
+        // transformers 5.x writes `num_local_experts`; Mixtral always renormalises.
+        let mut x = base();
+        x["model_type"] = "mixtral".into();
+        x["num_local_experts"] = 4.into();
+        x["num_experts_per_tok"] = 2.into();
+        let c = ModelConfig::from_hf_json(&x, Path::new("x.json")).unwrap();
+        let m = c.moe.unwrap();
+        assert_eq!(
+            (m.num_experts, m.expert_intermediate, m.prefix),
+            (4, 128, "block_sparse_moe")
+        );
+        assert!(m.norm_topk_prob && m.dense_layers.is_empty());
+        x["num_experts_per_tok"] = 5.into();
+        let e = ModelConfig::from_hf_json(&x, Path::new("x.json")).unwrap_err();
+        assert!(e.to_string().contains("num_experts_per_tok"), "{e}");
+        x.as_object_mut().unwrap().remove("num_local_experts");
+        let e = ModelConfig::from_hf_json(&x, Path::new("x.json")).unwrap_err();
+        assert!(e.to_string().contains("num_experts"), "{e}");
+    }
+
+    #[test]
+    fn quantization_configs_parse_or_name_the_field() {
+        use crate::quant::{Int4Packing, PrequantFormat};
+        let q = |v: serde_json::Value| {
+            PrequantFormat::from_hf(&serde_json::json!({ "quantization_config": v }))
+        };
+        assert_eq!(
+            q(serde_json::json!({"quant_method": "fp8", "weight_block_size": [128, 128]})).unwrap(),
+            Some(PrequantFormat::Fp8 {
+                block: Some([128, 128])
+            })
+        );
+        assert_eq!(
+            q(
+                serde_json::json!({"quant_method": "gptq", "bits": 4, "group_size": -1,
+                "checkpoint_format": "gptq_v2"})
+            )
+            .unwrap(),
+            Some(PrequantFormat::Int4 {
+                packing: Int4Packing::Gptq { zero_offset: 0 },
+                group: None
+            })
+        );
+        let e =
+            q(serde_json::json!({"quant_method": "fp8", "weight_block_size": [128]})).unwrap_err();
+        assert!(e.to_string().contains("weight_block_size"), "{e}");
+        let e = q(
+            serde_json::json!({"quant_method": "awq", "bits": 4, "group_size": 128,
+            "version": "gemv"}),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("gemv"), "{e}");
+        assert_eq!(PrequantFormat::from_hf(&base()).unwrap(), None);
+    }
+
+    #[test]
     fn transformers_4_and_5_spellings_agree() {
         let mut v4 = base();
         v4["rope_theta"] = 500000.0.into();

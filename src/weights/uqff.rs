@@ -651,7 +651,12 @@ impl WeightSource for UqffSource {
         };
         let mut used = TensorEntry {
             shape: whole.shape.clone(),
-            pieces: whole.pieces.iter().filter(|p| overlaps(p)).cloned().collect(),
+            pieces: whole
+                .pieces
+                .iter()
+                .filter(|p| overlaps(p))
+                .cloned()
+                .collect(),
         };
         let mut shard = *shard;
         // Pieces cut along the shard's dimension: assemble only the span they cover.
