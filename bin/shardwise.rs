@@ -56,7 +56,8 @@ struct ModelArgs {
     /// (stacked dense tensors).
     #[arg(long, default_value = "packed")]
     moe: shardwise::layers::moe::MoeImpl,
-    /// Collectives of --local ranks: local (threads), grpc or shm.
+    /// Collectives of --local ranks: local (threads), grpc, shm, or nccl (ranks on GPUs
+    /// 0..N; `cuda` builds).
     #[arg(long, default_value = "local")]
     transport: String,
 }
@@ -184,6 +185,43 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
+    /// Decode-step latency through the runtime (default: a synthetic Llama-3-8B shape).
+    Decode {
+        /// Model directory, .gguf file, or synthetic:llama3-8b / synthetic:tiny.
+        #[arg(long, default_value = "synthetic:llama3-8b")]
+        model: PathBuf,
+        /// Ranks (in this process).
+        #[arg(long, default_value_t = 1)]
+        local: usize,
+        /// local, grpc, shm, or nccl (GPUs 0..N; `cuda` builds).
+        #[arg(long, default_value = "local")]
+        transport: String,
+        /// Weight dtype: f32, bf16 or f16.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        /// Sequences per step.
+        #[arg(long, value_delimiter = ',', default_value = "1,8")]
+        batch: Vec<usize>,
+        /// Tokens in each sequence's KV cache before timing.
+        #[arg(long, default_value_t = 512)]
+        context: usize,
+        /// Timed steps per batch size.
+        #[arg(long, default_value_t = 30)]
+        steps: usize,
+    },
+    /// NCCL all-reduce latency and bus bandwidth on the local GPUs (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    Nccl {
+        /// GPUs (ranks), 0..world.
+        #[arg(long, default_value_t = 2)]
+        world: usize,
+        /// Message sizes in bytes (K, M, G suffixes).
+        #[arg(long, default_value = "8K,64K,1M,16M,256M,1G")]
+        sizes: String,
+        /// f32, bf16 or f16.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+    },
     /// Forward of a SwiGLU MLP in f32 and ISQ formats at several world sizes.
     Layers {
         /// Model width.
@@ -263,10 +301,19 @@ fn cluster_spec(ranks: &Ranks, transport: &str) -> shardwise::Result<ClusterSpec
         "local" => LocalTransport::InProcess,
         "grpc" => LocalTransport::Grpc,
         "shm" => LocalTransport::Shm,
+        #[cfg(feature = "cuda")]
+        "nccl" => LocalTransport::Nccl,
         other => {
             return Err(shardwise::Error::Config {
                 field: "--transport".into(),
-                reason: format!("`{other}` (expected local, grpc or shm)"),
+                reason: format!(
+                    "`{other}` (expected local, grpc or shm{})",
+                    if cfg!(feature = "cuda") {
+                        ", or nccl for ranks on GPUs 0..N"
+                    } else {
+                        "; nccl needs a build with the `cuda` feature"
+                    }
+                ),
             })
         }
     };
@@ -482,6 +529,83 @@ fn run(cli: Cli) -> shardwise::Result<()> {
                         r.busbw()
                     );
                 }
+            }
+        }
+        #[cfg(feature = "cuda")]
+        Cmd::Bench {
+            what:
+                BenchCmd::Nccl {
+                    world,
+                    sizes,
+                    dtype,
+                },
+        } => {
+            let sizes = sizes
+                .split(',')
+                .map(allreduce::parse_size)
+                .collect::<shardwise::Result<Vec<_>>>()?;
+            let dtype = parse_dtype(&dtype)?.unwrap_or(candle_core::DType::BF16);
+            for r in shardwise::bench::nccl::run(world, &sizes, dtype)? {
+                println!(
+                    "shardwise-nccl {} {:.2} {:.1}",
+                    r.bytes, r.mean_us, r.busbw_gbps
+                );
+            }
+        }
+        Cmd::Bench {
+            what:
+                BenchCmd::Decode {
+                    model,
+                    local,
+                    transport,
+                    dtype,
+                    batch,
+                    context,
+                    steps,
+                },
+        } => {
+            let ranks = Ranks {
+                config: None,
+                local: Some(local),
+            };
+            let ClusterSpec::Local(world, transport) = cluster_spec(&ranks, &transport)? else {
+                unreachable!("a --local spec")
+            };
+            let dtype = parse_dtype(&dtype)?.unwrap_or(candle_core::DType::BF16);
+            let opts = shardwise::bench::decode::DecodeOpts {
+                model,
+                dtype,
+                world,
+                transport,
+                batches: batch,
+                context,
+                steps,
+            };
+            let rows = shardwise::bench::decode::run(&opts)?;
+            #[cfg(feature = "cuda")]
+            let bw = if transport == LocalTransport::Nccl {
+                Some(shardwise::bench::decode::copy_bandwidth(0)?)
+            } else {
+                None
+            };
+            #[cfg(not(feature = "cuda"))]
+            let bw: Option<f64> = None;
+            if let Some(bw) = bw {
+                println!("copy bandwidth (GPU 0): {bw:.0} GB/s");
+            }
+            println!("| ranks | batch | ms/step | tok/s | weights/rank GiB | floor ms |");
+            println!("|---|---|---|---|---|---|");
+            for r in rows {
+                let floor = bw.map_or("-".to_string(), |bw| {
+                    format!("{:.2}", r.weight_bytes as f64 / (bw * 1e9) * 1e3)
+                });
+                println!(
+                    "| {world} | {} | {:.2} | {:.1} | {:.2} | {floor} |",
+                    r.batch,
+                    r.ms_per_step,
+                    r.batch as f64 * 1e3 / r.ms_per_step,
+                    r.weight_bytes as f64 / (1u64 << 30) as f64,
+                );
             }
         }
         Cmd::Bench {

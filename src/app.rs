@@ -42,6 +42,12 @@ pub struct ModelSpec {
 
 /// Paths sent to rank servers are absolute (they run in another working directory).
 fn abs(p: &std::path::Path, spec: &ClusterSpec) -> PathBuf {
+    if p.starts_with(crate::weights::synthetic::PREFIX)
+        || p.to_str()
+            .is_some_and(|s| s.starts_with(crate::weights::synthetic::PREFIX))
+    {
+        return p.to_path_buf();
+    }
     match spec {
         ClusterSpec::Local(..) => p.to_path_buf(),
         ClusterSpec::Config(_) => std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()),

@@ -90,3 +90,58 @@ fn generate_through_launched_ranks_matches_one_local_rank() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn decode_bench_runs_a_synthetic_model_at_two_ranks() {
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "decode",
+            "--model",
+            "synthetic:tiny",
+            "--local",
+            "2",
+            "--dtype",
+            "f32",
+            "--batch",
+            "1,3",
+            "--context",
+            "8",
+            "--steps",
+            "4",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // One table row per batch size: | ranks | batch | ms/step | tok/s | GiB | floor |.
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .filter(|l| l.starts_with("| 2 |"))
+        .map(|l| l.split('|').map(str::trim).collect())
+        .collect();
+    assert_eq!(rows.len(), 2, "{stdout}");
+    for (row, batch) in rows.iter().zip(["1", "3"]) {
+        assert_eq!(row[2], batch, "{stdout}");
+        let ms: f64 = row[3].parse().unwrap();
+        assert!(ms > 0.0 && ms.is_finite(), "{stdout}");
+    }
+    // An unknown preset is named.
+    let out = Command::new(BIN)
+        .args([
+            "bench",
+            "decode",
+            "--model",
+            "synthetic:huge",
+            "--local",
+            "1",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("synthetic model `huge`"));
+}

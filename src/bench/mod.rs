@@ -3,6 +3,9 @@
 //! assert nothing about speed.
 
 pub mod allreduce;
+pub mod decode;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

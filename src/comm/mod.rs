@@ -7,6 +7,8 @@
 pub mod grpc;
 pub mod links;
 pub mod local;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod select;
 pub mod shm;
 pub mod shm_links;
@@ -64,6 +66,12 @@ pub trait Communicator: Send + Sync + Debug {
     /// # Errors
     /// A peer is gone or does not arrive before the deadline.
     fn barrier(&self) -> Result<()>;
+
+    /// The device this rank computes on, where its collectives take their tensors (the CPU
+    /// for every transport but NCCL).
+    fn device(&self) -> candle_core::Device {
+        candle_core::Device::Cpu
+    }
 }
 
 /// How a peer's tensor differs from this rank's, ignoring dimension `skip` (all-gather

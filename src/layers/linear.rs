@@ -255,6 +255,26 @@ impl ParallelLinear {
         run().in_layer(&self.name)
     }
 
+    /// Moves every piece and the bias to `device`.
+    ///
+    /// # Errors
+    /// A format without a device path, naming the layer; copy errors.
+    pub fn move_to(&mut self, device: &candle_core::Device) -> Result<()> {
+        let parts = self
+            .parts
+            .iter()
+            .map(|p| p.to_device(device))
+            .collect::<Result<Vec<_>>>()
+            .in_layer(&self.name)?;
+        self.parts = parts;
+        self.bias_after = self
+            .bias_after
+            .as_ref()
+            .map(|b| b.to_device(device))
+            .transpose()?;
+        Ok(())
+    }
+
     /// Quantizes every piece to `ty` (with the block-alignment fallback per piece).
     ///
     /// # Errors

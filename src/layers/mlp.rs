@@ -131,6 +131,15 @@ impl Mlp {
         self.down.forward(&h)
     }
 
+    /// Moves the projections to `device`.
+    ///
+    /// # Errors
+    /// As [`ParallelLinear::move_to`].
+    pub fn move_to(&mut self, device: &candle_core::Device) -> Result<()> {
+        self.gate_up.move_to(device)?;
+        self.down.move_to(device)
+    }
+
     /// Quantizes all three projections.
     ///
     /// # Errors

@@ -261,6 +261,27 @@ impl MoeBlock {
         })
     }
 
+    /// Moves the router and the experts to `device`.
+    ///
+    /// # Errors
+    /// As [`ParallelLinear::move_to`].
+    pub fn move_to(&mut self, device: &candle_core::Device) -> Result<()> {
+        self.router.weight = self.router.weight.to_device(device)?;
+        match &mut self.experts {
+            Experts::Packed(v) => {
+                for x in v.iter_mut() {
+                    x.gate_up.move_to(device)?;
+                    x.down.move_to(device)?;
+                }
+            }
+            Experts::Fused { gate_up, down } => {
+                *gate_up = gate_up.to_device(device)?;
+                *down = down.to_device(device)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The per-expert layers (empty for fused experts).
     pub fn linears(&self) -> Vec<&ParallelLinear> {
         match &self.experts {

@@ -46,6 +46,23 @@ impl Checkpoint {
     /// No such file, a directory without `config.json`, an unsupported architecture, a
     /// malformed file; each names the path.
     pub fn open(path: &Path, dtype: Option<DType>) -> Result<Self> {
+        use crate::weights::synthetic;
+        if let Some(name) = path
+            .to_str()
+            .and_then(|p| p.strip_prefix(synthetic::PREFIX))
+        {
+            let config = synthetic::preset(name)?;
+            let source = synthetic::SyntheticSource::new(&path.to_string_lossy(), &config);
+            return Ok(Self {
+                path: path.to_path_buf(),
+                config,
+                source: Box::new(source),
+                quant: QuantConfig::Unquantized {
+                    dtype: dtype.unwrap_or(DType::F32),
+                },
+                block: 1,
+            });
+        }
         if !path.exists() {
             return Err(bad(path, "no such file or directory"));
         }

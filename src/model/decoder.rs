@@ -64,6 +64,13 @@ enum FeedForward {
 }
 
 impl FeedForward {
+    fn move_to(&mut self, device: &Device) -> Result<()> {
+        match self {
+            FeedForward::Dense(m) => m.move_to(device),
+            FeedForward::Moe(m) => m.move_to(device),
+        }
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match self {
             FeedForward::Dense(m) => m.forward(x),
@@ -133,6 +140,8 @@ impl Model {
         comm: Arc<dyn Communicator>,
     ) -> Result<Self> {
         let dtype = opts.quant.dtype();
+        // Weights are read on the CPU and moved, a layer at a time, to the rank's device.
+        let device = comm.device();
         // MoE experts appear under per-expert names whatever the checkpoint's layout.
         let view = ExpertView::new(src, cfg)?;
         let src: &dyn WeightSource = &view;
@@ -246,6 +255,11 @@ impl Model {
             if let Some(ty) = opts.isq {
                 layer.apply_isq(ty, &[])?;
             }
+            if !device.is_cpu() {
+                layer
+                    .move_to(&device)
+                    .in_layer(&format!("model.layers.{i}"))?;
+            }
             layers.push(layer);
             if opts.progress {
                 progress_bar(i + 1, cfg.num_layers, opts.isq);
@@ -258,7 +272,7 @@ impl Model {
             "lm_head"
         };
         let rows = vocab_range(cfg.vocab_size, comm.rank(), comm.world_size())?;
-        let lm_head = ParallelLinear::load(
+        let mut lm_head = ParallelLinear::load(
             "lm_head",
             &opts.quant,
             src,
@@ -272,15 +286,18 @@ impl Model {
             Reduce::AllGather,
             comm,
         )?;
+        if !device.is_cpu() {
+            lm_head.move_to(&device)?;
+        }
         Ok(Self {
             cfg: cfg.clone(),
-            embed,
+            embed: embed.to_device(&device)?,
             layers,
-            norm,
+            norm: norm.to_device(&device)?,
             lm_head,
             rope: Rope::new(cfg),
             dtype,
-            device: Device::Cpu,
+            device,
             caches: HashMap::new(),
         })
     }
@@ -376,7 +393,11 @@ impl Model {
         } else {
             x.i((0, t - 1..t))?
         };
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        Ok(self
+            .lm_head
+            .forward(&x)?
+            .to_dtype(DType::F32)?
+            .to_device(&Device::Cpu)?)
     }
 
     /// Runs decoder layers `layers` on hidden states `x` (`[1, t, hidden]`, positions from 0,
@@ -393,14 +414,14 @@ impl Model {
         }
         let t = x.dim(1)?;
         let ctx = StepCtx::new(&self.rope, &self.cfg, 0, t, self.dtype, &self.device)?;
-        let mut x = x.to_dtype(self.dtype)?;
+        let mut x = x.to_device(&self.device)?.to_dtype(self.dtype)?;
         for i in layers {
             let mut cache = KvCache::new(2, t.max(1));
             x = self.layers[i]
                 .forward(&x, &ctx, &mut cache)
                 .in_layer(&format!("model.layers.{i}"))?;
         }
-        Ok(x)
+        Ok(x.to_device(&Device::Cpu)?)
     }
 
     /// Quantizes every linear layer whose name contains one of `filter` (all when empty),
@@ -574,6 +595,22 @@ impl<'a> StepCtx<'a> {
 }
 
 impl DecoderLayer {
+    /// Moves every tensor of the layer to `device`.
+    fn move_to(&mut self, device: &Device) -> Result<()> {
+        let mv = |t: &mut Tensor| -> Result<()> {
+            *t = t.to_device(device)?;
+            Ok(())
+        };
+        mv(&mut self.input_norm)?;
+        mv(&mut self.post_norm)?;
+        for t in [&mut self.q_norm, &mut self.k_norm].into_iter().flatten() {
+            mv(t)?;
+        }
+        self.attn.qkv.move_to(device)?;
+        self.attn.o.move_to(device)?;
+        self.ffn.move_to(device)
+    }
+
     /// Quantizes this layer's linears whose name contains one of `filter` (all when empty);
     /// returns how many.
     fn apply_isq(&mut self, ty: IsqType, filter: &[String]) -> Result<usize> {

@@ -236,6 +236,15 @@ impl QuantMethod for Fp8Linear {
         Ok(Arc::new(q))
     }
 
+    fn to_device(&self, device: &Device) -> Result<Arc<dyn QuantMethod>> {
+        Ok(Arc::new(Self {
+            w: self.w.to_device(device)?,
+            scale: self.scale.to_device(device)?,
+            b: self.b.as_ref().map(|b| b.to_device(device)).transpose()?,
+            ..self.clone()
+        }))
+    }
+
     fn scale_block(&self) -> Option<[usize; 2]> {
         (!self.per_tensor).then_some(self.block)
     }

@@ -82,6 +82,18 @@ pub trait QuantMethod: Send + Sync + Debug {
     /// Shape mismatch or a kernel error.
     fn add_delta_w(&self, delta: &Tensor) -> Result<Arc<dyn QuantMethod>>;
 
+    /// The layer with its tensors on `device`.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`] for formats without a device path yet; copy errors.
+    fn to_device(&self, device: &Device) -> Result<Arc<dyn QuantMethod>> {
+        let _ = device;
+        Err(Error::Unsupported {
+            what: format!("{} weights on a CUDA device", self.format()),
+            by: "this build (load dense weights with --dtype bf16 or f32)".into(),
+        })
+    }
+
     /// Block of the per-block scales a format keeps (FP8), when it is not one scale for the
     /// whole weight.
     fn scale_block(&self) -> Option<[usize; 2]> {

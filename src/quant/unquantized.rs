@@ -105,6 +105,13 @@ impl QuantMethod for UnquantLinear {
         }
     }
 
+    fn to_device(&self, device: &Device) -> Result<Arc<dyn QuantMethod>> {
+        Ok(Arc::new(Self {
+            w: self.w.to_device(device)?,
+            b: self.b.as_ref().map(|b| b.to_device(device)).transpose()?,
+        }))
+    }
+
     fn add_delta_w(&self, delta: &Tensor) -> Result<Arc<dyn QuantMethod>> {
         check_delta(self, delta)?;
         let w = (self.w.to_dtype(DType::F32)? + delta.to_dtype(DType::F32)?)?;

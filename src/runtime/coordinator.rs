@@ -185,6 +185,9 @@ pub enum LocalTransport {
     Grpc,
     /// Real shared-memory segments.
     Shm,
+    /// NCCL on CUDA devices `0..world`, one per rank (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    Nccl,
 }
 
 /// A running cluster: the coordinator and its ranks, local or remote.
@@ -208,6 +211,18 @@ impl Cluster {
                 .into_iter()
                 .map(|c| Arc::new(c) as Arc<dyn Communicator>)
                 .collect(),
+            #[cfg(feature = "cuda")]
+            LocalTransport::Nccl => {
+                tokio::task::spawn_blocking(move || crate::comm::nccl::group(world))
+                    .await
+                    .map_err(|e| Error::Rank {
+                        rank: 0,
+                        reason: format!("starting NCCL failed: {e}"),
+                    })??
+                    .into_iter()
+                    .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+                    .collect()
+            }
             t => {
                 let choice = if t == LocalTransport::Grpc {
                     TransportChoice::Grpc

@@ -10,6 +10,7 @@ pub mod gguf;
 pub mod memory;
 pub mod renamed;
 pub mod safetensors;
+pub mod synthetic;
 pub mod uqff;
 
 use std::fmt::Debug;

@@ -96,15 +96,24 @@ pub fn check_reference(
     reference: &Path,
     worlds: std::ops::RangeInclusive<usize>,
 ) -> Vec<Vec<Vec<f32>>> {
+    check_reference_on(label, spec, reference, worlds, LocalTransport::InProcess)
+}
+
+/// [`check_reference`] with ranks exchanging tensors over `transport`.
+pub fn check_reference_on(
+    label: &str,
+    spec: &LoadSpec,
+    reference: &Path,
+    worlds: std::ops::RangeInclusive<usize>,
+    transport: LocalTransport,
+) -> Vec<Vec<Vec<f32>>> {
     let rt = rt();
     let reference = json(reference);
     let cases = reference["cases"].as_array().unwrap();
     let mut first: Vec<Vec<Vec<f32>>> = Vec::new();
     for world in worlds {
         rt.block_on(async {
-            let c = Cluster::local(world, LocalTransport::InProcess)
-                .await
-                .unwrap();
+            let c = Cluster::local(world, transport).await.unwrap();
             c.load(spec.clone()).await.unwrap();
             for (k, case) in cases.iter().enumerate() {
                 let input = ids(&case["input_ids"]);

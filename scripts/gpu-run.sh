@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs the GPU checks and benchmarks on the GPU machine in one go (one `device` call):
+#   1. unpacks the `cuda` binary that scripts/setup-cuda.sh --pack gpu-bin made here;
+#   2. finds NCCL and the CUDA 13 runtime in the machine's Python packages (nvidia.nccl,
+#      nvidia.cu13), with NCCL_NVLS_ENABLE=0 always set;
+#   3. runs `shardwise bench nccl` (which first checks every collective against host
+#      arithmetic) and PyTorch's torch.distributed NCCL all-reduce, same sizes, same call.
+# Output lines: `<who> <bytes> <mean_us> <busbw_GBps>`; everything also goes to $OUT/ if set.
+#
+#   GPU_BIN   packed binary (default gpu-bin/shardwise.gz)
+#   SIZES     message sizes (default 8K,64K,1M,16M,256M,1G)
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+ROOT="$(cd "$HERE/.." && pwd)"
+GPU_BIN="${GPU_BIN:-$ROOT/gpu-bin/shardwise.gz}"
+SIZES="${SIZES:-8K,64K,1M,16M,256M,1G}"
+OUT="${OUT:-$(mktemp -d)}"
+
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+lib_of() { python3 -c "import $1 as m,os;print(os.path.join(list(m.__path__)[0],'lib'))" 2>/dev/null || true; }
+NCCL_DIR="$(lib_of nvidia.nccl)"
+CU13="$(lib_of nvidia.cu13)"
+export LD_LIBRARY_PATH="${NCCL_DIR:+$NCCL_DIR:}${CU13:+$CU13:}${LD_LIBRARY_PATH:-}"
+
+BIN="$OUT/shardwise"
+gzip -dc "$GPU_BIN" > "$BIN"
+chmod +x "$BIN"
+WORLD="$(nvidia-smi -L | wc -l)"
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    echo "world $WORLD, sizes $SIZES"
+    "$BIN" bench nccl --world "$WORLD" --sizes "$SIZES" --dtype bf16
+    python3 "$HERE/bench/torch_nccl_allreduce.py" --world "$WORLD" --sizes "$SIZES" --dtype bf16
+} 2>&1 | tee "$OUT/gpu-run.log"

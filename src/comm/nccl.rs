@@ -1,0 +1,254 @@
+//! NCCL collectives on CUDA tensors (cargo feature `cuda`), through cudarc.
+//!
+//! [`NcclComm`] implements [`Communicator`] on device buffers: the all-reduce, all-gather and
+//! broadcast run as candle custom ops whose CUDA path hands the tensor's device memory to
+//! NCCL on the device's stream, so nothing is staged through the host. Rank 0 creates the
+//! unique id ([`new_unique_id`]); every rank passes the same 128 bytes to [`NcclComm::init`]
+//! (in-process ranks share it directly, remote ranks get it through the control plane).
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::CudaStorage;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor};
+use cudarc::nccl::safe::{Comm, Id, ReduceOp};
+
+use super::Communicator;
+use crate::error::{Error, Result};
+
+/// Bytes of an NCCL unique id.
+pub const ID_BYTES: usize = 128;
+
+/// A fresh NCCL unique id (rank 0 makes it; every rank initialises with the same bytes).
+///
+/// # Errors
+/// NCCL cannot be loaded or has no usable network/device.
+pub fn new_unique_id() -> Result<[u8; ID_BYTES]> {
+    let id = Id::new().map_err(|e| nccl_err(0, "unique id", e))?;
+    Ok(id.internal().map(|c| c as u8))
+}
+
+fn nccl_err(rank: usize, op: &'static str, e: impl std::fmt::Debug) -> Error {
+    Error::Comm {
+        rank,
+        op,
+        reason: format!("NCCL: {e:?}"),
+    }
+}
+
+/// The NCCL communicator handle. NCCL allows a communicator to be used from any thread as
+/// long as calls on it do not overlap; the mutex in [`NcclComm`] serialises them.
+struct SharedComm(Comm);
+
+// SAFETY: the raw communicator pointer is only used under `NcclComm::comm`'s mutex, one call
+// at a time, which is NCCL's requirement for using a communicator from several threads.
+unsafe impl Send for SharedComm {}
+// SAFETY: as above; `&SharedComm` is never used without holding the mutex.
+unsafe impl Sync for SharedComm {}
+
+/// One rank of an NCCL group, bound to one CUDA device.
+pub struct NcclComm {
+    comm: Arc<Mutex<SharedComm>>,
+    rank: usize,
+    world: usize,
+    device: Device,
+}
+
+impl std::fmt::Debug for NcclComm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "NcclComm(rank {} of {}, {:?})",
+            self.rank, self.world, self.device
+        )
+    }
+}
+
+impl NcclComm {
+    /// Joins the group `id` as `rank` of `world` on CUDA device `ordinal`. Blocks until every
+    /// rank has joined (NCCL's own initialisation).
+    ///
+    /// # Errors
+    /// No such device, or NCCL initialisation fails.
+    pub fn init(rank: usize, world: usize, ordinal: usize, id: &[u8; ID_BYTES]) -> Result<Self> {
+        let device = Device::new_cuda(ordinal)?;
+        let stream = device.as_cuda_device()?.cuda_stream();
+        let id = Id::uninit(id.map(|b| b as core::ffi::c_char));
+        let comm =
+            Comm::from_rank(stream, rank, world, id).map_err(|e| nccl_err(rank, "init", e))?;
+        Ok(Self {
+            comm: Arc::new(Mutex::new(SharedComm(comm))),
+            rank,
+            world,
+            device,
+        })
+    }
+
+    /// The CUDA device of this rank.
+    pub fn cuda_device(&self) -> &Device {
+        &self.device
+    }
+
+    fn run(&self, op: Kind, t: &Tensor) -> Result<Tensor> {
+        let guard = self.comm.lock().map_err(|_| Error::Comm {
+            rank: self.rank,
+            op: op.name(),
+            reason: "a previous NCCL call panicked".into(),
+        })?;
+        let t = t.contiguous()?;
+        Ok(t.apply_op1_no_bwd(&NcclOp {
+            comm: &guard.0,
+            kind: op,
+        })?)
+    }
+}
+
+/// Which collective a custom op runs.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    AllReduce,
+    /// Gathers equal-size flat pieces into `[world * n]`.
+    AllGather,
+    Broadcast(usize),
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::AllReduce => "all_reduce_sum",
+            Kind::AllGather => "all_gather",
+            Kind::Broadcast(_) => "broadcast",
+        }
+    }
+}
+
+struct NcclOp<'a> {
+    comm: &'a Comm,
+    kind: Kind,
+}
+
+impl CustomOp1 for NcclOp<'_> {
+    fn name(&self) -> &'static str {
+        self.kind.name()
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("NCCL {} needs a CUDA tensor", self.kind.name())
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (start, end) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("NCCL needs a contiguous tensor".into()))?;
+        let n = end - start;
+        let world = self.comm.world_size();
+        let dev = s.device().clone();
+        let err = |e: cudarc::nccl::result::NcclError| {
+            candle_core::Error::Msg(format!("NCCL {}: {e:?}", self.kind.name()))
+        };
+        macro_rules! run {
+            ($t:ty) => {{
+                let src = s.as_cuda_slice::<$t>()?.slice(start..end);
+                let (out_len, shape) = match self.kind {
+                    Kind::AllGather => (n * world, Shape::from(n * world)),
+                    _ => (n, l.shape().clone()),
+                };
+                // SAFETY: every element is written by the collective before it is read.
+                let mut dst = unsafe { dev.alloc::<$t>(out_len)? };
+                match self.kind {
+                    Kind::AllReduce => {
+                        self.comm
+                            .all_reduce(&src, &mut dst, &ReduceOp::Sum)
+                            .map_err(err)?;
+                    }
+                    Kind::AllGather => {
+                        self.comm.all_gather(&src, &mut dst).map_err(err)?;
+                    }
+                    Kind::Broadcast(root) => {
+                        self.comm
+                            .broadcast(&Some(src), &mut dst, root as i32)
+                            .map_err(err)?;
+                    }
+                }
+                Ok((CudaStorage::wrap_cuda_slice(dst, dev), shape))
+            }};
+        }
+        match s.dtype() {
+            DType::F32 => run!(f32),
+            DType::BF16 => run!(half::bf16),
+            DType::F16 => run!(half::f16),
+            DType::U32 => run!(u32),
+            d => candle_core::bail!("NCCL {}: dtype {d:?} is not supported", self.kind.name()),
+        }
+    }
+}
+
+impl Communicator for NcclComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        self.run(Kind::AllReduce, t)
+    }
+
+    fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
+        // Sizes along `dim` first (uneven splits), then every piece padded to the largest.
+        let len = t.dim(dim)?;
+        let sizes = Tensor::new(&[len as u32], &self.device)?;
+        let sizes: Vec<u32> = self.run(Kind::AllGather, &sizes)?.to_vec1()?;
+        let max = sizes.iter().copied().max().unwrap_or(0) as usize;
+        let padded = if len < max {
+            t.pad_with_zeros(dim, 0, max - len)?
+        } else {
+            t.clone()
+        };
+        let flat = self.run(Kind::AllGather, &padded.flatten_all()?)?;
+        let mut dims = padded.dims().to_vec();
+        dims.insert(0, self.world);
+        let all = flat.reshape(dims)?;
+        let pieces = sizes
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| all.get(r)?.narrow(dim, 0, n as usize))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&pieces, dim)?)
+    }
+
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        if root >= self.world {
+            return Err(Error::Comm {
+                rank: self.rank,
+                op: "broadcast",
+                reason: format!("root {root} is not in 0..{}", self.world),
+            });
+        }
+        self.run(Kind::Broadcast(root), t)
+    }
+
+    fn barrier(&self) -> Result<()> {
+        let one = Tensor::new(&[1f32], &self.device)?;
+        self.run(Kind::AllReduce, &one)?.to_vec1::<f32>()?;
+        Ok(())
+    }
+
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+}
+
+/// `world` NCCL ranks of this process on GPUs `0..world`, initialised together (NCCL's
+/// initialisation blocks until every rank has joined, so each joins on its own thread).
+///
+/// # Errors
+/// Fewer GPUs than ranks, or NCCL initialisation fails (naming the rank).
+pub fn group(world: usize) -> Result<Vec<NcclComm>> {
+    let id = new_unique_id()?;
+    super::each_rank((0..world).collect(), |r, _: usize| {
+        NcclComm::init(r, world, r, &id)
+    })
+}
