@@ -4,8 +4,10 @@
 #   2. finds NCCL and the CUDA 13 runtime in the machine's Python packages (nvidia.nccl,
 #      nvidia.cu13), with NCCL_NVLS_ENABLE=0 always set;
 #   3. runs `shardwise bench nccl` (which first checks every collective against host
-#      arithmetic) and PyTorch's torch.distributed NCCL all-reduce, same sizes, same call.
-# Output lines: `<who> <bytes> <mean_us> <busbw_GBps>`; everything also goes to $OUT/ if set.
+#      arithmetic) and PyTorch's torch.distributed NCCL all-reduce, same sizes, same call;
+#   4. runs the GPU tests (tests/gpu.rs, packed as gpu-bin/gpu-tests.gz) against the fixtures;
+#   5. times decode steps of a synthetic Llama-3-8B-shaped bf16 model at 1 and 2 GPUs.
+# All-reduce lines: `<who> <bytes> <mean_us> <busbw_GBps>`; everything also goes to $OUT/.
 #
 #   GPU_BIN   packed binary (default gpu-bin/shardwise.gz)
 #   SIZES     message sizes (default 8K,64K,1M,16M,256M,1G)
@@ -27,9 +29,22 @@ BIN="$OUT/shardwise"
 gzip -dc "$GPU_BIN" > "$BIN"
 chmod +x "$BIN"
 WORLD="$(nvidia-smi -L | wc -l)"
+# Every step runs even when an earlier one fails; a failure is printed and fails the script.
+FAILED=0
+step() { "$@" || { echo "FAILED ($?): $*"; FAILED=1; }; }
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     echo "world $WORLD, sizes $SIZES"
-    "$BIN" bench nccl --world "$WORLD" --sizes "$SIZES" --dtype bf16
-    python3 "$HERE/bench/torch_nccl_allreduce.py" --world "$WORLD" --sizes "$SIZES" --dtype bf16
+    step "$BIN" bench nccl --world "$WORLD" --sizes "$SIZES" --dtype bf16
+    step python3 "$HERE/bench/torch_nccl_allreduce.py" --world "$WORLD" --sizes "$SIZES" --dtype bf16
+    TESTS="$(dirname "$GPU_BIN")/gpu-tests.gz"
+    if [[ -f "$TESTS" ]]; then
+        gzip -dc "$TESTS" > "$OUT/gpu-tests" && chmod +x "$OUT/gpu-tests"
+        SHARDWISE_FIXTURES="$ROOT/tests/fixtures" step "$OUT/gpu-tests" --test-threads 1 --nocapture
+    fi
+    for n in $(seq 1 "$(( WORLD < 2 ? WORLD : 2 ))"); do
+        step "$BIN" bench decode --model synthetic:llama3-8b --local "$n" --transport nccl \
+            --dtype bf16 --batch "${BATCH:-1,8}" --context 512 --steps "${STEPS:-30}"
+    done
+    exit "$FAILED"
 } 2>&1 | tee "$OUT/gpu-run.log"

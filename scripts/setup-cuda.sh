@@ -42,6 +42,12 @@ if [[ -n "$PACK" ]]; then
     mkdir -p "$PACK"
     strip -o "$PACK/shardwise" "$BIN"
     gzip -f "$PACK/shardwise"
-    log "packed $PACK/shardwise.gz ($(du -h "$PACK/shardwise.gz" | cut -f1))"
+    # The GPU tests (tests/gpu.rs) as one executable, for scripts/gpu-run.sh.
+    TESTS="$(cargo test --release --features cuda --test gpu --no-run 2>&1 \
+        | sed -n 's/.*Executable tests\/gpu.rs (\(.*\))/\1/p' | tail -n 1)"
+    [[ -n "$TESTS" ]] || { log "error: no GPU test executable"; exit 1; }
+    strip -o "$PACK/gpu-tests" "$TESTS"
+    gzip -f "$PACK/gpu-tests"
+    log "packed $PACK/shardwise.gz and gpu-tests.gz ($(du -ch "$PACK"/*.gz | tail -n 1 | cut -f1))"
 fi
 echo "$BIN"

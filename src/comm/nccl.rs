@@ -166,7 +166,7 @@ impl CustomOp1 for NcclOp<'_> {
                     }
                     Kind::Broadcast(root) => {
                         self.comm
-                            .broadcast(&Some(src), &mut dst, root as i32)
+                            .broadcast(Some(&src), &mut dst, root as i32)
                             .map_err(err)?;
                     }
                 }

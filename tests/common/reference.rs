@@ -9,9 +9,13 @@ use shardwise::model::{SamplingParams, SeqStep};
 use shardwise::runtime::generate::{generate, perplexity, GenerateParams};
 use shardwise::runtime::{Cluster, LoadSpec, LocalTransport, StepRequest};
 
-/// `tests/fixtures`.
+/// `tests/fixtures` (`SHARDWISE_FIXTURES` overrides it for test binaries run on another
+/// machine, as scripts/gpu-run.sh does).
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    match std::env::var_os("SHARDWISE_FIXTURES") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+    }
 }
 
 /// A parsed JSON file.
