@@ -193,6 +193,9 @@ enum BenchCmd {
         /// Ranks (in this process).
         #[arg(long, default_value_t = 1)]
         local: usize,
+        /// Drive the rank servers of this ranks.toml instead of --local ranks.
+        #[arg(long)]
+        config: Option<PathBuf>,
         /// local, grpc, shm, or nccl (GPUs 0..N; `cuda` builds).
         #[arg(long, default_value = "local")]
         transport: String,
@@ -557,6 +560,7 @@ fn run(cli: Cli) -> shardwise::Result<()> {
                 BenchCmd::Decode {
                     model,
                     local,
+                    config,
                     transport,
                     dtype,
                     batch,
@@ -572,10 +576,15 @@ fn run(cli: Cli) -> shardwise::Result<()> {
                 unreachable!("a --local spec")
             };
             let dtype = parse_dtype(&dtype)?.unwrap_or(candle_core::DType::BF16);
+            let world = match &config {
+                Some(path) => ClusterConfig::load(path)?.world_size(),
+                None => world,
+            };
             let opts = shardwise::bench::decode::DecodeOpts {
                 model,
                 dtype,
                 world,
+                config,
                 transport,
                 batches: batch,
                 context,
@@ -583,10 +592,18 @@ fn run(cli: Cli) -> shardwise::Result<()> {
             };
             let rows = shardwise::bench::decode::run(&opts)?;
             #[cfg(feature = "cuda")]
-            let bw = if transport == LocalTransport::Nccl {
-                Some(shardwise::bench::decode::copy_bandwidth(0)?)
-            } else {
-                None
+            let bw = {
+                // Rank 0's GPU: a local NCCL rank's, or the device ranks.toml gives rank 0
+                // (rank servers on this host).
+                let gpu = match &opts.config {
+                    Some(path) => match ClusterConfig::load(path)?.ranks[0].device {
+                        shardwise::cluster::config::Device::Cuda(n) => Some(n),
+                        shardwise::cluster::config::Device::Cpu => None,
+                    },
+                    None => (transport == LocalTransport::Nccl).then_some(0),
+                };
+                gpu.map(shardwise::bench::decode::copy_bandwidth)
+                    .transpose()?
             };
             #[cfg(not(feature = "cuda"))]
             let bw: Option<f64> = None;

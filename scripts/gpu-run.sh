@@ -46,5 +46,16 @@ step() { "$@" || { echo "FAILED ($?): $*"; FAILED=1; }; }
         step "$BIN" bench decode --model synthetic:llama3-8b --local "$n" --transport nccl \
             --dtype bf16 --batch "${BATCH:-1,8}" --context 512 --steps "${STEPS:-30}"
     done
+    if (( WORLD >= 2 )); then
+        # One process per GPU (examples/ranks-2gpu.toml), NCCL id through the control plane.
+        export SHARDWISE_TOKEN="gpu-run-$RANDOM$RANDOM"
+        "$BIN" launch --config "$ROOT/examples/ranks-2gpu.toml" > "$OUT/launch.log" 2>&1 &
+        LAUNCH=$!
+        sleep 5
+        step "$BIN" bench decode --model synthetic:llama3-8b --config "$ROOT/examples/ranks-2gpu.toml" \
+            --dtype bf16 --batch "${BATCH:-1,8}" --context 512 --steps "${STEPS:-30}"
+        kill "$LAUNCH" 2>/dev/null; wait "$LAUNCH" 2>/dev/null || true
+        tail -n 5 "$OUT/launch.log"
+    fi
     exit "$FAILED"
 } 2>&1 | tee "$OUT/gpu-run.log"

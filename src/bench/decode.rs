@@ -22,8 +22,11 @@ pub struct DecodeOpts {
     pub model: PathBuf,
     /// Dense dtype of the weights.
     pub dtype: DType,
-    /// Ranks.
+    /// Ranks (in this process), unless `config` names rank servers.
     pub world: usize,
+    /// Drive the rank servers of this ranks.toml instead (one process per rank, e.g. one per
+    /// GPU, started by `shardwise launch`).
+    pub config: Option<PathBuf>,
     /// How they exchange tensors.
     pub transport: LocalTransport,
     /// Sequences per step.
@@ -61,7 +64,10 @@ pub fn run(opts: &DecodeOpts) -> Result<Vec<DecodeRow>> {
         .config
         .vocab_size;
     rt.block_on(async {
-        let c = Cluster::local(opts.world, opts.transport).await?;
+        let c = match &opts.config {
+            Some(path) => Cluster::connect(&crate::cluster::ClusterConfig::load(path)?).await?,
+            None => Cluster::local(opts.world, opts.transport).await?,
+        };
         let reports = c
             .load(LoadSpec {
                 model: opts.model.clone(),
@@ -118,7 +124,9 @@ pub fn run(opts: &DecodeOpts) -> Result<Vec<DecodeRow>> {
             })
             .await?;
         }
-        c.shutdown().await?;
+        if opts.config.is_none() {
+            c.shutdown().await?;
+        }
         Ok(rows)
     })
 }

@@ -380,23 +380,80 @@ impl ClusterConfig {
                 ),
             });
         }
-        let choice = match self.transport {
-            TransportPref::Auto => TransportChoice::Auto,
-            TransportPref::Grpc => TransportChoice::Grpc,
-            TransportPref::Shm => TransportChoice::Shm,
-            TransportPref::Nccl => {
+        let all_cuda = self
+            .ranks
+            .iter()
+            .all(|r| matches!(r.device, Device::Cuda(_)));
+        let nccl = match self.transport {
+            TransportPref::Nccl if !cfg!(feature = "cuda") => {
                 return Err(Error::Unsupported {
                     what: "transport = \"nccl\"".into(),
                     by: "this build (NCCL needs the `cuda` feature and CUDA devices)".into(),
                 })
             }
+            TransportPref::Nccl => {
+                if let Some(r) = self.ranks.iter().find(|r| r.device == Device::Cpu) {
+                    return Err(Error::Config {
+                        field: format!("rank {}: device", r.rank),
+                        reason: "transport = \"nccl\" needs a CUDA device on every rank".into(),
+                    });
+                }
+                true
+            }
+            TransportPref::Auto => all_cuda && cfg!(feature = "cuda"),
+            _ => false,
+        };
+        // The host transport: the collectives themselves, or (NCCL) the authenticated links
+        // that hand out NCCL's unique id.
+        let choice = match self.transport {
+            TransportPref::Grpc => TransportChoice::Grpc,
+            TransportPref::Shm => TransportChoice::Shm,
+            TransportPref::Auto | TransportPref::Nccl => TransportChoice::Auto,
         };
         let cfg = crate::comm::grpc::GrpcConfig {
             timeout: self.collective_timeout,
             connect_timeout: self.connect_timeout,
             ..crate::comm::grpc::GrpcConfig::new(self.resolve_token()?)
         };
-        select::connect(&self.collective_addrs(), rank, None, choice, &cfg)
+        let host = select::connect(&self.collective_addrs(), rank, None, choice, &cfg)?;
+        let device = self.ranks[rank].device;
+        #[cfg(not(feature = "cuda"))]
+        let _ = nccl;
+        match device {
+            Device::Cpu => Ok(host),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) if nccl => {
+                let world = self.world_size();
+                let id = if rank == 0 {
+                    crate::comm::nccl::new_unique_id()?
+                } else {
+                    [0u8; crate::comm::nccl::ID_BYTES]
+                };
+                let id = crate::comm::nccl::share_id(host.as_ref(), id)?;
+                tracing::info!("rank {rank}: NCCL collectives on cuda:{ordinal}");
+                Ok(Box::new(crate::comm::nccl::NcclComm::init(
+                    rank, world, ordinal, &id,
+                )?))
+            }
+            #[cfg(feature = "cuda")]
+            Device::Cuda(ordinal) => {
+                tracing::warn!(
+                    "rank {rank}: cuda:{ordinal} with host collectives (staged through host \
+                     memory): {}",
+                    if all_cuda {
+                        "the transport is not NCCL"
+                    } else {
+                        "not every rank has a CUDA device"
+                    }
+                );
+                Ok(Box::new(crate::comm::nccl::Staged::new(host, ordinal)?))
+            }
+            #[cfg(not(feature = "cuda"))]
+            Device::Cuda(ordinal) => Err(Error::Unsupported {
+                what: format!("rank {rank} on cuda:{ordinal}"),
+                by: "this build (CUDA ranks need the `cuda` feature)".into(),
+            }),
+        }
     }
 }
 

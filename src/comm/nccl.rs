@@ -241,6 +241,81 @@ impl Communicator for NcclComm {
     }
 }
 
+/// Hands rank 0's NCCL unique id to every rank over `host` (the cluster's authenticated
+/// collective links): 128 bytes broadcast as 128 f32 values.
+///
+/// # Errors
+/// The host transport's errors.
+pub fn share_id(host: &dyn Communicator, id: [u8; ID_BYTES]) -> Result<[u8; ID_BYTES]> {
+    let t = Tensor::from_vec(
+        id.iter().map(|&b| f32::from(b)).collect::<Vec<f32>>(),
+        ID_BYTES,
+        &Device::Cpu,
+    )?;
+    let got: Vec<f32> = host.broadcast(&t, 0)?.to_vec1()?;
+    let mut out = [0u8; ID_BYTES];
+    for (o, v) in out.iter_mut().zip(got) {
+        *o = v as u8;
+    }
+    Ok(out)
+}
+
+/// A CUDA rank whose collectives go through a host transport (gRPC or shared memory) when
+/// NCCL cannot be used: tensors are copied to host memory, exchanged, and copied back.
+#[derive(Debug)]
+pub struct Staged {
+    host: Box<dyn Communicator>,
+    device: Device,
+}
+
+impl Staged {
+    /// Wraps `host` for a rank computing on CUDA device `ordinal`.
+    ///
+    /// # Errors
+    /// No such device.
+    pub fn new(host: Box<dyn Communicator>, ordinal: usize) -> Result<Self> {
+        Ok(Self {
+            host,
+            device: Device::new_cuda(ordinal)?,
+        })
+    }
+
+    fn staged(&self, t: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let back = t.device().clone();
+        Ok(f(&t.to_device(&Device::Cpu)?)?.to_device(&back)?)
+    }
+}
+
+impl Communicator for Staged {
+    fn rank(&self) -> usize {
+        self.host.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.host.world_size()
+    }
+
+    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
+        self.staged(t, |x| self.host.all_reduce_sum(x))
+    }
+
+    fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
+        self.staged(t, |x| self.host.all_gather(x, dim))
+    }
+
+    fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
+        self.staged(t, |x| self.host.broadcast(x, root))
+    }
+
+    fn barrier(&self) -> Result<()> {
+        self.host.barrier()
+    }
+
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+}
+
 /// `world` NCCL ranks of this process on GPUs `0..world`, initialised together (NCCL's
 /// initialisation blocks until every rank has joined, so each joins on its own thread).
 ///
