@@ -144,6 +144,12 @@ pub fn launch(config_path: &Path, cfg: &ClusterConfig, exe: &Path) -> Result<()>
                 "launch: rank {rank} {}; stopping the others",
                 describe(status)
             );
+            if !status.success() {
+                // Let a coordinator see this rank's connection close before its neighbours'
+                // (their collectives fail on their own meanwhile): it names the first rank
+                // whose connection broke as the cause.
+                std::thread::sleep(Duration::from_millis(500));
+            }
             stop_all(&mut children);
             if status.success() {
                 return Ok(());

@@ -227,6 +227,10 @@ pub async fn serve_rank(cfg: ClusterConfig, rank: usize) -> Result<()> {
             rank,
             reason: format!("collective setup panicked: {e}"),
         })??;
+    let device = match comm.device() {
+        candle_core::Device::Cpu => "cpu".to_string(),
+        d => format!("{:?}", d.location()),
+    };
     let (actor, _) = rank::spawn(RankWorker::new(Arc::from(comm))).await?;
     let stop = Arc::new(Notify::new());
     let svc = Arc::new(ControlService {
@@ -242,7 +246,7 @@ pub async fn serve_rank(cfg: ClusterConfig, rank: usize) -> Result<()> {
         .await;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     tracing::info!(rank, %addr, "serving");
-    eprintln!("rank {rank}/{world}: serving control on {addr}");
+    eprintln!("rank {rank}/{world}: serving control on {addr}, computing on {device}");
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(1)))
         .http2_keepalive_timeout(Some(Duration::from_secs(3)))

@@ -141,12 +141,22 @@ async fn broadcast(
     Ok(replies.into_iter().flatten().collect())
 }
 
-/// When one rank process dies, a launcher stops its neighbours and their connections break
-/// too, sometimes before the coordinator has read the first one. After a short grace, the
-/// rank whose connection broke first is the cause; otherwise the error that arrived first.
+/// When one rank process dies, a survivor's collective can report the broken link before the
+/// coordinator has seen the dead rank's control session close, and a launcher then stops the
+/// neighbours, whose sessions break too. So with rank servers, an error waits a short grace
+/// for a broken session; the rank whose session broke first is the cause, else the error that
+/// arrived first. (In-process ranks cannot die alone: no wait.)
 async fn root_cause(handles: &[RankHandle], first: Error) -> Error {
-    if !handles.iter().any(|h| h.died_at().is_some()) {
+    const GRACE: Duration = Duration::from_millis(500);
+    if !handles.iter().any(|h| matches!(h, RankHandle::Remote(_))) {
         return first;
+    }
+    let t0 = tokio::time::Instant::now();
+    while !handles.iter().any(|h| h.died_at().is_some()) {
+        if t0.elapsed() >= GRACE {
+            return first;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let earliest = handles
