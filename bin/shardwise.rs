@@ -211,6 +211,9 @@ enum BenchCmd {
         /// Timed steps per batch size.
         #[arg(long, default_value_t = 30)]
         steps: usize,
+        /// Call the model on rank threads directly, without the coordinator and actors.
+        #[arg(long)]
+        direct: bool,
     },
     /// NCCL all-reduce latency and bus bandwidth on the local GPUs (feature `cuda`).
     #[cfg(feature = "cuda")]
@@ -566,6 +569,7 @@ fn run(cli: Cli) -> shardwise::Result<()> {
                     batch,
                     context,
                     steps,
+                    direct,
                 },
         } => {
             let ranks = Ranks {
@@ -590,7 +594,11 @@ fn run(cli: Cli) -> shardwise::Result<()> {
                 context,
                 steps,
             };
-            let rows = shardwise::bench::decode::run(&opts)?;
+            let rows = if direct {
+                shardwise::bench::decode::run_direct(&opts)?
+            } else {
+                shardwise::bench::decode::run(&opts)?
+            };
             #[cfg(feature = "cuda")]
             let bw = {
                 // Rank 0's GPU: a local NCCL rank's, or the device ranks.toml gives rank 0

@@ -11,6 +11,7 @@
 #
 #   GPU_BIN   packed binary (default gpu-bin/shardwise.gz)
 #   SIZES     message sizes (default 8K,64K,1M,16M,256M,1G)
+#   ONLY      `decode` to run only the decode benchmarks
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -35,16 +36,21 @@ step() { "$@" || { echo "FAILED ($?): $*"; FAILED=1; }; }
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     echo "world $WORLD, sizes $SIZES"
+    if [[ "${ONLY:-}" != decode ]]; then
     step "$BIN" bench nccl --world "$WORLD" --sizes "$SIZES" --dtype bf16
     step python3 "$HERE/bench/torch_nccl_allreduce.py" --world "$WORLD" --sizes "$SIZES" --dtype bf16
+    fi
     TESTS="$(dirname "$GPU_BIN")/gpu-tests.gz"
-    if [[ -f "$TESTS" ]]; then
+    if [[ -f "$TESTS" && "${ONLY:-}" != decode ]]; then
         gzip -dc "$TESTS" > "$OUT/gpu-tests" && chmod +x "$OUT/gpu-tests"
         SHARDWISE_FIXTURES="$ROOT/tests/fixtures" step "$OUT/gpu-tests" --test-threads 1 --nocapture
     fi
     for n in $(seq 1 "$(( WORLD < 2 ? WORLD : 2 ))"); do
-        step "$BIN" bench decode --model synthetic:llama3-8b --local "$n" --transport nccl \
-            --dtype bf16 --batch "${BATCH:-1,8}" --context 512 --steps "${STEPS:-30}"
+        for mode in "" --direct; do
+            echo "decode, $n GPU(s) ${mode:-through the runtime}"
+            step "$BIN" bench decode --model synthetic:llama3-8b --local "$n" --transport nccl \
+                --dtype bf16 --batch "${BATCH:-1,8}" --context 512 --steps "${STEPS:-30}" $mode
+        done
     done
     if (( WORLD >= 2 )); then
         # One process per GPU (examples/ranks-2gpu.toml), NCCL id through the control plane.

@@ -48,6 +48,70 @@ pub struct DecodeRow {
     pub weight_bytes: u64,
 }
 
+/// The same measurement without the runtime: `world` threads of this process each load their
+/// shard and call [`crate::model::Model::step`] in lockstep (the collectives keep them
+/// together), so the difference to [`run`] is the cost of the actors and their messages.
+///
+/// # Errors
+/// Load, step or collective errors.
+pub fn run_direct(opts: &DecodeOpts) -> Result<Vec<DecodeRow>> {
+    use std::sync::Arc;
+
+    use crate::comm::Communicator;
+    let comms: Vec<Arc<dyn Communicator>> = match opts.transport {
+        #[cfg(feature = "cuda")]
+        LocalTransport::Nccl => crate::comm::nccl::group(opts.world)?
+            .into_iter()
+            .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+            .collect(),
+        _ => crate::comm::LocalComm::group(opts.world)?
+            .into_iter()
+            .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+            .collect(),
+    };
+    let rows = crate::comm::each_rank(comms, |_, comm| {
+        let ck = crate::model::Checkpoint::open(&opts.model, Some(opts.dtype))?;
+        let vocab = ck.config.vocab_size;
+        let mut model =
+            crate::model::Model::load(&ck.config, ck.source.as_ref(), &ck.load_options(), comm)?;
+        let weight_bytes = model.weight_bytes();
+        let mut rows = Vec::new();
+        for &batch in &opts.batches {
+            let seqs = |pos: usize, n: usize| -> Vec<SeqStep> {
+                (0..batch)
+                    .map(|s| SeqStep {
+                        seq_id: s as u64,
+                        tokens: (0..n)
+                            .map(|k| ((s * 7919 + (pos + k) * 104_729) % vocab) as u32)
+                            .collect(),
+                        start_pos: pos,
+                        all_logits: false,
+                    })
+                    .collect()
+            };
+            model.step(&seqs(0, opts.context))?;
+            let mut pos = opts.context;
+            for _ in 0..3 {
+                model.step(&seqs(pos, 1))?;
+                pos += 1;
+            }
+            let t0 = Instant::now();
+            for _ in 0..opts.steps {
+                model.step(&seqs(pos, 1))?;
+                pos += 1;
+            }
+            rows.push(DecodeRow {
+                batch,
+                ms_per_step: t0.elapsed().as_secs_f64() * 1e3 / opts.steps.max(1) as f64,
+                weight_bytes,
+            });
+            (0..batch as u64).for_each(|s| model.release(s));
+        }
+        Ok(rows)
+    })?;
+    Ok(rows.into_iter().next().unwrap_or_default())
+}
+
 /// Runs the benchmark (builds its own tokio runtime).
 ///
 /// # Errors
