@@ -77,18 +77,7 @@ pub fn run_direct(opts: &DecodeOpts) -> Result<Vec<DecodeRow>> {
         let weight_bytes = model.weight_bytes();
         let mut rows = Vec::new();
         for &batch in &opts.batches {
-            let seqs = |pos: usize, n: usize| -> Vec<SeqStep> {
-                (0..batch)
-                    .map(|s| SeqStep {
-                        seq_id: s as u64,
-                        tokens: (0..n)
-                            .map(|k| ((s * 7919 + (pos + k) * 104_729) % vocab) as u32)
-                            .collect(),
-                        start_pos: pos,
-                        all_logits: false,
-                    })
-                    .collect()
-            };
+            let seqs = |pos: usize, n: usize| step_seqs(batch, pos, n, vocab);
             model.step(&seqs(0, opts.context))?;
             let mut pos = opts.context;
             for _ in 0..3 {
@@ -110,6 +99,20 @@ pub fn run_direct(opts: &DecodeOpts) -> Result<Vec<DecodeRow>> {
         Ok(rows)
     })?;
     Ok(rows.into_iter().next().unwrap_or_default())
+}
+
+/// `batch` sequences' tokens `pos..pos + n` (fixed pseudo-random ids below `vocab`).
+fn step_seqs(batch: usize, pos: usize, n: usize, vocab: usize) -> Vec<SeqStep> {
+    (0..batch)
+        .map(|s| SeqStep {
+            seq_id: s as u64,
+            tokens: (0..n)
+                .map(|k| ((s * 7919 + (pos + k) * 104_729) % vocab) as u32)
+                .collect(),
+            start_pos: pos,
+            all_logits: false,
+        })
+        .collect()
 }
 
 /// Runs the benchmark (builds its own tokio runtime).
@@ -142,18 +145,7 @@ pub fn run(opts: &DecodeOpts) -> Result<Vec<DecodeRow>> {
         let weight_bytes = reports.first().map_or(0, |r| r.weight_bytes);
         let mut rows = Vec::new();
         for &batch in &opts.batches {
-            let seqs = |pos: usize, n: usize| -> Vec<SeqStep> {
-                (0..batch)
-                    .map(|s| SeqStep {
-                        seq_id: s as u64,
-                        tokens: (0..n)
-                            .map(|k| ((s * 7919 + (pos + k) * 104_729) % vocab) as u32)
-                            .collect(),
-                        start_pos: pos,
-                        all_logits: false,
-                    })
-                    .collect()
-            };
+            let seqs = |pos: usize, n: usize| step_seqs(batch, pos, n, vocab);
             c.step(StepRequest {
                 seqs: seqs(0, opts.context),
                 release: vec![],
