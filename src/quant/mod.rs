@@ -124,6 +124,15 @@ pub(crate) fn check_delta(layer: &dyn QuantMethod, delta: &Tensor) -> Result<()>
     Ok(())
 }
 
+/// `x @ w^T (+ bias)` through a dense weight, computed in `w`'s dtype and returned in `x`'s:
+/// the product of dense layers and of every format that expands its weight first.
+pub(crate) fn dense_product(w: Tensor, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    use candle_core::Module;
+    let in_dtype = x.dtype();
+    let y = candle_nn::Linear::new(w.clone(), None).forward(&x.to_dtype(w.dtype())?)?;
+    add_bias(y.to_dtype(in_dtype)?, bias)
+}
+
 /// Adds the bias (if any) to a matmul output.
 pub(crate) fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     Ok(match bias {

@@ -8,9 +8,9 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
-use super::{add_bias, check_delta, GgmlLinear, IsqType, QuantMethod};
+use super::{check_delta, GgmlLinear, IsqType, QuantMethod};
 use crate::error::{Error, Result};
 
 /// Values per MXFP4 block (one scale each).
@@ -170,10 +170,7 @@ impl QuantMethod for Mxfp4Linear {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let in_dtype = x.dtype();
-        let w = self.expanded(self.dtype)?;
-        let y = candle_nn::Linear::new(w, None).forward(&x.to_dtype(self.dtype)?)?;
-        add_bias(y.to_dtype(in_dtype)?, self.b.as_ref())
+        super::dense_product(self.expanded(self.dtype)?, x, self.b.as_ref())
     }
 
     fn dequantize_w(&self) -> Result<Tensor> {

@@ -2,9 +2,9 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
-use super::{add_bias, check_delta, GgmlLinear, IsqType, QuantMethod};
+use super::{check_delta, GgmlLinear, IsqType, QuantMethod};
 use crate::error::{Error, Result};
 
 /// A dense linear layer.
@@ -72,10 +72,7 @@ impl QuantMethod for UnquantLinear {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let in_dtype = x.dtype();
-        let y =
-            candle_nn::Linear::new(self.w.clone(), None).forward(&x.to_dtype(self.w.dtype())?)?;
-        add_bias(y.to_dtype(in_dtype)?, self.b.as_ref())
+        super::dense_product(self.w.clone(), x, self.b.as_ref())
     }
 
     fn dequantize_w(&self) -> Result<Tensor> {
