@@ -553,8 +553,8 @@ fn run(cli: Cli) -> shardwise::Result<()> {
             let dtype = parse_dtype(&dtype)?.unwrap_or(candle_core::DType::BF16);
             for r in shardwise::bench::nccl::run(world, &sizes, dtype)? {
                 println!(
-                    "shardwise-nccl {} {:.2} {:.1}",
-                    r.bytes, r.mean_us, r.busbw_gbps
+                    "{} {} {:.2} {:.1}",
+                    r.path, r.bytes, r.mean_us, r.busbw_gbps
                 );
             }
         }

@@ -23,6 +23,8 @@
 //! - [`proto`]: the wire protocol generated from `proto/shardwise.proto`.
 //! - [`app`]: the `generate` and `perplexity` jobs of the command line.
 //! - [`mod@bench`]: measurements behind `shardwise bench`.
+//! - `cuda` (feature `cuda`): how a rank's CUDA device is made, and NVRTC for the
+//!   project's own kernels (the peer-memory all-reduce).
 //! - [`threads`]: kernel threads per rank when ranks share a host's cores.
 //! - [`error`]: one error type carrying file, tensor, rank and layer context.
 
@@ -30,6 +32,8 @@ pub mod app;
 pub mod bench;
 pub mod cluster;
 pub mod comm;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 mod fsutil;
 pub mod layers;

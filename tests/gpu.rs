@@ -1,7 +1,9 @@
 //! CUDA ranks with NCCL (built with `--features cuda`, run on the GPU machine by
 //! `scripts/gpu-run.sh`): the tiny transformers fixtures on GPUs at one and two ranks against
 //! the same references the CPU tests use (f32: logits within 1e-3, identical greedy tokens),
-//! and bf16 at two ranks against one within bf16 tolerance.
+//! and bf16 at two ranks against one within bf16 tolerance; the peer-memory all-reduce against
+//! host sums of fresh random inputs, and its deadline naming a rank that never arrives; decode
+//! steps replayed as CUDA graphs against the same steps run eagerly.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -74,4 +76,166 @@ fn bf16_two_gpus_match_one_within_bf16_tolerance() {
     // bf16 keeps 8 bits of mantissa (2^-8 = 0.4%); two ranks sum in another order.
     assert!(rel <= 2e-2, "two GPUs are {rel} from one in bf16");
     eprintln!("bf16: two GPUs are {rel} (relative) from one");
+}
+
+/// Every call's inputs, drawn fresh on the host, and every rank's result, for `calls`
+/// all-reduces issued back to back (no synchronisation between them).
+fn back_to_back(
+    comms: &[shardwise::comm::nccl::NcclComm],
+    n: usize,
+    dtype: DType,
+    calls: usize,
+) -> Vec<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+    use shardwise::comm::Communicator;
+    shardwise::comm::each_rank(comms.iter().collect(), |_, c| {
+        let dev = c.cuda_device();
+        let xs = (0..calls)
+            .map(|_| {
+                candle_core::Tensor::randn(0f32, 1.0, n, &candle_core::Device::Cpu)?.to_dtype(dtype)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let outs = xs
+            .iter()
+            .map(|x| c.all_reduce_sum(&x.to_device(dev)?))
+            .collect::<shardwise::Result<Vec<_>>>()?;
+        let f32s = |ts: &[candle_core::Tensor]| {
+            ts.iter()
+                .map(|t| t.to_dtype(DType::F32)?.to_vec1::<f32>())
+                .collect::<candle_core::Result<Vec<_>>>()
+        };
+        Ok((f32s(&xs)?, f32s(&outs)?))
+    })
+    .unwrap()
+}
+
+#[test]
+fn peer_all_reduce_matches_host_sums_back_to_back() {
+    if gpus() < 2 {
+        eprintln!("skipped: one GPU");
+        return;
+    }
+    let world = gpus().min(4);
+    let comms = shardwise::comm::nccl::group(world).unwrap();
+    assert!(
+        comms.iter().all(|c| c.has_peer_path()),
+        "the peer-memory path did not come up on {world} GPUs"
+    );
+    let max = shardwise::comm::peer::MAX_BYTES;
+    for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 8e-3), (DType::F16, 1e-3)] {
+        for n in [1, 7, 4096, 65_537, max / dtype.size_in_bytes()] {
+            let per_rank = back_to_back(&comms, n, dtype, 24);
+            for call in 0..24 {
+                let first = &per_rank[0].1[call];
+                for (r, (_, outs)) in per_rank.iter().enumerate() {
+                    assert!(
+                        outs[call] == *first,
+                        "{dtype:?} n={n} call {call}: rank {r} differs from rank 0"
+                    );
+                }
+                for i in 0..n {
+                    let want: f64 = per_rank.iter().map(|(xs, _)| f64::from(xs[call][i])).sum();
+                    let got = f64::from(first[i]);
+                    assert!(
+                        (got - want).abs() <= tol * want.abs().max(1.0),
+                        "{dtype:?} n={n} call {call} element {i}: {got} against {want}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn peer_all_reduce_names_a_rank_that_never_arrives() {
+    use shardwise::comm::Communicator;
+    if gpus() < 2 {
+        eprintln!("skipped: one GPU");
+        return;
+    }
+    // The deadline is read when the group starts; only this group gets the short one.
+    std::env::set_var("SHARDWISE_PEER_DEADLINE_MS", "1500");
+    let comms = shardwise::comm::nccl::group(2);
+    std::env::remove_var("SHARDWISE_PEER_DEADLINE_MS");
+    let comms = comms.unwrap();
+    assert!(comms[0].has_peer_path());
+    let dev = comms[0].cuda_device();
+    let x = candle_core::Tensor::ones(1024, DType::F32, dev).unwrap();
+    // Rank 1 never calls: rank 0's kernel gives up after the deadline, and says who.
+    let t0 = std::time::Instant::now();
+    comms[0].all_reduce_sum(&x).unwrap();
+    dev.synchronize().unwrap();
+    let err = comms[0].all_reduce_sum(&x).unwrap_err().to_string();
+    assert!(err.contains("rank 1"), "{err}");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        t0.elapsed()
+    );
+    eprintln!("named after {:?}: {err}", t0.elapsed());
+}
+
+/// Greedy decode of `steps` tokens after a short prompt; every step's logits.
+fn greedy_logits(dir: &std::path::Path, world: usize, steps: usize) -> Vec<Vec<f32>> {
+    use shardwise::model::SeqStep;
+    use shardwise::runtime::StepRequest;
+    rt().block_on(async {
+        let c = Cluster::local(world, LocalTransport::Nccl).await.unwrap();
+        c.load(LoadSpec {
+            model: dir.to_path_buf(),
+            dtype: Some(DType::F32),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let (mut tokens, mut pos, mut out) = (vec![3u32, 17, 200, 45, 9], 0, Vec::new());
+        for _ in 0..steps {
+            let l = c
+                .step(StepRequest {
+                    seqs: vec![SeqStep {
+                        seq_id: 7,
+                        tokens: tokens.clone(),
+                        start_pos: pos,
+                        all_logits: false,
+                    }],
+                    release: vec![],
+                })
+                .await
+                .unwrap();
+            let row: Vec<f32> = l[0].flatten_all().unwrap().to_vec1().unwrap();
+            pos += tokens.len();
+            let next = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i as u32)
+                .unwrap();
+            tokens = vec![next];
+            out.push(row);
+        }
+        c.shutdown().await.unwrap();
+        out
+    })
+}
+
+#[test]
+fn decode_steps_replayed_as_cuda_graphs_match_eager_steps() {
+    let world = gpus().min(2);
+    assert!(world >= 1, "no CUDA device");
+    // 300 steps cross the caches' first capacity (256 positions): they grow and the step is
+    // captured again.
+    for name in ["tiny-llama", "tiny-qwen3", "tiny-qwen2", "tiny-mistral"] {
+        let dir = fixtures().join("models").join(name);
+        for w in 1..=world {
+            std::env::set_var("SHARDWISE_CUDA_GRAPH", "0");
+            let eager = greedy_logits(&dir, w, 300);
+            std::env::remove_var("SHARDWISE_CUDA_GRAPH");
+            let graphed = greedy_logits(&dir, w, 300);
+            let d = max_abs_diff(&eager, &graphed);
+            assert!(
+                d <= 1e-4,
+                "{name} at {w} GPU(s): graphs are {d} from eager steps"
+            );
+            eprintln!("{name} at {w} GPU(s): graphs within {d} of eager steps");
+        }
+    }
 }

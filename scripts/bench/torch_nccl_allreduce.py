@@ -49,6 +49,30 @@ def worker(rank, world, sizes, dtype, port):
         if rank == 0:
             busbw = 2 * (world - 1) / world * nbytes / dt_s / 1e9
             print(f"torch-nccl {nbytes} {dt_s * 1e6:.2f} {busbw:.1f}", flush=True)
+        if nbytes <= (1 << 20):
+            # The same calls captured in one CUDA graph and replayed (device time only).
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(3):
+                    dist.all_reduce(x)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for _ in range(it):
+                    dist.all_reduce(x)
+            g.replay()
+            torch.cuda.synchronize()
+            dist.barrier()
+            reps = 5
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                g.replay()
+            torch.cuda.synchronize()
+            dt_s = (time.perf_counter() - t0) / (reps * it)
+            if rank == 0:
+                busbw = 2 * (world - 1) / world * nbytes / dt_s / 1e9
+                print(f"torch-nccl-graph {nbytes} {dt_s * 1e6:.2f} {busbw:.1f}", flush=True)
     dist.destroy_process_group()
 
 

@@ -194,7 +194,7 @@ pub fn run(opts: &DecodeOpts) -> Result<Vec<DecodeRow>> {
 /// No such device.
 #[cfg(feature = "cuda")]
 pub fn copy_bandwidth(ordinal: usize) -> Result<f64> {
-    let dev = candle_core::Device::new_cuda(ordinal)?;
+    let dev = crate::cuda::device(ordinal)?;
     let x = candle_core::Tensor::zeros(1usize << 30, DType::BF16, &dev)?;
     let _ = x.copy()?;
     dev.synchronize()?;

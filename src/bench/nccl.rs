@@ -2,7 +2,9 @@
 //! [`NcclComm`] on the local GPUs, one rank per GPU on its own thread, plus a check of every
 //! collective against host arithmetic. `scripts/bench/torch_nccl_allreduce.py` measures
 //! PyTorch's NCCL all-reduce the same way (mean of back-to-back calls after a warm-up, one
-//! device synchronisation per batch).
+//! device synchronisation per batch). Messages up to 1 MiB are also timed inside a CUDA graph
+//! (`*-graph` rows), where the host's launch cost drops out as it does in a captured decode
+//! step.
 
 use std::time::Instant;
 
@@ -12,9 +14,12 @@ use crate::comm::nccl::{new_unique_id, NcclComm};
 use crate::comm::{each_rank, Communicator};
 use crate::error::{Error, Result};
 
-/// One message size.
+/// One message size through one path.
 #[derive(Debug, Clone)]
 pub struct NcclRow {
+    /// `shardwise` (what `all_reduce_sum` picks: peer memory for small messages when
+    /// available, NCCL otherwise) or `shardwise-nccl` (NCCL whatever the size).
+    pub path: &'static str,
     /// Message bytes.
     pub bytes: usize,
     /// Mean time per all-reduce, microseconds.
@@ -67,6 +72,19 @@ fn verify(comm: &NcclComm) -> Result<()> {
         .map(|(g, w)| (f64::from(*g) - w).abs())
         .fold(0.0, f64::max);
     check(r, "all_reduce_sum", err <= 1e-5, format!("max error {err}"))?;
+    // Back to back with no synchronisation, new values each call: a reused buffer half or
+    // a flag raised too early would show as a wrong sum.
+    let outs = (0..64)
+        .map(|c| comm.all_reduce_sum(&Tensor::new(vals(r + 1000 * c), dev)?))
+        .collect::<Result<Vec<_>>>()?;
+    for (c, out) in outs.iter().enumerate() {
+        let got: Vec<f32> = out.to_vec1()?;
+        let ok = got.iter().enumerate().all(|(i, g)| {
+            let want: f64 = (0..w).map(|k| f64::from(vals(k + 1000 * c)[i])).sum();
+            (f64::from(*g) - want).abs() <= 1e-5
+        });
+        check(r, "all_reduce_sum back to back", ok, format!("call {c}"))?;
+    }
     // Uneven all-gather along dim 1: rank k holds k + 1 columns of value k.
     let piece = Tensor::full(r as f32, (2, r + 1), dev)?;
     let all: Vec<Vec<f32>> = comm.all_gather(&piece, 1)?.to_vec2()?;
@@ -89,6 +107,50 @@ fn verify(comm: &NcclComm) -> Result<()> {
     comm.barrier()
 }
 
+fn graph_name(nccl_only: bool) -> &'static str {
+    if nccl_only {
+        "shardwise-nccl-graph"
+    } else {
+        "shardwise-graph"
+    }
+}
+
+/// Seconds per call of `once` when `it` calls are captured in one CUDA graph and replayed:
+/// the device's time, without the host's launch cost (how a decode step runs them).
+fn in_graph(comm: &NcclComm, it: usize, once: &dyn Fn() -> Result<Tensor>) -> Result<f64> {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags as F, CUstreamCaptureMode as M};
+    let dev = comm.cuda_device();
+    let stream = dev.as_cuda_device()?.cuda_stream();
+    let drv = |e: cudarc::driver::DriverError| Error::Comm {
+        rank: comm.rank(),
+        op: "graph",
+        reason: format!("{e:?}"),
+    };
+    stream
+        .begin_capture(M::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(drv)?;
+    let recorded = (0..it).try_for_each(|_| once().map(drop));
+    let graph = stream
+        .end_capture(F::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
+        .map_err(drv)?;
+    recorded?;
+    let graph = graph.ok_or_else(|| Error::Comm {
+        rank: comm.rank(),
+        op: "graph",
+        reason: "nothing was captured".into(),
+    })?;
+    graph.launch().map_err(drv)?;
+    dev.synchronize()?;
+    comm.barrier()?;
+    let reps = 5;
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        graph.launch().map_err(drv)?;
+    }
+    dev.synchronize()?;
+    Ok(t0.elapsed().as_secs_f64() / (reps * it) as f64)
+}
+
 /// Runs the benchmark on GPUs `0..world`; returns rank 0's rows.
 ///
 /// # Errors
@@ -104,24 +166,44 @@ pub fn run(world: usize, sizes: &[usize], dtype: DType) -> Result<Vec<NcclRow>> 
         for &bytes in sizes {
             let n = (bytes / dtype.size_in_bytes()).max(1);
             let x = Tensor::ones(n, dtype, dev)?;
-            for _ in 0..5 {
-                comm.all_reduce_sum(&x)?;
+            let mut paths: Vec<(&'static str, bool)> = vec![("shardwise", false)];
+            if comm.has_peer_path() && crate::comm::peer::PeerAllReduce::fits(&x) {
+                paths.push(("shardwise-nccl", true));
             }
-            dev.synchronize()?;
-            comm.barrier()?;
-            let it = iters_for(bytes);
-            let t0 = Instant::now();
-            for _ in 0..it {
-                comm.all_reduce_sum(&x)?;
+            for (path, nccl_only) in paths {
+                let once = || -> Result<Tensor> {
+                    if nccl_only {
+                        comm.all_reduce_nccl(&x)
+                    } else {
+                        comm.all_reduce_sum(&x)
+                    }
+                };
+                for _ in 0..5 {
+                    once()?;
+                }
+                dev.synchronize()?;
+                comm.barrier()?;
+                let it = iters_for(bytes);
+                let t0 = Instant::now();
+                for _ in 0..it {
+                    once()?;
+                }
+                dev.synchronize()?;
+                let eager = t0.elapsed().as_secs_f64() / it as f64;
+                let row = |path, secs: f64| NcclRow {
+                    path,
+                    bytes,
+                    mean_us: secs * 1e6,
+                    busbw_gbps: 2.0 * (world as f64 - 1.0) / world as f64 * bytes as f64
+                        / secs
+                        / 1e9,
+                };
+                rows.push(row(path, eager));
+                if bytes <= 1 << 20 {
+                    let graphed = in_graph(comm, it, &once)?;
+                    rows.push(row(graph_name(nccl_only), graphed));
+                }
             }
-            dev.synchronize()?;
-            let secs = t0.elapsed().as_secs_f64() / it as f64;
-            let w = world as f64;
-            rows.push(NcclRow {
-                bytes,
-                mean_us: secs * 1e6,
-                busbw_gbps: 2.0 * (w - 1.0) / w * bytes as f64 / secs / 1e9,
-            });
         }
         Ok(rows)
     })?;

@@ -9,6 +9,8 @@ pub mod links;
 pub mod local;
 #[cfg(feature = "cuda")]
 pub mod nccl;
+#[cfg(feature = "cuda")]
+pub mod peer;
 pub mod select;
 pub mod shm;
 pub mod shm_links;
@@ -54,6 +56,17 @@ pub trait Communicator: Send + Sync + Debug {
     /// Mismatched shapes or dtypes between ranks, or a peer is gone.
     fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor>;
 
+    /// [`Self::all_gather`] when the caller knows every rank's length along `dim`
+    /// (`sizes[r]` for rank `r`, e.g. from the split plan): a transport that would otherwise
+    /// exchange the lengths first skips that round trip.
+    ///
+    /// # Errors
+    /// `sizes` does not list this rank's length at its index; as [`Self::all_gather`].
+    fn all_gather_sized(&self, t: &Tensor, dim: usize, sizes: &[usize]) -> Result<Tensor> {
+        check_gather_sizes(self, t, dim, sizes)?;
+        self.all_gather(t, dim)
+    }
+
     /// Rank `root`'s `t`, returned on every rank. Every rank passes a tensor of the same
     /// shape and dtype (its content is ignored except on `root`).
     ///
@@ -89,6 +102,28 @@ pub(crate) fn mismatch(theirs: &Tensor, mine: &Tensor, skip: Option<usize>) -> O
             mine.dtype()
         )
     })
+}
+
+/// Checks that `sizes` has one entry per rank and this rank's entry is `t`'s length along
+/// `dim`.
+pub(crate) fn check_gather_sizes<C: Communicator + ?Sized>(
+    comm: &C,
+    t: &Tensor,
+    dim: usize,
+    sizes: &[usize],
+) -> Result<()> {
+    let len = t.dim(dim)?;
+    if sizes.len() != comm.world_size() || sizes.get(comm.rank()) != Some(&len) {
+        return Err(crate::Error::Comm {
+            rank: comm.rank(),
+            op: "all_gather",
+            reason: format!(
+                "sizes {sizes:?} do not fit {} ranks with this rank's {len} along dim {dim}",
+                comm.world_size()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// A tuning knob from the environment (`SHARDWISE_CHUNK_BYTES`, ...), or `default` when it is

@@ -52,6 +52,8 @@ pub struct NcclComm {
     rank: usize,
     world: usize,
     device: Device,
+    /// The one-shot all-reduce for small messages, when every rank could open every peer.
+    peer: Option<super::peer::PeerAllReduce>,
 }
 
 impl std::fmt::Debug for NcclComm {
@@ -71,17 +73,104 @@ impl NcclComm {
     /// # Errors
     /// No such device, or NCCL initialisation fails.
     pub fn init(rank: usize, world: usize, ordinal: usize, id: &[u8; ID_BYTES]) -> Result<Self> {
-        let device = Device::new_cuda(ordinal)?;
+        let device = crate::cuda::device(ordinal)?;
         let stream = device.as_cuda_device()?.cuda_stream();
         let id = Id::uninit(id.map(|b| b as core::ffi::c_char));
         let comm =
             Comm::from_rank(stream, rank, world, id).map_err(|e| nccl_err(rank, "init", e))?;
-        Ok(Self {
+        let mut me = Self {
             comm: Arc::new(Mutex::new(SharedComm(comm))),
             rank,
             world,
             device,
-        })
+            peer: None,
+        };
+        me.peer = me.open_peer_path()?;
+        Ok(me)
+    }
+
+    /// Sets up the peer-memory all-reduce with the other ranks (a collective: every rank
+    /// calls it, and all use it or none). `SHARDWISE_PEER_ALLREDUCE=0` opts a rank out, and
+    /// with it the group. Failing to set it up is not an error: NCCL serves every size.
+    fn open_peer_path(&self) -> Result<Option<super::peer::PeerAllReduce>> {
+        use super::peer::{PeerAllReduce, PeerBuffers, PeerInfo, INFO_WORDS, MAX_WORLD};
+        let stream = self.device.as_cuda_device()?.cuda_stream();
+        let wanted = std::env::var("SHARDWISE_PEER_ALLREDUCE").map_or(true, |v| v != "0")
+            && self.world > 1
+            && self.world <= MAX_WORLD;
+        let mine = if wanted {
+            PeerBuffers::new(stream.context())
+                .map_err(|e| tracing::warn!("rank {}: {e}", self.rank))
+                .ok()
+        } else {
+            None
+        };
+        let words = mine
+            .as_ref()
+            .map_or_else(|| vec![0u32; INFO_WORDS], |m| m.info().to_words());
+        let all: Vec<u32> = self
+            .run(Kind::AllGather, &Tensor::new(words, &self.device)?)?
+            .to_vec1()?;
+        let infos: Option<Vec<PeerInfo>> =
+            all.chunks(INFO_WORDS).map(PeerInfo::from_words).collect();
+        let opened = match (mine, infos) {
+            (Some(mine), Some(infos)) if infos.iter().all(|i| i.pid != 0) => {
+                PeerAllReduce::open(mine, &infos, self.rank, &stream)
+                    .map_err(|e| tracing::warn!("rank {}: {e}", self.rank))
+                    .ok()
+            }
+            _ => None,
+        };
+        let ok = Tensor::new(&[u32::from(opened.is_some())], &self.device)?;
+        let agreed: Vec<u32> = self.run(Kind::AllReduce, &ok)?.to_vec1()?;
+        if agreed.first().copied() == Some(self.world as u32) {
+            tracing::info!(
+                "rank {}: peer-memory all-reduce for messages up to {} KiB",
+                self.rank,
+                super::peer::MAX_BYTES >> 10
+            );
+            Ok(opened)
+        } else {
+            if wanted {
+                tracing::info!("rank {}: NCCL for every all-reduce", self.rank);
+            }
+            Ok(None)
+        }
+    }
+
+    /// Whether small all-reduces take the peer-memory path.
+    pub fn has_peer_path(&self) -> bool {
+        self.peer.is_some()
+    }
+
+    /// The all-reduce through NCCL whatever the size (benchmarks compare the two paths).
+    ///
+    /// # Errors
+    /// NCCL errors.
+    pub fn all_reduce_nccl(&self, t: &Tensor) -> Result<Tensor> {
+        self.run(Kind::AllReduce, t)
+    }
+
+    /// Every rank's piece of `t` along `dim` (`sizes[r]` long on rank `r`), each padded to
+    /// the longest for NCCL's equal-size gather.
+    fn gather_padded(&self, t: &Tensor, dim: usize, sizes: &[usize]) -> Result<Tensor> {
+        let len = t.dim(dim)?;
+        let max = sizes.iter().copied().max().unwrap_or(0);
+        let padded = if len < max {
+            t.pad_with_zeros(dim, 0, max - len)?
+        } else {
+            t.clone()
+        };
+        let flat = self.run(Kind::AllGather, &padded.flatten_all()?)?;
+        let mut dims = padded.dims().to_vec();
+        dims.insert(0, self.world);
+        let all = flat.reshape(dims)?;
+        let pieces = sizes
+            .iter()
+            .enumerate()
+            .map(|(r, &n)| all.get(r)?.narrow(dim, 0, n))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&pieces, dim)?)
     }
 
     /// The CUDA device of this rank.
@@ -193,30 +282,31 @@ impl Communicator for NcclComm {
     }
 
     fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        self.run(Kind::AllReduce, t)
+        match &self.peer {
+            Some(p) if super::peer::PeerAllReduce::fits(t) => {
+                let _serial = self.comm.lock().map_err(|_| Error::Comm {
+                    rank: self.rank,
+                    op: "all_reduce_sum",
+                    reason: "a previous collective panicked".into(),
+                })?;
+                p.all_reduce(t)
+            }
+            _ => self.run(Kind::AllReduce, t),
+        }
     }
 
     fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
-        // Sizes along `dim` first (uneven splits), then every piece padded to the largest.
+        // Sizes along `dim` first (uneven splits; a host round trip), then the pieces.
         let len = t.dim(dim)?;
         let sizes = Tensor::new(&[len as u32], &self.device)?;
         let sizes: Vec<u32> = self.run(Kind::AllGather, &sizes)?.to_vec1()?;
-        let max = sizes.iter().copied().max().unwrap_or(0) as usize;
-        let padded = if len < max {
-            t.pad_with_zeros(dim, 0, max - len)?
-        } else {
-            t.clone()
-        };
-        let flat = self.run(Kind::AllGather, &padded.flatten_all()?)?;
-        let mut dims = padded.dims().to_vec();
-        dims.insert(0, self.world);
-        let all = flat.reshape(dims)?;
-        let pieces = sizes
-            .iter()
-            .enumerate()
-            .map(|(r, &n)| all.get(r)?.narrow(dim, 0, n as usize))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&pieces, dim)?)
+        let sizes: Vec<usize> = sizes.into_iter().map(|s| s as usize).collect();
+        self.gather_padded(t, dim, &sizes)
+    }
+
+    fn all_gather_sized(&self, t: &Tensor, dim: usize, sizes: &[usize]) -> Result<Tensor> {
+        super::check_gather_sizes(self, t, dim, sizes)?;
+        self.gather_padded(t, dim, sizes)
     }
 
     fn broadcast(&self, t: &Tensor, root: usize) -> Result<Tensor> {
@@ -276,7 +366,7 @@ impl Staged {
     pub fn new(host: Box<dyn Communicator>, ordinal: usize) -> Result<Self> {
         Ok(Self {
             host,
-            device: Device::new_cuda(ordinal)?,
+            device: crate::cuda::device(ordinal)?,
         })
     }
 

@@ -119,6 +119,11 @@ pub struct ParallelLinear {
     /// Row-parallel bias, added once after the all-reduce.
     bias_after: Option<Tensor>,
     comm: Arc<dyn Communicator>,
+    /// Every rank's output width, when known, for the all-gather of `Reduce::AllGather`.
+    gather_sizes: Option<Vec<usize>>,
+    /// Dense parts on a GPU as one matrix (the parts are views of it): one product per
+    /// forward instead of one per part and a concatenation.
+    merged: Option<Arc<dyn QuantMethod>>,
 }
 
 impl ParallelLinear {
@@ -173,6 +178,8 @@ impl ParallelLinear {
                 reduce,
                 bias_after,
                 comm,
+                gather_sizes: None,
+                merged: None,
             })
         };
         inner().in_layer(name)
@@ -193,7 +200,17 @@ impl ParallelLinear {
             reduce,
             bias_after,
             comm,
+            gather_sizes: None,
+            merged: None,
         }
+    }
+
+    /// Tells a `Reduce::AllGather` layer every rank's output width (from the split plan),
+    /// so the gather need not exchange them first.
+    #[must_use]
+    pub fn with_gather_sizes(mut self, sizes: Vec<usize>) -> Self {
+        self.gather_sizes = Some(sizes);
+        self
     }
 
     /// Layer name.
@@ -232,22 +249,30 @@ impl ParallelLinear {
     /// Kernel or collective errors, naming the layer.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let run = || -> Result<Tensor> {
-            let ys = self
-                .parts
-                .iter()
-                .map(|p| p.forward(x))
-                .collect::<Result<Vec<_>>>()?;
-            let y = if ys.len() == 1 {
-                ys.into_iter().next().unwrap_or_else(|| unreachable!())
-            } else {
-                Tensor::cat(&ys, D::Minus1)?
+            let y = match &self.merged {
+                Some(m) => m.forward(x)?,
+                None => {
+                    let ys = self
+                        .parts
+                        .iter()
+                        .map(|p| p.forward(x))
+                        .collect::<Result<Vec<_>>>()?;
+                    if ys.len() == 1 {
+                        ys.into_iter().next().unwrap_or_else(|| unreachable!())
+                    } else {
+                        Tensor::cat(&ys, D::Minus1)?
+                    }
+                }
             };
             let y = match self.reduce {
                 Reduce::None => y,
                 Reduce::AllReduce => self.comm.all_reduce_sum(&y)?,
                 Reduce::AllGather => {
                     let last = y.rank() - 1;
-                    self.comm.all_gather(&y, last)?
+                    match &self.gather_sizes {
+                        Some(s) => self.comm.all_gather_sized(&y, last, s)?,
+                        None => self.comm.all_gather(&y, last)?,
+                    }
                 }
             };
             crate::quant::add_bias(y, self.bias_after.as_ref())
@@ -260,6 +285,14 @@ impl ParallelLinear {
     /// # Errors
     /// A format without a device path, naming the layer; copy errors.
     pub fn move_to(&mut self, device: &candle_core::Device) -> Result<()> {
+        if !device.is_cpu() && self.parts.len() > 1 {
+            if let Some((merged, views)) = merge_dense(&self.parts, device)? {
+                self.merged = Some(merged);
+                self.parts = views;
+                return Ok(());
+            }
+        }
+        self.merged = None;
         let parts = self
             .parts
             .iter()
@@ -288,6 +321,45 @@ impl ParallelLinear {
             .collect::<Result<Vec<_>>>()
             .in_layer(&self.name)?;
         self.parts = parts;
+        self.merged = None;
         Ok(())
     }
+}
+
+/// A merged matrix and the parts as views of it.
+type Merged = (Arc<dyn QuantMethod>, Vec<Arc<dyn QuantMethod>>);
+
+/// Dense parts of one dtype as one `[sum of outs, in]` matrix on `device` (biases likewise,
+/// when every part has one), and the parts as views of it. `None` when the parts are not
+/// all dense of one dtype, or only some have biases.
+fn merge_dense(
+    parts: &[Arc<dyn QuantMethod>],
+    device: &candle_core::Device,
+) -> Result<Option<Merged>> {
+    let Some(ws) = parts
+        .iter()
+        .map(|p| p.dense_weight())
+        .collect::<Option<Vec<&Tensor>>>()
+    else {
+        return Ok(None);
+    };
+    if ws.iter().any(|w| w.dtype() != ws[0].dtype()) {
+        return Ok(None);
+    }
+    let biases: Vec<&Tensor> = parts.iter().filter_map(|p| p.bias()).collect();
+    let bias = match biases.len() {
+        0 => None,
+        n if n == parts.len() => Some(Tensor::cat(&biases, 0)?.to_device(device)?),
+        _ => return Ok(None),
+    };
+    let w = Tensor::cat(&ws, 0)?.to_device(device)?;
+    let mut views: Vec<Arc<dyn QuantMethod>> = Vec::with_capacity(parts.len());
+    let mut at = 0;
+    for p in parts {
+        let n = p.shape().0;
+        let b = bias.as_ref().map(|b| b.narrow(0, at, n)).transpose()?;
+        views.push(Arc::new(UnquantLinear::new(w.narrow(0, at, n)?, b)?));
+        at += n;
+    }
+    Ok(Some((Arc::new(UnquantLinear::new(w, bias)?), views)))
 }

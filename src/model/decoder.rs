@@ -8,9 +8,9 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, IndexOp, Tensor, D};
-use candle_nn::kv_cache::KvCache;
 
 use super::config::ModelConfig;
+use super::kv::{KvShape, KvWrite, LayerCache, SeqCache};
 use super::rope::Rope;
 use crate::comm::Communicator;
 use crate::error::{Error, LayerContext, Result};
@@ -107,7 +107,7 @@ pub struct Model {
     rope: Rope,
     dtype: DType,
     device: Device,
-    caches: HashMap<u64, Vec<KvCache>>,
+    caches: HashMap<u64, SeqCache>,
 }
 
 /// The lm_head's vocabulary rows on `rank` (uneven when ranks do not divide the vocabulary).
@@ -284,8 +284,13 @@ impl Model {
             )],
             false,
             Reduce::AllGather,
-            comm,
-        )?;
+            comm.clone(),
+        )?
+        .with_gather_sizes(
+            (0..comm.world_size())
+                .map(|r| vocab_range(cfg.vocab_size, r, comm.world_size()).map(|v| v.len()))
+                .collect::<Result<Vec<_>>>()?,
+        );
         if !device.is_cpu() {
             lm_head.move_to(&device)?;
         }
@@ -354,15 +359,16 @@ impl Model {
             });
         }
         let n_layers = self.layers.len();
-        let caches = self
+        let mut cache = self
             .caches
-            .entry(s.seq_id)
-            .or_insert_with(|| (0..n_layers).map(|_| KvCache::new(2, 256)).collect());
+            .remove(&s.seq_id)
+            .unwrap_or_else(|| SeqCache::new(n_layers, &self.device));
         if s.start_pos == 0 {
-            caches.iter_mut().for_each(KvCache::reset);
+            cache.reset();
         }
-        let cached = caches.first().map_or(0, KvCache::current_seq_len);
-        if cached != s.start_pos {
+        if cache.len != s.start_pos {
+            let cached = cache.len;
+            self.caches.insert(s.seq_id, cache);
             return Err(Error::Config {
                 field: "start_pos".into(),
                 reason: format!(
@@ -371,8 +377,39 @@ impl Model {
                 ),
             });
         }
+        let out = self.run_seq(s, &mut cache);
+        if out.is_ok() {
+            cache.len += t;
+        }
+        // A failed step leaves the cache as it was before it (positions past `len` are
+        // never read).
+        self.caches.insert(s.seq_id, cache);
+        Ok(out?.to_device(&Device::Cpu)?)
+    }
+
+    /// Shape of this rank's fixed KV caches.
+    fn kv_shape(&self) -> KvShape {
+        let a = self
+            .layers
+            .first()
+            .map(|l| (l.attn.heads.kv_heads.len(), l.attn.dims.head_dim));
+        let (kv_heads, head_dim) = a.unwrap_or((0, self.cfg.head_dim));
+        KvShape {
+            kv_heads,
+            head_dim,
+            dtype: self.dtype,
+        }
+    }
+
+    /// One step of one sequence on its caches; f32 logits on this rank's device.
+    fn run_seq(&self, s: &SeqStep, cache: &mut SeqCache) -> Result<Tensor> {
+        let t = s.tokens.len();
+        cache.reserve(self.layers.len(), t, self.kv_shape(), &self.device)?;
+        #[cfg(feature = "cuda")]
+        if t == 1 && cache.capacity > 0 && self.graphable() && super::graph::enabled() {
+            return self.run_graphed(s, cache);
+        }
         let ids = Tensor::new(s.tokens.as_slice(), &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
         let ctx = StepCtx::new(
             &self.rope,
             &self.cfg,
@@ -381,23 +418,81 @@ impl Model {
             self.dtype,
             &self.device,
         )?;
-        let eps = ctx.eps;
+        self.body(&ids, &ctx, &mut cache.layers, s.all_logits)
+    }
+
+    /// Embedding, layers, norm and head: the whole step, eager or captured.
+    fn body(
+        &self,
+        ids: &Tensor,
+        ctx: &StepCtx<'_>,
+        caches: &mut [LayerCache],
+        all_logits: bool,
+    ) -> Result<Tensor> {
+        let t = ids.dim(0)?;
+        let mut x = self.embed.index_select(ids, 0)?.unsqueeze(0)?;
         for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
             x = layer
-                .forward(&x, &ctx, cache)
+                .forward(&x, ctx, cache)
                 .in_layer(&format!("model.layers.{i}"))?;
         }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?;
-        let x = if s.all_logits {
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, ctx.eps)?;
+        let x = if all_logits {
             x.i(0)?
         } else {
             x.i((0, t - 1..t))?
         };
-        Ok(self
-            .lm_head
-            .forward(&x)?
-            .to_dtype(DType::F32)?
-            .to_device(&Device::Cpu)?)
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+    }
+
+    /// Whether a decode step can be captured: MoE routing reads the router's choices on the
+    /// host, and a rank whose query heads straddle KV groups gathers them with an index
+    /// uploaded per step.
+    #[cfg(feature = "cuda")]
+    fn graphable(&self) -> bool {
+        self.layers.iter().all(|l| {
+            matches!(l.ffn, FeedForward::Dense(_)) && l.attn.heads.uniform_group().is_some()
+        })
+    }
+
+    /// A decode step through the sequence's CUDA graph (see [`super::graph`]).
+    #[cfg(feature = "cuda")]
+    fn run_graphed(&self, s: &SeqStep, cache: &mut SeqCache) -> Result<Tensor> {
+        let pos = s.start_pos;
+        let shape = self.kv_shape();
+        let half = self.cfg.head_dim / 2;
+        let mut graph = match cache.graph.take() {
+            Some(g) => g,
+            None => super::graph::DecodeGraph::new(cache.capacity, shape, half, &self.device)?,
+        };
+        let (cos, sin) = self.rope.tables(pos, 1, &self.device)?;
+        let window = self.cfg.sliding_window;
+        let mask = (0..cache.capacity)
+            .map(|j| {
+                let visible = j <= pos && window.is_none_or(|w| pos - j < w);
+                if visible {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect();
+        graph.set_inputs(s.tokens[0], pos, &cos, &sin, mask)?;
+        // The body writes the caches through the scatter index only, so it can be replayed.
+        let layers = &mut cache.layers;
+        let out = graph.run(|inputs| {
+            let ctx = StepCtx {
+                rope: &self.rope,
+                cos: inputs.cos.clone(),
+                sin: inputs.sin.clone(),
+                mask: Some(inputs.mask.clone()),
+                eps: self.cfg.rms_norm_eps as f32,
+                write: KvWrite::Indexed(&inputs.idx),
+            };
+            self.body(&inputs.ids, &ctx, layers, false)
+        });
+        cache.graph = Some(graph);
+        out
     }
 
     /// Runs decoder layers `layers` on hidden states `x` (`[1, t, hidden]`, positions from 0,
@@ -416,7 +511,7 @@ impl Model {
         let ctx = StepCtx::new(&self.rope, &self.cfg, 0, t, self.dtype, &self.device)?;
         let mut x = x.to_device(&self.device)?.to_dtype(self.dtype)?;
         for i in layers {
-            let mut cache = KvCache::new(2, t.max(1));
+            let mut cache = LayerCache::growing(t);
             x = self.layers[i]
                 .forward(&x, &ctx, &mut cache)
                 .in_layer(&format!("model.layers.{i}"))?;
@@ -568,10 +663,13 @@ fn causal_mask(
 /// What every layer of one step shares: rotary tables and mask for the step's positions.
 struct StepCtx<'a> {
     rope: &'a Rope,
+    /// Rotary rows, in the model's dtype.
     cos: Tensor,
     sin: Tensor,
     mask: Option<Tensor>,
     eps: f32,
+    /// Where fixed KV caches take this step's keys and values.
+    write: KvWrite<'a>,
 }
 
 impl<'a> StepCtx<'a> {
@@ -586,10 +684,11 @@ impl<'a> StepCtx<'a> {
         let (cos, sin) = rope.tables(start, t, device)?;
         Ok(Self {
             rope,
-            cos,
-            sin,
+            cos: cos.to_dtype(dtype)?,
+            sin: sin.to_dtype(dtype)?,
             mask: causal_mask(t, start, cfg.sliding_window, dtype, device)?,
             eps: cfg.rms_norm_eps as f32,
+            write: KvWrite::At(start),
         })
     }
 }
@@ -630,7 +729,7 @@ impl DecoderLayer {
         Ok(n)
     }
 
-    fn forward(&self, x: &Tensor, ctx: &StepCtx<'_>, cache: &mut KvCache) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, ctx: &StepCtx<'_>, cache: &mut LayerCache) -> Result<Tensor> {
         let eps = ctx.eps;
         let h = candle_nn::ops::rms_norm(x, &self.input_norm, eps)?;
         let a = self.attention(&h, ctx, cache)?;
@@ -639,7 +738,7 @@ impl DecoderLayer {
         Ok((&x + self.ffn.forward(&h)?)?)
     }
 
-    fn attention(&self, x: &Tensor, ctx: &StepCtx<'_>, cache: &mut KvCache) -> Result<Tensor> {
+    fn attention(&self, x: &Tensor, ctx: &StepCtx<'_>, cache: &mut LayerCache) -> Result<Tensor> {
         let eps = ctx.eps;
         let (b, t, _) = x.dims3()?;
         let hd = self.attn.dims.head_dim;
@@ -655,16 +754,40 @@ impl DecoderLayer {
         let q = ctx.rope.apply(&q.transpose(1, 2)?, &ctx.cos, &ctx.sin)?;
         let k = ctx.rope.apply(&k.transpose(1, 2)?, &ctx.cos, &ctx.sin)?;
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let (k, v) = cache.append(&k, &v)?;
-        let k = crate::layers::expand_kv(&k, &self.attn.heads)?;
-        let v = crate::layers::expand_kv(&v, &self.attn.heads)?;
+        let (k, v) = cache.append(&k, &v, ctx.write)?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut att = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(m) = &ctx.mask {
-            att = att.broadcast_add(m)?;
-        }
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&v.contiguous()?)?;
+        let y = match self.attn.heads.uniform_group() {
+            // Each KV head's `g` query heads as `g` rows of one product: no copies of the
+            // keys and values per query head.
+            Some(g) if g > 1 => {
+                let q = q.contiguous()?.reshape((b, nkv, g * t, hd))?;
+                let att = (q.matmul(&k.t()?)? * scale)?;
+                let att = match &ctx.mask {
+                    Some(m) => {
+                        let l = att.dim(3)?;
+                        att.reshape((b, nkv, g, t, l))?.broadcast_add(m)?.reshape((
+                            b,
+                            nkv,
+                            g * t,
+                            l,
+                        ))?
+                    }
+                    None => att,
+                };
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                att.matmul(&v.contiguous()?)?.reshape((b, nq, t, hd))?
+            }
+            _ => {
+                let k = crate::layers::expand_kv(&k, &self.attn.heads)?;
+                let v = crate::layers::expand_kv(&v, &self.attn.heads)?;
+                let mut att = (q.matmul(&k.t()?)? * scale)?;
+                if let Some(m) = &ctx.mask {
+                    att = att.broadcast_add(m)?;
+                }
+                let att = candle_nn::ops::softmax_last_dim(&att)?;
+                att.matmul(&v.contiguous()?)?
+            }
+        };
         let y = y.transpose(1, 2)?.reshape((b, t, nq * hd))?;
         self.attn.o(&y)
     }

@@ -5,6 +5,9 @@
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
+#[cfg(feature = "cuda")]
+mod graph;
+mod kv;
 pub mod persist;
 pub mod rope;
 pub mod sampling;

@@ -63,6 +63,12 @@ pub trait QuantMethod: Send + Sync + Debug {
     /// The bias held by this layer, if any.
     fn bias(&self) -> Option<&Tensor>;
 
+    /// The `[out, in]` weight when the layer is stored dense (merged chunks on a GPU are
+    /// multiplied as one dense matrix; see `ParallelLinear::move_to`).
+    fn dense_weight(&self) -> Option<&Tensor> {
+        None
+    }
+
     /// Quantizes the layer in place of itself to `ty` (or the nearest type the shard's block
     /// alignment allows; see [`isq::choose`]). `layer` names it in warnings.
     ///

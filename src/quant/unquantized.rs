@@ -87,6 +87,10 @@ impl QuantMethod for UnquantLinear {
         self.b.as_ref()
     }
 
+    fn dense_weight(&self) -> Option<&Tensor> {
+        Some(&self.w)
+    }
+
     fn apply_isq(&self, ty: IsqType, layer: &str) -> Result<Arc<dyn QuantMethod>> {
         let (out, inp) = self.shape();
         match super::isq::choose(ty, inp, layer, out) {

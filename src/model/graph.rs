@@ -1,0 +1,179 @@
+//! A sequence's decode step as a CUDA graph (cargo feature `cuda`).
+//!
+//! A decode step launches about thirty kernels per layer; one at a time, the host's launch
+//! cost exceeds the GPU's work. So the step of one token is recorded once and replayed: its
+//! inputs (token, rotary rows, mask, cache position) live in device buffers written before
+//! each replay, the KV caches have a fixed capacity ([`super::kv`]) and attention reads all
+//! of it under a mask, and collectives are captured with the rest (NCCL and the peer-memory
+//! all-reduce both keep their state on the device). The first step of a capacity runs
+//! eagerly (loading kernels and library workspaces, which capture cannot), the second is
+//! captured and launched, later ones replay. A step that cannot be captured runs eagerly
+//! from then on, with a warning.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaStream};
+
+use super::kv::KvShape;
+use crate::error::{Error, Result};
+
+/// Device buffers a captured step reads its inputs from.
+#[derive(Debug)]
+pub(crate) struct GraphInputs {
+    /// Token id, `[1]` u32.
+    pub ids: Tensor,
+    /// Rotary rows of the position, `[1, head_dim / 2]` each, in the model's dtype.
+    pub cos: Tensor,
+    /// See `cos`.
+    pub sin: Tensor,
+    /// Additive mask over the capacity, `[1, capacity]`: 0 where attention may look.
+    pub mask: Tensor,
+    /// The position, repeated to the shape of one token's keys `[1, kv heads, 1, head_dim]`
+    /// (the scatter index of the cache write).
+    pub idx: Tensor,
+}
+
+/// A captured graph, owned by one sequence's cache.
+struct OwnedGraph(CudaGraph);
+
+// SAFETY: CUDA graphs may be used from any thread as long as calls on one graph are
+// serialised; `DecodeGraph` only touches it through `&mut self` (the rank's model is
+// behind its worker's mutex), so no two threads use it at once.
+unsafe impl Send for OwnedGraph {}
+// SAFETY: as above; a shared reference gives no access to the graph.
+unsafe impl Sync for OwnedGraph {}
+
+/// One sequence's captured decode step.
+pub(crate) struct DecodeGraph {
+    inputs: GraphInputs,
+    stream: Arc<CudaStream>,
+    eager_runs: usize,
+    /// The replayable step and the logits tensor it writes.
+    captured: Option<(OwnedGraph, Tensor)>,
+    /// Capture failed once: run eagerly.
+    eager_only: bool,
+}
+
+impl std::fmt::Debug for DecodeGraph {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DecodeGraph(captured: {}, eager only: {})",
+            self.captured.is_some(),
+            self.eager_only
+        )
+    }
+}
+
+fn driver(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Unsupported {
+        what: what.to_string(),
+        by: format!("the CUDA driver: {e:?}"),
+    }
+}
+
+/// Whether decode steps on CUDA are captured (`SHARDWISE_CUDA_GRAPH=0` turns it off).
+pub(crate) fn enabled() -> bool {
+    std::env::var("SHARDWISE_CUDA_GRAPH").map_or(true, |v| v != "0")
+}
+
+impl DecodeGraph {
+    /// Input buffers for caches of `capacity` positions of `shape`, rotary rows of `half`.
+    pub(crate) fn new(
+        capacity: usize,
+        shape: KvShape,
+        half: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let stream = device.as_cuda_device()?.cuda_stream();
+        Ok(Self {
+            inputs: GraphInputs {
+                ids: Tensor::zeros(1, DType::U32, device)?,
+                cos: Tensor::zeros((1, half), shape.dtype, device)?,
+                sin: Tensor::zeros((1, half), shape.dtype, device)?,
+                mask: Tensor::zeros((1, capacity), shape.dtype, device)?,
+                idx: Tensor::zeros((1, shape.kv_heads, 1, shape.head_dim), DType::U32, device)?,
+            },
+            stream,
+            eager_runs: 0,
+            captured: None,
+            eager_only: false,
+        })
+    }
+
+    /// Writes one step's inputs: `token` at `pos`, its rotary rows (`[1, half]`, any float
+    /// dtype) and the mask (`capacity` values, 0 or -inf).
+    pub(crate) fn set_inputs(
+        &self,
+        token: u32,
+        pos: usize,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: Vec<f32>,
+    ) -> Result<()> {
+        let i = &self.inputs;
+        let dev = i.ids.device();
+        let put = |dst: &Tensor, src: Tensor| -> Result<()> {
+            Ok(dst.slice_set(&src.to_dtype(dst.dtype())?.reshape(dst.shape())?, 0, 0)?)
+        };
+        put(&i.ids, Tensor::new(&[token], dev)?)?;
+        put(&i.cos, cos.clone())?;
+        put(&i.sin, sin.clone())?;
+        let cap = i.mask.dim(1)?;
+        put(&i.mask, Tensor::from_vec(mask, (1, cap), dev)?)?;
+        put(&i.idx, Tensor::full(pos as u32, i.idx.shape(), dev)?)?;
+        Ok(())
+    }
+
+    /// Runs the step `body` computes from the inputs: eagerly the first time, captured and
+    /// launched the second, replayed after. Returns the logits on the device.
+    ///
+    /// # Errors
+    /// The body's errors, or the driver's when launching.
+    pub(crate) fn run(
+        &mut self,
+        mut body: impl FnMut(&GraphInputs) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        if let Some((g, out)) = &self.captured {
+            g.0.launch()
+                .map_err(|e| driver("replaying the decode step", e))?;
+            return Ok(out.clone());
+        }
+        if self.eager_only || self.eager_runs == 0 {
+            self.eager_runs += 1;
+            return body(&self.inputs);
+        }
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| driver("capturing the decode step", e))?;
+        let out = body(&self.inputs);
+        let graph = self
+            .stream
+            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+        match (out, graph) {
+            (Ok(out), Ok(Some(g))) => {
+                g.launch()
+                    .map_err(|e| driver("launching the decode step", e))?;
+                self.captured = Some((OwnedGraph(g), out.clone()));
+                Ok(out)
+            }
+            (out, graph) => {
+                let why = match (&out, &graph) {
+                    (Err(e), _) => e.to_string(),
+                    (_, Err(e)) => format!("{e:?}"),
+                    _ => "the capture recorded nothing".into(),
+                };
+                tracing::warn!("decode step not captured as a CUDA graph ({why}); running eagerly");
+                // Tensors allocated inside a failed capture point at memory that never
+                // existed: freeing them would record a driver error. Leak the handles.
+                if let Ok(t) = out {
+                    std::mem::forget(t);
+                }
+                self.eager_only = true;
+                body(&self.inputs)
+            }
+        }
+    }
+}
