@@ -11,7 +11,7 @@
 #
 #   GPU_BIN   packed binary (default gpu-bin/shardwise.gz)
 #   SIZES     message sizes (default 8K,64K,1M,16M,256M,1G)
-#   ONLY      `decode` to run only the decode benchmarks
+#   ONLY      sections to run, comma-separated: nccl, tests, decode, launch (default all)
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -32,27 +32,30 @@ chmod +x "$BIN"
 WORLD="$(nvidia-smi -L | wc -l)"
 # Every step runs even when an earlier one fails; a failure is printed and fails the script.
 FAILED=0
-step() { "$@" || { echo "FAILED ($?): $*"; FAILED=1; }; }
+# Each step has a deadline (STEP_TIMEOUT seconds, default 240): a hang costs one step, not the
+# whole device call.
+want() { [[ -z "${ONLY:-}" || ",$ONLY," == *",$1,"* ]]; }
+step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED=1; }; }
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     echo "world $WORLD, sizes $SIZES"
-    if [[ "${ONLY:-}" != decode ]]; then
+    if want nccl; then
     step "$BIN" bench nccl --world "$WORLD" --sizes "$SIZES" --dtype bf16
     step python3 "$HERE/bench/torch_nccl_allreduce.py" --world "$WORLD" --sizes "$SIZES" --dtype bf16
     fi
     TESTS="$(dirname "$GPU_BIN")/gpu-tests.gz"
-    if [[ -f "$TESTS" && "${ONLY:-}" != decode ]]; then
+    if [[ -f "$TESTS" ]] && want tests; then
         gzip -dc "$TESTS" > "$OUT/gpu-tests" && chmod +x "$OUT/gpu-tests"
         SHARDWISE_FIXTURES="$ROOT/tests/fixtures" step "$OUT/gpu-tests" --test-threads 1 --nocapture
     fi
-    for n in $(seq 1 "$(( WORLD < 2 ? WORLD : 2 ))"); do
+    want decode && for n in $(seq 1 "$(( WORLD < 2 ? WORLD : 2 ))"); do
         for mode in "" --direct; do
             echo "decode, $n GPU(s) ${mode:-through the runtime}"
             step "$BIN" bench decode --model synthetic:llama3-8b --local "$n" --transport nccl \
                 --dtype bf16 --batch "${BATCH:-1,8}" --context 512 --steps "${STEPS:-30}" $mode
         done
     done
-    if (( WORLD >= 2 )); then
+    if (( WORLD >= 2 )) && want launch; then
         # One process per GPU (examples/ranks-2gpu.toml), NCCL id through the control plane.
         export SHARDWISE_TOKEN="gpu-run-$RANDOM$RANDOM"
         "$BIN" launch --config "$ROOT/examples/ranks-2gpu.toml" > "$OUT/launch.log" 2>&1 &

@@ -73,7 +73,10 @@ def worker(rank, world, sizes, dtype, port):
             if rank == 0:
                 busbw = 2 * (world - 1) / world * nbytes / dt_s / 1e9
                 print(f"torch-nccl-graph {nbytes} {dt_s * 1e6:.2f} {busbw:.1f}", flush=True)
-    dist.destroy_process_group()
+    torch.cuda.synchronize()
+    # Tearing the group down after graph capture can hang in some PyTorch/NCCL versions;
+    # everything is printed, so leave without it.
+    os._exit(0)
 
 
 def main():

@@ -48,6 +48,7 @@ const SRC: &str = r#"
 #define MAXW 8
 typedef unsigned long long u64;
 typedef unsigned short u16;
+struct __align__(16) V16 { unsigned a, b, c, d; };
 
 struct F32 { typedef float T;
   static __device__ __forceinline__ float ld(float x) { return x; }
@@ -66,12 +67,16 @@ __device__ __forceinline__ void st_release(unsigned* p, unsigned v) {
   asm volatile("st.release.sys.global.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory"); }
 
 // peers[0..MAXW): data buffers (two halves of `cap` elements); peers[MAXW..2*MAXW): flag
-// areas, one u32 per (block, source rank).
+// areas, one u32 per (block, source rank). Elements move in 16-byte chunks (one load per
+// peer per chunk, all peers' loads in flight together); the tail past the last whole chunk
+// belongs to block 0. Copy-in and reduction use the same chunk-to-block assignment, so a
+// block only reads what the same block of every peer wrote before raising its flag.
 template <typename K>
 __device__ void all_reduce(const typename K::T* in, typename K::T* out, const u64* peers,
                            unsigned* counters, unsigned* err, int rank, int world, u64 n,
                            u64 cap, u64 timeout) {
   typedef typename K::T T;
+  const int V = 16 / sizeof(T);
   __shared__ unsigned epoch;
   if (threadIdx.x == 0) { unsigned e = counters[blockIdx.x] + 1; counters[blockIdx.x] = e; epoch = e; }
   __syncthreads();
@@ -79,8 +84,18 @@ __device__ void all_reduce(const typename K::T* in, typename K::T* out, const u6
   const u64 half = (u64)(e & 1u) * cap;
   const u64 stride = (u64)gridDim.x * blockDim.x;
   const u64 first = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+  const u64 chunks = n / V;
   T* mine = (T*)peers[rank] + half;
-  for (u64 i = first; i < n; i += stride) mine[i] = in[i];
+  const bool aligned = (((u64)in) & 15) == 0;
+  for (u64 c = first; c < chunks; c += stride) {
+    if (aligned) {
+      ((V16*)mine)[c] = ((const V16*)in)[c];
+    } else {
+      for (int j = 0; j < V; ++j) mine[c * V + j] = in[c * V + j];
+    }
+  }
+  if (blockIdx.x == 0)
+    for (u64 i = chunks * V + threadIdx.x; i < n; i += blockDim.x) mine[i] = in[i];
   __syncthreads();
   if (threadIdx.x < (unsigned)world) {
     const int p = threadIdx.x;
@@ -93,11 +108,34 @@ __device__ void all_reduce(const typename K::T* in, typename K::T* out, const u6
     }
   }
   __syncthreads();
-  for (u64 i = first; i < n; i += stride) {
-    float acc = 0.f;
-    for (int w = 0; w < world; ++w) acc += K::ld(((const T*)peers[w] + half)[i]);
-    out[i] = K::st(acc);
+  for (u64 c = first; c < chunks; c += stride) {
+    V16 v[MAXW];
+#pragma unroll
+    for (int w = 0; w < MAXW; ++w)
+      if (w < world) v[w] = ((const V16*)((const T*)peers[w] + half))[c];
+    float acc[16 / sizeof(T)];
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc[j] = 0.f;
+#pragma unroll
+    for (int w = 0; w < MAXW; ++w) {
+      if (w < world) {
+        const T* x = (const T*)&v[w];
+#pragma unroll
+        for (int j = 0; j < V; ++j) acc[j] += K::ld(x[j]);
+      }
+    }
+    V16 o;
+    T* y = (T*)&o;
+#pragma unroll
+    for (int j = 0; j < V; ++j) y[j] = K::st(acc[j]);
+    ((V16*)out)[c] = o;
   }
+  if (blockIdx.x == 0)
+    for (u64 i = chunks * V + threadIdx.x; i < n; i += blockDim.x) {
+      float acc = 0.f;
+      for (int w = 0; w < world; ++w) acc += K::ld(((const T*)peers[w] + half)[i]);
+      out[i] = K::st(acc);
+    }
 }
 
 #define KERNEL(name, K) \

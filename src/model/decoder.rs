@@ -405,7 +405,6 @@ impl Model {
     fn run_seq(&self, s: &SeqStep, cache: &mut SeqCache) -> Result<Tensor> {
         let t = s.tokens.len();
         cache.reserve(self.layers.len(), t, self.kv_shape(), &self.device)?;
-        #[cfg(feature = "cuda")]
         if t == 1 && cache.capacity > 0 && self.graphable() && super::graph::enabled() {
             return self.run_graphed(s, cache);
         }
@@ -448,15 +447,14 @@ impl Model {
     /// Whether a decode step can be captured: MoE routing reads the router's choices on the
     /// host, and a rank whose query heads straddle KV groups gathers them with an index
     /// uploaded per step.
-    #[cfg(feature = "cuda")]
     fn graphable(&self) -> bool {
         self.layers.iter().all(|l| {
             matches!(l.ffn, FeedForward::Dense(_)) && l.attn.heads.uniform_group().is_some()
         })
     }
 
-    /// A decode step through the sequence's CUDA graph (see [`super::graph`]).
-    #[cfg(feature = "cuda")]
+    /// A decode step from the sequence's input buffers: through its CUDA graph on a GPU (see
+    /// [`super::graph`]), eagerly elsewhere (fixed caches on the CPU, for tests).
     fn run_graphed(&self, s: &SeqStep, cache: &mut SeqCache) -> Result<Tensor> {
         let pos = s.start_pos;
         let shape = self.kv_shape();

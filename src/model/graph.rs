@@ -1,4 +1,5 @@
-//! A sequence's decode step as a CUDA graph (cargo feature `cuda`).
+//! A sequence's decode step as a CUDA graph (the capture needs cargo feature `cuda`; without
+//! it, or on the CPU, the same step runs eagerly from the same input buffers).
 //!
 //! A decode step launches about thirty kernels per layer; one at a time, the host's launch
 //! cost exceeds the GPU's work. So the step of one token is recorded once and replayed: its
@@ -6,18 +7,14 @@
 //! each replay, the KV caches have a fixed capacity ([`super::kv`]) and attention reads all
 //! of it under a mask, and collectives are captured with the rest (NCCL and the peer-memory
 //! all-reduce both keep their state on the device). The first step of a capacity runs
-//! eagerly (loading kernels and library workspaces, which capture cannot), the second is
-//! captured and launched, later ones replay. A step that cannot be captured runs eagerly
-//! from then on, with a warning.
-
-use std::sync::Arc;
+//! eagerly (loading kernels, library workspaces and the shape/stride parameters of strided
+//! kernels, none of which a capture may upload), the second is captured and launched, later
+//! ones replay. A step that cannot be captured runs eagerly from then on, with a warning.
 
 use candle_core::{DType, Device, Tensor};
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaStream};
 
 use super::kv::KvShape;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Device buffers a captured step reads its inputs from.
 #[derive(Debug)]
@@ -36,23 +33,29 @@ pub(crate) struct GraphInputs {
 }
 
 /// A captured graph, owned by one sequence's cache.
-struct OwnedGraph(CudaGraph);
+#[cfg(feature = "cuda")]
+struct OwnedGraph(cudarc::driver::CudaGraph);
 
 // SAFETY: CUDA graphs may be used from any thread as long as calls on one graph are
 // serialised; `DecodeGraph` only touches it through `&mut self` (the rank's model is
 // behind its worker's mutex), so no two threads use it at once.
+#[cfg(feature = "cuda")]
 unsafe impl Send for OwnedGraph {}
 // SAFETY: as above; a shared reference gives no access to the graph.
+#[cfg(feature = "cuda")]
 unsafe impl Sync for OwnedGraph {}
 
 /// One sequence's captured decode step.
 pub(crate) struct DecodeGraph {
     inputs: GraphInputs,
-    stream: Arc<CudaStream>,
+    /// The device's stream (CUDA devices only).
+    #[cfg(feature = "cuda")]
+    stream: Option<std::sync::Arc<cudarc::driver::CudaStream>>,
     eager_runs: usize,
     /// The replayable step and the logits tensor it writes.
+    #[cfg(feature = "cuda")]
     captured: Option<(OwnedGraph, Tensor)>,
-    /// Capture failed once: run eagerly.
+    /// Capture failed once, or the device cannot capture: run eagerly.
     eager_only: bool,
 }
 
@@ -60,15 +63,15 @@ impl std::fmt::Debug for DecodeGraph {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "DecodeGraph(captured: {}, eager only: {})",
-            self.captured.is_some(),
-            self.eager_only
+            "DecodeGraph(eager runs: {}, eager only: {})",
+            self.eager_runs, self.eager_only
         )
     }
 }
 
-fn driver(what: &str, e: impl std::fmt::Debug) -> Error {
-    Error::Unsupported {
+#[cfg(feature = "cuda")]
+fn driver(what: &str, e: impl std::fmt::Debug) -> crate::Error {
+    crate::Error::Unsupported {
         what: what.to_string(),
         by: format!("the CUDA driver: {e:?}"),
     }
@@ -87,7 +90,11 @@ impl DecodeGraph {
         half: usize,
         device: &Device,
     ) -> Result<Self> {
-        let stream = device.as_cuda_device()?.cuda_stream();
+        #[cfg(feature = "cuda")]
+        let stream = match device {
+            Device::Cuda(d) => Some(d.cuda_stream()),
+            _ => None,
+        };
         Ok(Self {
             inputs: GraphInputs {
                 ids: Tensor::zeros(1, DType::U32, device)?,
@@ -96,10 +103,15 @@ impl DecodeGraph {
                 mask: Tensor::zeros((1, capacity), shape.dtype, device)?,
                 idx: Tensor::zeros((1, shape.kv_heads, 1, shape.head_dim), DType::U32, device)?,
             },
+            #[cfg(feature = "cuda")]
+            eager_only: stream.is_none(),
+            #[cfg(not(feature = "cuda"))]
+            eager_only: true,
+            #[cfg(feature = "cuda")]
             stream,
             eager_runs: 0,
+            #[cfg(feature = "cuda")]
             captured: None,
-            eager_only: false,
         })
     }
 
@@ -136,21 +148,51 @@ impl DecodeGraph {
         &mut self,
         mut body: impl FnMut(&GraphInputs) -> Result<Tensor>,
     ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
         if let Some((g, out)) = &self.captured {
             g.0.launch()
                 .map_err(|e| driver("replaying the decode step", e))?;
             return Ok(out.clone());
         }
-        if self.eager_only || self.eager_runs == 0 {
+        if self.eager_only {
+            return body(&self.inputs);
+        }
+        // Kernels whose tensors are strided take their shapes and strides from a small
+        // device buffer uploaded per launch; a captured upload would read freed host memory
+        // on replay. With candle's parameter cache on, the warm-up run uploads each of
+        // those buffers once (kept for the process), and the capture reuses them; a launch
+        // that would still upload fails the capture (the step then runs eagerly).
+        #[cfg(feature = "cuda")]
+        let _params = match self.inputs.ids.device() {
+            Device::Cuda(d) => Some(d.enable_cuda_graph_htod_cache()),
+            _ => None,
+        };
+        if self.eager_runs == 0 {
             self.eager_runs += 1;
             return body(&self.inputs);
         }
-        self.stream
+        #[cfg(feature = "cuda")]
+        {
+            self.capture(body)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            body(&self.inputs)
+        }
+    }
+
+    /// Captures `body` on the device's stream and launches the graph once.
+    #[cfg(feature = "cuda")]
+    fn capture(&mut self, mut body: impl FnMut(&GraphInputs) -> Result<Tensor>) -> Result<Tensor> {
+        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+        let Some(stream) = self.stream.clone() else {
+            return body(&self.inputs);
+        };
+        stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| driver("capturing the decode step", e))?;
         let out = body(&self.inputs);
-        let graph = self
-            .stream
+        let graph = stream
             .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
         match (out, graph) {
             (Ok(out), Ok(Some(g))) => {

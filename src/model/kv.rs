@@ -18,7 +18,6 @@ pub(crate) enum KvWrite<'a> {
     At(usize),
     /// At the position held in a device index tensor `[1, kv heads, 1, head_dim]` (a step
     /// replayed as a CUDA graph, whose positions change between replays).
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))] // only CUDA graphs write this way
     Indexed(&'a Tensor),
 }
 
@@ -88,16 +87,17 @@ pub(crate) struct SeqCache {
     pub len: usize,
     /// Positions the fixed caches hold (0 for growing caches).
     pub capacity: usize,
-    /// The decode step of this sequence as a CUDA graph, once captured.
-    #[cfg(feature = "cuda")]
+    /// The decode step of this sequence: its input buffers, and on CUDA its graph.
     pub graph: Option<super::graph::DecodeGraph>,
 }
 
 impl SeqCache {
     /// Empty caches for `n_layers` layers: growing on the CPU, fixed elsewhere (allocated
-    /// by [`Self::reserve`]).
+    /// by [`Self::reserve`]). `SHARDWISE_FIXED_KV=1` makes them fixed on the CPU too, so the
+    /// CPU tests cover the GPU's cache path.
     pub(crate) fn new(n_layers: usize, device: &Device) -> Self {
-        let layers = if device.is_cpu() {
+        let fixed = !device.is_cpu() || std::env::var("SHARDWISE_FIXED_KV").is_ok_and(|v| v == "1");
+        let layers = if !fixed {
             (0..n_layers).map(|_| LayerCache::growing(GROW)).collect()
         } else {
             Vec::new()
@@ -106,7 +106,6 @@ impl SeqCache {
             layers,
             len: 0,
             capacity: 0,
-            #[cfg(feature = "cuda")]
             graph: None,
         }
     }
@@ -158,10 +157,7 @@ impl SeqCache {
         }
         self.layers = layers;
         self.capacity = cap;
-        #[cfg(feature = "cuda")]
-        {
-            self.graph = None;
-        }
+        self.graph = None;
         Ok(())
     }
 }

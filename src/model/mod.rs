@@ -5,7 +5,6 @@
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
-#[cfg(feature = "cuda")]
 mod graph;
 mod kv;
 pub mod persist;

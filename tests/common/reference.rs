@@ -77,6 +77,53 @@ pub async fn greedy(c: &Cluster, prompt: &[u32], n: usize) -> Vec<u32> {
     generate(c, prompt, &params, |_| Ok(())).await.unwrap().0
 }
 
+/// Greedy decode, one step per token, of `steps` steps after a short prompt on `world`
+/// in-process ranks (f32); every step's logits.
+pub fn greedy_step_logits(
+    dir: &Path,
+    world: usize,
+    transport: LocalTransport,
+    steps: usize,
+) -> Vec<Vec<f32>> {
+    rt().block_on(async {
+        let c = Cluster::local(world, transport).await.unwrap();
+        c.load(LoadSpec {
+            model: dir.to_path_buf(),
+            dtype: Some(candle_core::DType::F32),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let (mut tokens, mut pos, mut out) = (vec![3u32, 17, 200, 45, 9], 0, Vec::new());
+        for _ in 0..steps {
+            let l = c
+                .step(StepRequest {
+                    seqs: vec![SeqStep {
+                        seq_id: 7,
+                        tokens: tokens.clone(),
+                        start_pos: pos,
+                        all_logits: false,
+                    }],
+                    release: vec![],
+                })
+                .await
+                .unwrap();
+            let row: Vec<f32> = l[0].flatten_all().unwrap().to_vec1().unwrap();
+            pos += tokens.len();
+            let next = row
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i as u32)
+                .unwrap();
+            tokens = vec![next];
+            out.push(row);
+        }
+        c.shutdown().await.unwrap();
+        out
+    })
+}
+
 /// Largest elementwise difference.
 pub fn max_abs_diff(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
     a.iter()

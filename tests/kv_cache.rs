@@ -1,0 +1,30 @@
+//! The GPU's fixed-capacity KV caches (buffers that keep their addresses, positions past the
+//! sequence masked) against the CPU's growing caches, on the CPU: `SHARDWISE_FIXED_KV=1`
+//! selects them. 300 greedy steps cross the first capacity (256 positions), so the caches
+//! also grow once. Alone in its own test binary, because it sets an environment variable.
+
+mod common;
+
+use common::reference::{fixtures, greedy_step_logits, max_abs_diff};
+use shardwise::runtime::LocalTransport;
+
+#[test]
+fn fixed_capacity_kv_caches_match_growing_caches() {
+    // tiny-llama: 9 query heads on 3 KV heads (uneven groups at 2 ranks); tiny-qwen3: q/k
+    // norms, 3 query heads per KV head; tiny-mistral: one KV head, replicated at 2 ranks.
+    for name in ["tiny-llama", "tiny-qwen3", "tiny-mistral"] {
+        let dir = fixtures().join("models").join(name);
+        for world in [1, 2] {
+            std::env::remove_var("SHARDWISE_FIXED_KV");
+            let growing = greedy_step_logits(&dir, world, LocalTransport::InProcess, 300);
+            std::env::set_var("SHARDWISE_FIXED_KV", "1");
+            let fixed = greedy_step_logits(&dir, world, LocalTransport::InProcess, 300);
+            std::env::remove_var("SHARDWISE_FIXED_KV");
+            let d = max_abs_diff(&growing, &fixed);
+            assert!(
+                d <= 1e-5,
+                "{name} at {world} rank(s): fixed caches are {d} away"
+            );
+        }
+    }
+}
