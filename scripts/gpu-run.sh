@@ -11,6 +11,7 @@
 #
 #   GPU_BIN   packed binary (default gpu-bin/shardwise.gz)
 #   SIZES     message sizes (default 8K,64K,1M,16M,256M,1G)
+#   CUDA_GRAPH  1 (default) captures decode steps as CUDA graphs, 0 runs them eagerly
 #   ONLY      sections to run, comma-separated: nccl, tests, decode, launch (default all)
 set -euo pipefail
 
@@ -48,6 +49,9 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
         gzip -dc "$TESTS" > "$OUT/gpu-tests" && chmod +x "$OUT/gpu-tests"
         SHARDWISE_FIXTURES="$ROOT/tests/fixtures" step "$OUT/gpu-tests" --test-threads 1 --nocapture
     fi
+    # Decode steps are captured as CUDA graphs only when asked (see src/model/graph.rs).
+    export SHARDWISE_CUDA_GRAPH="${CUDA_GRAPH:-1}"
+    echo "SHARDWISE_CUDA_GRAPH=$SHARDWISE_CUDA_GRAPH"
     want decode && for n in $(seq 1 "$(( WORLD < 2 ? WORLD : 2 ))"); do
         for mode in "" --direct; do
             echo "decode, $n GPU(s) ${mode:-through the runtime}"

@@ -49,9 +49,12 @@ pub fn compute_capability(ctx: &Arc<CudaContext>) -> Result<(i32, i32)> {
     Ok((major, minor))
 }
 
+/// Compiled PTX by (source name, compute capability).
+type PtxCache = Mutex<HashMap<(&'static str, (i32, i32)), String>>;
+
 /// PTX of a kernel source, compiled once per process and architecture.
 fn ptx(name: &'static str, src: &'static str, arch: (i32, i32)) -> Result<String> {
-    static CACHE: OnceLock<Mutex<HashMap<(&'static str, (i32, i32)), String>>> = OnceLock::new();
+    static CACHE: OnceLock<PtxCache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let mut cache = cache.lock().map_err(|_| Error::Unsupported {
         what: format!("compiling {name}"),

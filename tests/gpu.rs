@@ -15,13 +15,13 @@ use common::reference::{
 use shardwise::runtime::{Cluster, LoadSpec, LocalTransport};
 
 fn gpus() -> usize {
-    candle_core::utils::cuda_is_available()
-        .then(|| {
-            (0..8)
-                .take_while(|&i| candle_core::Device::new_cuda(i).is_ok())
-                .count()
-        })
-        .unwrap_or(0)
+    if candle_core::utils::cuda_is_available() {
+        (0..8)
+            .take_while(|&i| candle_core::Device::new_cuda(i).is_ok())
+            .count()
+    } else {
+        0
+    }
 }
 
 #[test]
@@ -80,6 +80,9 @@ fn bf16_two_gpus_match_one_within_bf16_tolerance() {
     eprintln!("bf16: two GPUs are {rel} (relative) from one");
 }
 
+/// One rank's inputs and results, one row per call.
+type Calls = (Vec<Vec<f32>>, Vec<Vec<f32>>);
+
 /// Every call's inputs, drawn fresh on the host, and every rank's result, for `calls`
 /// all-reduces issued back to back (no synchronisation between them).
 fn back_to_back(
@@ -87,7 +90,7 @@ fn back_to_back(
     n: usize,
     dtype: DType,
     calls: usize,
-) -> Vec<(Vec<Vec<f32>>, Vec<Vec<f32>>)> {
+) -> Vec<Calls> {
     use shardwise::comm::Communicator;
     shardwise::comm::each_rank(comms.iter().collect(), |_, c| {
         let dev = c.cuda_device();
@@ -190,15 +193,17 @@ fn peer_all_reduce_names_a_rank_that_never_arrives() {
 fn decode_steps_replayed_as_cuda_graphs_match_eager_steps() {
     let world = gpus().min(2);
     assert!(world >= 1, "no CUDA device");
-    // 300 steps cross the caches' first capacity (256 positions): they grow and the step is
-    // captured again.
+    // Eager steps on growing caches (the default) against steps replayed from CUDA graphs on
+    // fixed caches. 300 steps cross the fixed caches' first capacity (256 positions): they
+    // grow and the step is captured again.
     for name in ["tiny-llama", "tiny-qwen3", "tiny-qwen2", "tiny-mistral"] {
         let dir = fixtures().join("models").join(name);
         for w in 1..=world {
-            std::env::set_var("SHARDWISE_CUDA_GRAPH", "0");
-            let eager = greedy_step_logits(&dir, w, LocalTransport::Nccl, 300);
             std::env::remove_var("SHARDWISE_CUDA_GRAPH");
+            let eager = greedy_step_logits(&dir, w, LocalTransport::Nccl, 300);
+            std::env::set_var("SHARDWISE_CUDA_GRAPH", "1");
             let graphed = greedy_step_logits(&dir, w, LocalTransport::Nccl, 300);
+            std::env::remove_var("SHARDWISE_CUDA_GRAPH");
             let d = max_abs_diff(&eager, &graphed);
             assert!(
                 d <= 1e-4,

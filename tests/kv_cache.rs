@@ -1,7 +1,9 @@
 //! The GPU's fixed-capacity KV caches (buffers that keep their addresses, positions past the
 //! sequence masked) against the CPU's growing caches, on the CPU: `SHARDWISE_FIXED_KV=1`
-//! selects them. 300 greedy steps cross the first capacity (256 positions), so the caches
-//! also grow once. Alone in its own test binary, because it sets an environment variable.
+//! selects them, and decode steps then run the way CUDA graphs replay them (inputs from
+//! device buffers, the cache written at an index tensor, attention over the whole capacity
+//! under a mask), eagerly. 300 greedy steps cross the first capacity (256 positions), so the
+//! caches also grow once. Alone in its own test binary, because it sets an environment variable.
 
 mod common;
 

@@ -55,6 +55,8 @@ pub struct SeqStep {
 }
 
 /// A layer's feed-forward block.
+// One per layer, built once and never moved in the step: the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 enum FeedForward {
     /// SwiGLU MLP.
@@ -405,7 +407,7 @@ impl Model {
     fn run_seq(&self, s: &SeqStep, cache: &mut SeqCache) -> Result<Tensor> {
         let t = s.tokens.len();
         cache.reserve(self.layers.len(), t, self.kv_shape(), &self.device)?;
-        if t == 1 && cache.capacity > 0 && self.graphable() && super::graph::enabled() {
+        if t == 1 && cache.capacity > 0 && self.graphable() {
             return self.run_graphed(s, cache);
         }
         let ids = Tensor::new(s.tokens.as_slice(), &self.device)?;

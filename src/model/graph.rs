@@ -77,9 +77,12 @@ fn driver(what: &str, e: impl std::fmt::Debug) -> crate::Error {
     }
 }
 
-/// Whether decode steps on CUDA are captured (`SHARDWISE_CUDA_GRAPH=0` turns it off).
+/// Whether decode steps on CUDA are captured: `SHARDWISE_CUDA_GRAPH=1` turns it on. Off by
+/// default until a hang that the GPU reference test showed with graphs on (several sequences
+/// per cluster, generation and perplexity interleaved) is understood; with graphs off, GPU
+/// ranks keep growing KV caches and eager steps.
 pub(crate) fn enabled() -> bool {
-    std::env::var("SHARDWISE_CUDA_GRAPH").map_or(true, |v| v != "0")
+    std::env::var("SHARDWISE_CUDA_GRAPH").is_ok_and(|v| v == "1")
 }
 
 impl DecodeGraph {
@@ -104,7 +107,7 @@ impl DecodeGraph {
                 idx: Tensor::zeros((1, shape.kv_heads, 1, shape.head_dim), DType::U32, device)?,
             },
             #[cfg(feature = "cuda")]
-            eager_only: stream.is_none(),
+            eager_only: stream.is_none() || !enabled(),
             #[cfg(not(feature = "cuda"))]
             eager_only: true,
             #[cfg(feature = "cuda")]
@@ -169,6 +172,7 @@ impl DecodeGraph {
         };
         if self.eager_runs == 0 {
             self.eager_runs += 1;
+            tracing::debug!("decode graph: warm-up step");
             return body(&self.inputs);
         }
         #[cfg(feature = "cuda")]
@@ -188,6 +192,7 @@ impl DecodeGraph {
         let Some(stream) = self.stream.clone() else {
             return body(&self.inputs);
         };
+        tracing::debug!("decode graph: capturing");
         stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| driver("capturing the decode step", e))?;
@@ -196,6 +201,7 @@ impl DecodeGraph {
             .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
         match (out, graph) {
             (Ok(out), Ok(Some(g))) => {
+                tracing::debug!("decode graph: captured, launching");
                 g.launch()
                     .map_err(|e| driver("launching the decode step", e))?;
                 self.captured = Some((OwnedGraph(g), out.clone()));

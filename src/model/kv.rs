@@ -92,11 +92,13 @@ pub(crate) struct SeqCache {
 }
 
 impl SeqCache {
-    /// Empty caches for `n_layers` layers: growing on the CPU, fixed elsewhere (allocated
-    /// by [`Self::reserve`]). `SHARDWISE_FIXED_KV=1` makes them fixed on the CPU too, so the
-    /// CPU tests cover the GPU's cache path.
+    /// Empty caches for `n_layers` layers: fixed (allocated by [`Self::reserve`]) on a GPU
+    /// that captures decode steps ([`super::graph::enabled`]), growing otherwise.
+    /// `SHARDWISE_FIXED_KV=1` makes them fixed anywhere, so the CPU tests cover the path the
+    /// graphs take (run eagerly there).
     pub(crate) fn new(n_layers: usize, device: &Device) -> Self {
-        let fixed = !device.is_cpu() || std::env::var("SHARDWISE_FIXED_KV").is_ok_and(|v| v == "1");
+        let fixed = (!device.is_cpu() && super::graph::enabled())
+            || std::env::var("SHARDWISE_FIXED_KV").is_ok_and(|v| v == "1");
         let layers = if !fixed {
             (0..n_layers).map(|_| LayerCache::growing(GROW)).collect()
         } else {
