@@ -3,7 +3,8 @@
 //! the same references the CPU tests use (f32: logits within 1e-3, identical greedy tokens),
 //! and bf16 at two ranks against one within bf16 tolerance; the peer-memory all-reduce against
 //! host sums of fresh random inputs, and its deadline naming a rank that never arrives; decode
-//! steps replayed as CUDA graphs against the same steps run eagerly.
+//! steps replayed as CUDA graphs against the same steps run eagerly; GGML blocks multiplied by
+//! the CUDA kernels against the same blocks on the CPU.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -211,5 +212,38 @@ fn decode_steps_replayed_as_cuda_graphs_match_eager_steps() {
             );
             eprintln!("{name} at {w} GPU(s): graphs within {d} of eager steps");
         }
+    }
+}
+
+#[test]
+fn ggml_blocks_on_gpus_match_the_same_blocks_on_the_cpu() {
+    use candle_core::quantized::GgmlDType;
+    use shardwise::quant::IsqType;
+    // Q8_0 blocks made at load (ISQ) on the CPU, then multiplied by candle's CUDA kernels on
+    // the GPU ranks; the reference is the same blocks multiplied on the CPU.
+    let dir = fixtures().join("models").join("tiny-qwen3");
+    let spec = LoadSpec {
+        model: dir,
+        dtype: Some(DType::F32),
+        isq: Some(IsqType::Ggml(GgmlDType::Q8_0)),
+        ..Default::default()
+    };
+    let tokens = [1u32, 17, 200, 45, 3, 99, 128, 7, 64, 12];
+    let run = |world: usize, transport: LocalTransport| {
+        rt().block_on(async {
+            let c = Cluster::local(world, transport).await.unwrap();
+            c.load(spec.clone()).await.unwrap();
+            let l = all_logits(&c, &tokens).await;
+            c.shutdown().await.unwrap();
+            l
+        })
+    };
+    let cpu = run(1, LocalTransport::InProcess);
+    for world in 1..=gpus().min(2) {
+        let gpu = run(world, LocalTransport::Nccl);
+        let rel = max_abs_diff(&cpu, &gpu) / max_abs(&cpu);
+        // The kernels quantize or order the activations differently per block.
+        assert!(rel <= 2e-2, "Q8_0 on {world} GPU(s) is {rel} from the CPU");
+        eprintln!("Q8_0 on {world} GPU(s): {rel} (relative) from the CPU");
     }
 }

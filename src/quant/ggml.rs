@@ -78,6 +78,16 @@ impl QuantMethod for GgmlLinear {
                 .map_or(0, |b| b.elem_count() * b.dtype().size_in_bytes())
     }
 
+    /// The same blocks on `device` (candle's quantized kernels run them there: its matrix-
+    /// vector product for decode, dequantize-then-GEMM for prefill).
+    fn to_device(&self, device: &Device) -> Result<Arc<dyn QuantMethod>> {
+        let storage =
+            candle_core::quantized::QStorage::from_data(self.w.data()?, device, self.w.dtype())?;
+        let w = QTensor::new(storage, self.w.shape().clone())?;
+        let b = self.b.as_ref().map(|b| b.to_device(device)).transpose()?;
+        Ok(Arc::new(Self::new(w, b)?))
+    }
+
     /// The raw GGML blocks as a `u8` tensor (`weight.ggml`; the type is [`Self::format`]) and
     /// the bias.
     fn persist_tensors(&self) -> Result<Vec<(String, Tensor)>> {
