@@ -266,3 +266,104 @@ fn bad_input_gives_clear_errors() {
         "{e}"
     );
 }
+
+/// Prefills three sequences of different lengths, then decodes `steps` greedy tokens for
+/// each, either all three in one step (`batched`) or one sequence per step; every decode
+/// step's logits per sequence.
+async fn three_sequences(c: &Cluster, steps: usize, batched: bool) -> Vec<Vec<Vec<f32>>> {
+    let prompts: [&[u32]; 3] = [&[5, 80, 31], &[7, 7, 200, 45, 9, 12, 100], &[250]];
+    let mut next = Vec::new();
+    let mut pos = Vec::new();
+    let argmax = |row: &[f32]| {
+        row.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .unwrap()
+    };
+    for (id, p) in prompts.iter().enumerate() {
+        let l = c
+            .step(StepRequest {
+                seqs: vec![SeqStep {
+                    seq_id: id as u64 + 40,
+                    tokens: p.to_vec(),
+                    start_pos: 0,
+                    all_logits: false,
+                }],
+                release: vec![],
+            })
+            .await
+            .unwrap();
+        next.push(argmax(
+            &l[0].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        ));
+        pos.push(p.len());
+    }
+    let mut out = vec![Vec::new(); 3];
+    for _ in 0..steps {
+        let seq = |i: usize| SeqStep {
+            seq_id: i as u64 + 40,
+            tokens: vec![next[i]],
+            start_pos: pos[i],
+            all_logits: false,
+        };
+        let rows: Vec<Tensor> = if batched {
+            c.step(StepRequest {
+                seqs: (0..3).map(seq).collect(),
+                release: vec![],
+            })
+            .await
+            .unwrap()
+        } else {
+            let mut rows = Vec::new();
+            for i in 0..3 {
+                let mut l = c
+                    .step(StepRequest {
+                        seqs: vec![seq(i)],
+                        release: vec![],
+                    })
+                    .await
+                    .unwrap();
+                rows.push(l.remove(0));
+            }
+            rows
+        };
+        for (i, r) in rows.iter().enumerate() {
+            let r: Vec<f32> = r.flatten_all().unwrap().to_vec1().unwrap();
+            next[i] = argmax(&r);
+            pos[i] += 1;
+            out[i].push(r);
+        }
+    }
+    out
+}
+
+#[test]
+fn decoding_sequences_in_one_step_matches_one_at_a_time() {
+    // Uneven heads at 2 ranks (tiny-llama), q/k norms (tiny-qwen3), experts (tiny-qwen3-moe).
+    for name in ["tiny-llama", "tiny-qwen3", "tiny-qwen3-moe"] {
+        let dir = fixtures().join("models").join(name);
+        for world in [1, 2] {
+            let (batched, single) = rt().block_on(async {
+                let c = Cluster::local(world, LocalTransport::InProcess)
+                    .await
+                    .unwrap();
+                c.load(LoadSpec {
+                    model: dir.clone(),
+                    dtype: Some(DType::F32),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+                let b = three_sequences(&c, 12, true).await;
+                let s = three_sequences(&c, 12, false).await;
+                c.shutdown().await.unwrap();
+                (b, s)
+            });
+            for i in 0..3 {
+                let d = max_abs_diff(&batched[i], &single[i]);
+                assert!(d <= 1e-5, "{name} world {world} sequence {i}: {d}");
+            }
+        }
+    }
+}

@@ -321,6 +321,10 @@ impl Model {
     /// A position that does not continue the sequence's cache, a context overflow, kernel or
     /// collective errors.
     pub fn step(&mut self, seqs: &[SeqStep]) -> Result<Vec<Tensor>> {
+        let ids: std::collections::HashSet<u64> = seqs.iter().map(|s| s.seq_id).collect();
+        if seqs.len() > 1 && ids.len() == seqs.len() && seqs.iter().all(|s| s.tokens.len() == 1) {
+            return self.decode_batch(seqs);
+        }
         seqs.iter().map(|s| self.forward_seq(s)).collect()
     }
 
@@ -329,7 +333,9 @@ impl Model {
         self.caches.remove(&seq_id);
     }
 
-    fn forward_seq(&mut self, s: &SeqStep) -> Result<Tensor> {
+    /// Checks `s` against the model and its sequence's cache, and takes that cache out of
+    /// the map (a new one for a new sequence); on error the cache stays where it was.
+    fn take_cache(&mut self, s: &SeqStep) -> Result<SeqCache> {
         let t = s.tokens.len();
         if t == 0 {
             return Err(Error::Config {
@@ -379,6 +385,12 @@ impl Model {
                 ),
             });
         }
+        Ok(cache)
+    }
+
+    fn forward_seq(&mut self, s: &SeqStep) -> Result<Tensor> {
+        let t = s.tokens.len();
+        let mut cache = self.take_cache(s)?;
         let out = self.run_seq(s, &mut cache);
         if out.is_ok() {
             cache.len += t;
@@ -387,6 +399,64 @@ impl Model {
         // never read).
         self.caches.insert(s.seq_id, cache);
         Ok(out?.to_device(&Device::Cpu)?)
+    }
+
+    /// One decode token for each of several sequences in one forward: the projections and
+    /// feed-forward blocks multiply every sequence's row at once (weights read once, one
+    /// all-reduce per block for the batch); attention runs per sequence on its own cache.
+    fn decode_batch(&mut self, seqs: &[SeqStep]) -> Result<Vec<Tensor>> {
+        let mut taken: Vec<(u64, SeqCache)> = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            match self.take_cache(s) {
+                Ok(c) => taken.push((s.seq_id, c)),
+                Err(e) => {
+                    for (id, c) in taken {
+                        self.caches.insert(id, c);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let mut caches: Vec<SeqCache> = taken.into_iter().map(|(_, c)| c).collect();
+        let out = self.run_batch(seqs, &mut caches);
+        for (s, mut c) in seqs.iter().zip(caches) {
+            if out.is_ok() {
+                c.len += 1;
+            }
+            self.caches.insert(s.seq_id, c);
+        }
+        let logits = out?.to_device(&Device::Cpu)?;
+        (0..seqs.len()).map(|b| Ok(logits.get(b)?)).collect()
+    }
+
+    /// [`Self::decode_batch`]'s forward: `[batch, vocab]` f32 logits on this rank's device.
+    fn run_batch(&self, seqs: &[SeqStep], caches: &mut [SeqCache]) -> Result<Tensor> {
+        let shape = self.kv_shape();
+        let mut ctxs = Vec::with_capacity(seqs.len());
+        for (s, c) in seqs.iter().zip(caches.iter_mut()) {
+            c.reserve(self.layers.len(), 1, shape, &self.device)?;
+            ctxs.push(StepCtx::new(
+                &self.rope,
+                &self.cfg,
+                s.start_pos,
+                1,
+                self.dtype,
+                &self.device,
+            )?);
+        }
+        let ids: Vec<u32> = seqs.iter().map(|s| s.tokens[0]).collect();
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(1)?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut per_seq: Vec<&mut LayerCache> =
+                caches.iter_mut().map(|c| &mut c.layers[i]).collect();
+            x = layer
+                .forward_with(&x, eps, |h| layer.attention_batch(h, &ctxs, &mut per_seq))
+                .in_layer(&format!("model.layers.{i}"))?;
+        }
+        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?.squeeze(1)?;
+        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
     /// Shape of this rank's fixed KV caches.
@@ -730,21 +800,65 @@ impl DecoderLayer {
     }
 
     fn forward(&self, x: &Tensor, ctx: &StepCtx<'_>, cache: &mut LayerCache) -> Result<Tensor> {
-        let eps = ctx.eps;
+        self.forward_with(x, ctx.eps, |h| self.attention(h, ctx, cache))
+    }
+
+    /// Norm, `attention`, residual, norm, feed-forward, residual.
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        eps: f32,
+        attention: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let h = candle_nn::ops::rms_norm(x, &self.input_norm, eps)?;
-        let a = self.attention(&h, ctx, cache)?;
+        let a = attention(&h)?;
         let x = (x + a)?;
         let h = candle_nn::ops::rms_norm(&x, &self.post_norm, eps)?;
         Ok((&x + self.ffn.forward(&h)?)?)
     }
 
     fn attention(&self, x: &Tensor, ctx: &StepCtx<'_>, cache: &mut LayerCache) -> Result<Tensor> {
+        let (q, k, v) = self.attn.qkv(x)?;
+        let y = self.attend(&q, &k, &v, ctx, cache)?;
+        self.attn.o(&y)
+    }
+
+    /// Attention of `[batch, 1, hidden]` rows, one sequence each (its own positions and
+    /// cache): one q/k/v product and one output projection for the batch.
+    fn attention_batch(
+        &self,
+        x: &Tensor,
+        ctxs: &[StepCtx<'_>],
+        caches: &mut [&mut LayerCache],
+    ) -> Result<Tensor> {
+        let (q, k, v) = self.attn.qkv(x)?;
+        let ys = ctxs
+            .iter()
+            .zip(caches.iter_mut())
+            .enumerate()
+            .map(|(b, (ctx, cache))| {
+                let row = |t: &Tensor| t.narrow(0, b, 1);
+                self.attend(&row(&q)?, &row(&k)?, &row(&v)?, ctx, cache)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.attn.o(&Tensor::cat(&ys, 0)?)
+    }
+
+    /// This rank's heads of one sequence: `q`, `k`, `v` (`[1 or b, t, width]`) through the
+    /// norms, rotary embedding and cache into `[b, t, local q heads * head_dim]`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &StepCtx<'_>,
+        cache: &mut LayerCache,
+    ) -> Result<Tensor> {
         let eps = ctx.eps;
-        let (b, t, _) = x.dims3()?;
+        let (b, t, _) = q.dims3()?;
         let hd = self.attn.dims.head_dim;
         let nq = self.attn.heads.q_heads.len();
         let nkv = self.attn.heads.kv_heads.len();
-        let (q, k, v) = self.attn.qkv(x)?;
         let mut q = q.reshape((b, t, nq, hd))?;
         let mut k = k.reshape((b, t, nkv, hd))?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
@@ -788,8 +902,7 @@ impl DecoderLayer {
                 att.matmul(&v.contiguous()?)?
             }
         };
-        let y = y.transpose(1, 2)?.reshape((b, t, nq * hd))?;
-        self.attn.o(&y)
+        Ok(y.transpose(1, 2)?.reshape((b, t, nq * hd))?)
     }
 }
 
