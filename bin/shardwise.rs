@@ -699,6 +699,18 @@ fn main() -> ExitCode {
     {
         shardwise::threads::size_pools_for(ranks.local.unwrap_or(1));
     }
+    // In-process ranks of `bench decode` share the cores as `generate`'s do.
+    if let Cmd::Bench {
+        what:
+            BenchCmd::Decode {
+                local,
+                config: None,
+                ..
+            },
+    } = &cli.cmd
+    {
+        shardwise::threads::size_pools_for(*local);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
