@@ -27,10 +27,45 @@ pub fn device(ordinal: usize) -> Result<Device> {
     Ok(dev)
 }
 
-fn driver_err(what: &str, e: impl std::fmt::Debug) -> Error {
+/// An error of the CUDA driver while doing `what`.
+pub(crate) fn driver_err(what: &str, e: impl std::fmt::Debug) -> Error {
     Error::Unsupported {
         what: what.to_string(),
         by: format!("the CUDA driver: {e:?}"),
+    }
+}
+
+/// Records `f`'s work on `stream` as a CUDA graph (capture local to this thread; memory the
+/// graph allocates and does not free is freed again at its next launch) without running it.
+/// Returns the graph and `f`'s value, or why nothing usable was captured: `f` failed, the
+/// driver refused an operation, or nothing was recorded.
+///
+/// # Errors
+/// As above; a value `f` returned from a failed capture is leaked, since its memory never
+/// existed and freeing it would record a driver error.
+pub fn capture<T>(
+    stream: &Arc<cudarc::driver::CudaStream>,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<(cudarc::driver::CudaGraph, T)> {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags as F, CUstreamCaptureMode as M};
+    stream
+        .begin_capture(M::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(|e| driver_err("starting a CUDA graph capture", e))?;
+    let out = f();
+    let graph = stream.end_capture(F::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+    let out = out?;
+    match graph {
+        Ok(Some(g)) => Ok((g, out)),
+        other => {
+            std::mem::forget(out);
+            Err(match other {
+                Err(e) => driver_err("capturing a CUDA graph", e),
+                Ok(_) => Error::Unsupported {
+                    what: "a CUDA graph".into(),
+                    by: "the capture, which recorded nothing".into(),
+                },
+            })
+        }
     }
 }
 

@@ -11,9 +11,10 @@ mod common;
 
 use candle_core::DType;
 use common::reference::{
-    all_logits, check_reference_on, fixtures, greedy_step_logits, max_abs, max_abs_diff, rt,
+    all_logits, check_reference_on, f32_spec, fixtures, greedy_step_logits, loaded, max_abs,
+    max_abs_diff, rt, with_env,
 };
-use shardwise::runtime::{Cluster, LoadSpec, LocalTransport};
+use shardwise::runtime::{LoadSpec, LocalTransport};
 
 fn gpus() -> usize {
     if candle_core::utils::cuda_is_available() {
@@ -61,14 +62,11 @@ fn bf16_two_gpus_match_one_within_bf16_tolerance() {
     let dir = fixtures().join("models").join("tiny-llama");
     let run = |world: usize| {
         rt().block_on(async {
-            let c = Cluster::local(world, LocalTransport::Nccl).await.unwrap();
-            c.load(LoadSpec {
-                model: dir.clone(),
+            let spec = LoadSpec {
                 dtype: Some(DType::BF16),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+                ..f32_spec(&dir)
+            };
+            let c = loaded(&spec, world, LocalTransport::Nccl).await;
             let l = all_logits(&c, &[1, 17, 200, 45, 3, 99, 128, 7, 64, 12]).await;
             c.shutdown().await.unwrap();
             l
@@ -200,11 +198,12 @@ fn decode_steps_replayed_as_cuda_graphs_match_eager_steps() {
     for name in ["tiny-llama", "tiny-qwen3", "tiny-qwen2", "tiny-mistral"] {
         let dir = fixtures().join("models").join(name);
         for w in 1..=world {
-            std::env::remove_var("SHARDWISE_CUDA_GRAPH");
-            let eager = greedy_step_logits(&dir, w, LocalTransport::Nccl, 300);
-            std::env::set_var("SHARDWISE_CUDA_GRAPH", "1");
-            let graphed = greedy_step_logits(&dir, w, LocalTransport::Nccl, 300);
-            std::env::remove_var("SHARDWISE_CUDA_GRAPH");
+            let run = |graphs| {
+                with_env("SHARDWISE_CUDA_GRAPH", graphs, || {
+                    greedy_step_logits(&dir, w, LocalTransport::Nccl, 300)
+                })
+            };
+            let (eager, graphed) = (run(None), run(Some("1")));
             let d = max_abs_diff(&eager, &graphed);
             assert!(
                 d <= 1e-4,
@@ -223,16 +222,13 @@ fn ggml_blocks_on_gpus_match_the_same_blocks_on_the_cpu() {
     // the GPU ranks; the reference is the same blocks multiplied on the CPU.
     let dir = fixtures().join("models").join("tiny-qwen3");
     let spec = LoadSpec {
-        model: dir,
-        dtype: Some(DType::F32),
         isq: Some(IsqType::Ggml(GgmlDType::Q8_0)),
-        ..Default::default()
+        ..f32_spec(&dir)
     };
     let tokens = [1u32, 17, 200, 45, 3, 99, 128, 7, 64, 12];
     let run = |world: usize, transport: LocalTransport| {
         rt().block_on(async {
-            let c = Cluster::local(world, transport).await.unwrap();
-            c.load(spec.clone()).await.unwrap();
+            let c = loaded(&spec, world, transport).await;
             let l = all_logits(&c, &tokens).await;
             c.shutdown().await.unwrap();
             l

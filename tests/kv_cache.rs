@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::reference::{fixtures, greedy_step_logits, max_abs_diff};
+use common::reference::{fixtures, greedy_step_logits, max_abs_diff, with_env};
 use shardwise::runtime::LocalTransport;
 
 #[test]
@@ -17,11 +17,12 @@ fn fixed_capacity_kv_caches_match_growing_caches() {
     for name in ["tiny-llama", "tiny-qwen3", "tiny-mistral"] {
         let dir = fixtures().join("models").join(name);
         for world in [1, 2] {
-            std::env::remove_var("SHARDWISE_FIXED_KV");
-            let growing = greedy_step_logits(&dir, world, LocalTransport::InProcess, 300);
-            std::env::set_var("SHARDWISE_FIXED_KV", "1");
-            let fixed = greedy_step_logits(&dir, world, LocalTransport::InProcess, 300);
-            std::env::remove_var("SHARDWISE_FIXED_KV");
+            let run = |fixed| {
+                with_env("SHARDWISE_FIXED_KV", fixed, || {
+                    greedy_step_logits(&dir, world, LocalTransport::InProcess, 300)
+                })
+            };
+            let (growing, fixed) = (run(None), run(Some("1")));
             let d = max_abs_diff(&growing, &fixed);
             assert!(
                 d <= 1e-5,

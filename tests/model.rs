@@ -9,7 +9,8 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Tensor};
 use common::reference::{
-    all_logits, check_reference, fixtures, floats, greedy, ids, json, max_abs, max_abs_diff, rt,
+    all_logits, argmax, check_reference, f32_spec, fixtures, floats, greedy, ids, json, loaded,
+    max_abs, max_abs_diff, rt,
 };
 use shardwise::model::checkpoint::{encode, load_tokenizer};
 use shardwise::model::{SamplingParams, SeqStep};
@@ -274,13 +275,6 @@ async fn three_sequences(c: &Cluster, steps: usize, batched: bool) -> Vec<Vec<Ve
     let prompts: [&[u32]; 3] = [&[5, 80, 31], &[7, 7, 200, 45, 9, 12, 100], &[250]];
     let mut next = Vec::new();
     let mut pos = Vec::new();
-    let argmax = |row: &[f32]| {
-        row.iter()
-            .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(i, _)| i as u32)
-            .unwrap()
-    };
     for (id, p) in prompts.iter().enumerate() {
         let l = c
             .step(StepRequest {
@@ -345,16 +339,7 @@ fn decoding_sequences_in_one_step_matches_one_at_a_time() {
         let dir = fixtures().join("models").join(name);
         for world in [1, 2] {
             let (batched, single) = rt().block_on(async {
-                let c = Cluster::local(world, LocalTransport::InProcess)
-                    .await
-                    .unwrap();
-                c.load(LoadSpec {
-                    model: dir.clone(),
-                    dtype: Some(DType::F32),
-                    ..Default::default()
-                })
-                .await
-                .unwrap();
+                let c = loaded(&f32_spec(&dir), world, LocalTransport::InProcess).await;
                 let b = three_sequences(&c, 12, true).await;
                 let s = three_sequences(&c, 12, false).await;
                 c.shutdown().await.unwrap();

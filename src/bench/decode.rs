@@ -55,20 +55,7 @@ pub struct DecodeRow {
 /// # Errors
 /// Load, step or collective errors.
 pub fn run_direct(opts: &DecodeOpts) -> Result<Vec<DecodeRow>> {
-    use std::sync::Arc;
-
-    use crate::comm::Communicator;
-    let comms: Vec<Arc<dyn Communicator>> = match opts.transport {
-        #[cfg(feature = "cuda")]
-        LocalTransport::Nccl => crate::comm::nccl::group(opts.world)?
-            .into_iter()
-            .map(|c| Arc::new(c) as Arc<dyn Communicator>)
-            .collect(),
-        _ => crate::comm::LocalComm::group(opts.world)?
-            .into_iter()
-            .map(|c| Arc::new(c) as Arc<dyn Communicator>)
-            .collect(),
-    };
+    let comms = opts.transport.group(opts.world)?;
     let rows = crate::comm::each_rank(comms, |_, comm| {
         let ck = crate::model::Checkpoint::open(&opts.model, Some(opts.dtype))?;
         let vocab = ck.config.vocab_size;

@@ -118,7 +118,6 @@ fn graph_name(nccl_only: bool) -> &'static str {
 /// Seconds per call of `once` when `it` calls are captured in one CUDA graph and replayed:
 /// the device's time, without the host's launch cost (how a decode step runs them).
 fn in_graph(comm: &NcclComm, it: usize, once: &dyn Fn() -> Result<Tensor>) -> Result<f64> {
-    use cudarc::driver::sys::{CUgraphInstantiate_flags as F, CUstreamCaptureMode as M};
     let dev = comm.cuda_device();
     let stream = dev.as_cuda_device()?.cuda_stream();
     let drv = |e: cudarc::driver::DriverError| Error::Comm {
@@ -126,19 +125,7 @@ fn in_graph(comm: &NcclComm, it: usize, once: &dyn Fn() -> Result<Tensor>) -> Re
         op: "graph",
         reason: format!("{e:?}"),
     };
-    stream
-        .begin_capture(M::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-        .map_err(drv)?;
-    let recorded = (0..it).try_for_each(|_| once().map(drop));
-    let graph = stream
-        .end_capture(F::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH)
-        .map_err(drv)?;
-    recorded?;
-    let graph = graph.ok_or_else(|| Error::Comm {
-        rank: comm.rank(),
-        op: "graph",
-        reason: "nothing was captured".into(),
-    })?;
+    let (graph, ()) = crate::cuda::capture(&stream, || (0..it).try_for_each(|_| once().map(drop)))?;
     graph.launch().map_err(drv)?;
     dev.synchronize()?;
     comm.barrier()?;

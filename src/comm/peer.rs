@@ -151,11 +151,15 @@ fn check(what: &str, r: CUresult) -> Result<()> {
     if r == CUresult::CUDA_SUCCESS {
         Ok(())
     } else {
-        Err(Error::Unsupported {
-            what: format!("peer all-reduce: {what}"),
-            by: format!("the CUDA driver: {r:?}"),
-        })
+        Err(crate::cuda::driver_err(
+            &format!("peer all-reduce: {what}"),
+            r,
+        ))
     }
+}
+
+fn driver(e: cudarc::driver::DriverError) -> Error {
+    crate::cuda::driver_err("peer all-reduce", e)
 }
 
 /// What one rank tells the others about its buffers (exchanged as u32 words).
@@ -239,10 +243,7 @@ pub(crate) struct PeerBuffers {
 impl PeerBuffers {
     /// Allocates and zeroes this rank's buffers on `ctx`'s device.
     pub(crate) fn new(ctx: &Arc<CudaContext>) -> Result<Self> {
-        ctx.bind_to_thread().map_err(|e| Error::Unsupported {
-            what: "peer all-reduce".into(),
-            by: format!("the CUDA driver: {e:?}"),
-        })?;
+        ctx.bind_to_thread().map_err(driver)?;
         let mut data: CUdeviceptr = 0;
         let mut flags: CUdeviceptr = 0;
         let flag_bytes = MAX_BLOCKS * MAX_WORLD * 4;
@@ -305,10 +306,33 @@ impl Drop for PeerBuffers {
     }
 }
 
+/// Peer buffers mapped into this process through IPC handles, unmapped on drop.
+struct IpcMapped {
+    ctx: Arc<CudaContext>,
+    ptrs: Vec<CUdeviceptr>,
+}
+
+impl Drop for IpcMapped {
+    fn drop(&mut self) {
+        if self.ctx.bind_to_thread().is_ok() {
+            for &p in &self.ptrs {
+                // SAFETY: each was opened by cuIpcOpenMemHandle and is closed once.
+                unsafe {
+                    let _ = sys::cuIpcCloseMemHandle(p);
+                }
+            }
+        }
+    }
+}
+
 /// Opens a peer's buffers: directly (same process, after enabling peer access) or through
-/// its IPC handles. Returns the peer's (data, flags) pointers and whether they were opened
-/// through IPC (to close later).
-fn open_peer(ctx: &Arc<CudaContext>, me: &PeerInfo, peer: &PeerInfo) -> Result<(u64, u64, bool)> {
+/// its IPC handles (kept in `ipc`). Returns the peer's (data, flags) pointers.
+fn open_peer(
+    ctx: &Arc<CudaContext>,
+    me: &PeerInfo,
+    peer: &PeerInfo,
+    ipc: &mut IpcMapped,
+) -> Result<(u64, u64)> {
     if peer.host != me.host {
         return Err(Error::Unsupported {
             what: "peer all-reduce".into(),
@@ -338,23 +362,16 @@ fn open_peer(ctx: &Arc<CudaContext>, me: &PeerInfo, peer: &PeerInfo) -> Result<(
         }
         if peer.pid == me.pid {
             if peer.ordinal != me.ordinal {
-                let other =
-                    CudaContext::new(peer.ordinal as usize).map_err(|e| Error::Unsupported {
-                        what: "peer all-reduce".into(),
-                        by: format!("cuda:{}: {e:?}", peer.ordinal),
-                    })?;
-                ctx.bind_to_thread().map_err(|e| Error::Unsupported {
-                    what: "peer all-reduce".into(),
-                    by: format!("{e:?}"),
-                })?;
+                let other = CudaContext::new(peer.ordinal as usize).map_err(driver)?;
+                ctx.bind_to_thread().map_err(driver)?;
                 let r = sys::cuCtxEnablePeerAccess(other.cu_ctx(), 0);
                 if r != CUresult::CUDA_ERROR_PEER_ACCESS_ALREADY_ENABLED {
                     check("enabling peer access", r)?;
                 }
             }
-            return Ok((peer.data, peer.flags, false));
+            return Ok((peer.data, peer.flags));
         }
-        let open = |h: &[u8; 64]| -> Result<u64> {
+        let mut open = |h: &[u8; 64]| -> Result<u64> {
             let mut handle = sys::CUipcMemHandle_st { reserved: [0; 64] };
             for (o, c) in handle.reserved.iter_mut().zip(h) {
                 *o = *c as std::ffi::c_char;
@@ -368,16 +385,10 @@ fn open_peer(ctx: &Arc<CudaContext>, me: &PeerInfo, peer: &PeerInfo) -> Result<(
                     sys::CUipcMem_flags::CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS as u32,
                 ),
             )?;
+            ipc.ptrs.push(p);
             Ok(p)
         };
-        let data = open(&peer.data_handle)?;
-        match open(&peer.flags_handle) {
-            Ok(flags) => Ok((data, flags, true)),
-            Err(e) => {
-                let _ = sys::cuIpcCloseMemHandle(data);
-                Err(e)
-            }
-        }
+        Ok((open(&peer.data_handle)?, open(&peer.flags_handle)?))
     }
 }
 
@@ -438,9 +449,8 @@ pub struct PeerAllReduce {
     counters: CudaSlice<u32>,
     error: ErrorWord,
     deadline: Duration,
-    /// Peer buffers opened through IPC (closed on drop).
-    ipc: Vec<u64>,
-    ctx: Arc<CudaContext>,
+    /// Peer buffers opened through IPC (closed before this rank's own buffers are freed).
+    _ipc: IpcMapped,
     /// Dropped last: peers may read them until every rank is done.
     _mine: PeerBuffers,
 }
@@ -475,77 +485,41 @@ impl PeerAllReduce {
         }
         let ctx = mine.ctx.clone();
         let mut table = vec![0u64; 2 * MAX_WORLD];
-        let mut ipc = Vec::new();
-        let opened = (|| -> Result<()> {
-            for (p, info) in infos.iter().enumerate() {
-                let (d, f) = if p == rank {
-                    (mine.data, mine.flags)
-                } else {
-                    let (d, f, via_ipc) = open_peer(&ctx, &mine.info, info)?;
-                    if via_ipc {
-                        ipc.extend([d, f]);
-                    }
-                    (d, f)
-                };
-                table[p] = d;
-                table[MAX_WORLD + p] = f;
-            }
-            Ok(())
-        })();
-        let close = |ipc: &[u64]| {
-            for &p in ipc {
-                // SAFETY: opened by cuIpcOpenMemHandle above.
-                unsafe {
-                    let _ = sys::cuIpcCloseMemHandle(p);
-                }
-            }
+        // Every early return below drops `ipc`, unmapping what was opened so far.
+        let mut ipc = IpcMapped {
+            ctx: ctx.clone(),
+            ptrs: Vec::new(),
         };
-        if let Err(e) = opened {
-            close(&ipc);
-            return Err(e);
-        }
-        let built = (|| -> Result<_> {
-            let k = crate::cuda::load_kernels(
-                &ctx,
-                "peer_all_reduce",
-                SRC,
-                &[
-                    "peer_all_reduce_f32",
-                    "peer_all_reduce_bf16",
-                    "peer_all_reduce_f16",
-                ],
-            )?;
-            let drv = |e: cudarc::driver::DriverError| Error::Unsupported {
-                what: "peer all-reduce".into(),
-                by: format!("the CUDA driver: {e:?}"),
+        for (p, info) in infos.iter().enumerate() {
+            let (d, f) = if p == rank {
+                (mine.data, mine.flags)
+            } else {
+                open_peer(&ctx, &mine.info, info, &mut ipc)?
             };
-            let table = stream.clone_htod(&table).map_err(drv)?;
-            let counters = stream.alloc_zeros::<u32>(MAX_BLOCKS).map_err(drv)?;
-            stream.synchronize().map_err(drv)?;
-            Ok((k, table, counters))
-        })();
-        let (k, table, counters) = match built {
-            Ok(v) => v,
-            Err(e) => {
-                close(&ipc);
-                return Err(e);
-            }
-        };
+            table[p] = d;
+            table[MAX_WORLD + p] = f;
+        }
+        let k = crate::cuda::load_kernels(
+            &ctx,
+            "peer_all_reduce",
+            SRC,
+            &[
+                "peer_all_reduce_f32",
+                "peer_all_reduce_bf16",
+                "peer_all_reduce_f16",
+            ],
+        )?;
+        let table = stream.clone_htod(&table).map_err(driver)?;
+        let counters = stream.alloc_zeros::<u32>(MAX_BLOCKS).map_err(driver)?;
+        stream.synchronize().map_err(driver)?;
         let mut k = k.into_iter();
         let (Some(f32k), Some(bf16k), Some(f16k)) = (k.next(), k.next(), k.next()) else {
-            close(&ipc);
             return Err(Error::Unsupported {
                 what: "peer all-reduce".into(),
                 by: "its kernel module (functions missing)".into(),
             });
         };
-        let error = match ErrorWord::new() {
-            Ok(e) => e,
-            Err(e) => {
-                close(&ipc);
-                return Err(e);
-            }
-        };
+        let error = ErrorWord::new()?;
         Ok(Self {
             rank,
             world,
@@ -554,8 +528,7 @@ impl PeerAllReduce {
             counters,
             error,
             deadline: deadline(),
-            ipc,
-            ctx,
+            _ipc: ipc,
             _mine: mine,
         })
     }
@@ -595,19 +568,6 @@ impl PeerAllReduce {
         }
         let t = t.contiguous()?;
         Ok(t.apply_op1_no_bwd(&PeerOp { p: self })?)
-    }
-}
-
-impl Drop for PeerAllReduce {
-    fn drop(&mut self) {
-        if self.ctx.bind_to_thread().is_ok() {
-            for &p in &self.ipc {
-                // SAFETY: opened by cuIpcOpenMemHandle in `open`.
-                unsafe {
-                    let _ = sys::cuIpcCloseMemHandle(p);
-                }
-            }
-        }
     }
 }
 

@@ -14,6 +14,8 @@
 use candle_core::{DType, Device, Tensor};
 
 use super::kv::KvShape;
+#[cfg(feature = "cuda")]
+use crate::cuda::driver_err;
 use crate::error::Result;
 
 /// Device buffers a captured step reads its inputs from.
@@ -66,14 +68,6 @@ impl std::fmt::Debug for DecodeGraph {
             "DecodeGraph(eager runs: {}, eager only: {})",
             self.eager_runs, self.eager_only
         )
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn driver(what: &str, e: impl std::fmt::Debug) -> crate::Error {
-    crate::Error::Unsupported {
-        what: what.to_string(),
-        by: format!("the CUDA driver: {e:?}"),
     }
 }
 
@@ -154,7 +148,7 @@ impl DecodeGraph {
         #[cfg(feature = "cuda")]
         if let Some((g, out)) = &self.captured {
             g.0.launch()
-                .map_err(|e| driver("replaying the decode step", e))?;
+                .map_err(|e| driver_err("replaying the decode step", e))?;
             return Ok(out.clone());
         }
         if self.eager_only {
@@ -188,37 +182,20 @@ impl DecodeGraph {
     /// Captures `body` on the device's stream and launches the graph once.
     #[cfg(feature = "cuda")]
     fn capture(&mut self, mut body: impl FnMut(&GraphInputs) -> Result<Tensor>) -> Result<Tensor> {
-        use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
         let Some(stream) = self.stream.clone() else {
             return body(&self.inputs);
         };
         tracing::debug!("decode graph: capturing");
-        stream
-            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-            .map_err(|e| driver("capturing the decode step", e))?;
-        let out = body(&self.inputs);
-        let graph = stream
-            .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
-        match (out, graph) {
-            (Ok(out), Ok(Some(g))) => {
+        match crate::cuda::capture(&stream, || body(&self.inputs)) {
+            Ok((g, out)) => {
                 tracing::debug!("decode graph: captured, launching");
                 g.launch()
-                    .map_err(|e| driver("launching the decode step", e))?;
+                    .map_err(|e| driver_err("launching the decode step", e))?;
                 self.captured = Some((OwnedGraph(g), out.clone()));
                 Ok(out)
             }
-            (out, graph) => {
-                let why = match (&out, &graph) {
-                    (Err(e), _) => e.to_string(),
-                    (_, Err(e)) => format!("{e:?}"),
-                    _ => "the capture recorded nothing".into(),
-                };
+            Err(why) => {
                 tracing::warn!("decode step not captured as a CUDA graph ({why}); running eagerly");
-                // Tensors allocated inside a failed capture point at memory that never
-                // existed: freeing them would record a driver error. Leak the handles.
-                if let Ok(t) = out {
-                    std::mem::forget(t);
-                }
                 self.eager_only = true;
                 body(&self.inputs)
             }

@@ -87,6 +87,8 @@ pub(crate) struct SeqCache {
     pub len: usize,
     /// Positions the fixed caches hold (0 for growing caches).
     pub capacity: usize,
+    /// Fixed-capacity caches (allocated by [`Self::reserve`]) rather than growing ones.
+    fixed: bool,
     /// The decode step of this sequence: its input buffers, and on CUDA its graph.
     pub graph: Option<super::graph::DecodeGraph>,
 }
@@ -108,6 +110,7 @@ impl SeqCache {
             layers,
             len: 0,
             capacity: 0,
+            fixed,
             graph: None,
         }
     }
@@ -122,11 +125,6 @@ impl SeqCache {
         }
     }
 
-    /// Whether the caches have a fixed capacity.
-    pub(crate) fn is_fixed(&self) -> bool {
-        matches!(self.layers.first(), Some(LayerCache::Fixed { .. })) || self.layers.is_empty()
-    }
-
     /// Makes room for `extra` more positions in fixed caches: reallocates with the next
     /// multiple of [`GROW`] and copies what is stored (a captured graph, which points at the
     /// old buffers, is dropped). Growing caches need nothing.
@@ -138,7 +136,7 @@ impl SeqCache {
         device: &Device,
     ) -> Result<()> {
         let need = self.len + extra;
-        if !self.is_fixed() || need <= self.capacity {
+        if !self.fixed || need <= self.capacity {
             return Ok(());
         }
         let cap = need.div_ceil(GROW) * GROW;

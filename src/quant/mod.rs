@@ -134,8 +134,8 @@ pub(crate) fn check_delta(layer: &dyn QuantMethod, delta: &Tensor) -> Result<()>
 /// the product of dense layers and of every format that expands its weight first.
 pub(crate) fn dense_product(w: Tensor, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     use candle_core::Module;
-    let in_dtype = x.dtype();
-    let y = candle_nn::Linear::new(w.clone(), None).forward(&x.to_dtype(w.dtype())?)?;
+    let (in_dtype, w_dtype) = (x.dtype(), w.dtype());
+    let y = candle_nn::Linear::new(w, None).forward(&x.to_dtype(w_dtype)?)?;
     add_bias(y.to_dtype(in_dtype)?, bias)
 }
 

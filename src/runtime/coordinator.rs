@@ -200,6 +200,35 @@ pub enum LocalTransport {
     Nccl,
 }
 
+impl LocalTransport {
+    /// `world` communicators of this process over this transport, in rank order (blocking:
+    /// links connect and NCCL initialises here).
+    ///
+    /// # Errors
+    /// A world size of 0, or the transport cannot connect.
+    pub fn group(self, world: usize) -> Result<Vec<Arc<dyn Communicator>>> {
+        Ok(match self {
+            LocalTransport::InProcess => LocalComm::group(world)?
+                .into_iter()
+                .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+                .collect(),
+            #[cfg(feature = "cuda")]
+            LocalTransport::Nccl => crate::comm::nccl::group(world)?
+                .into_iter()
+                .map(|c| Arc::new(c) as Arc<dyn Communicator>)
+                .collect(),
+            LocalTransport::Grpc | LocalTransport::Shm => {
+                let choice = if self == LocalTransport::Grpc {
+                    TransportChoice::Grpc
+                } else {
+                    TransportChoice::Shm
+                };
+                in_process_group(world, choice, &crate::comm::grpc::random_token())?
+            }
+        })
+    }
+}
+
 /// A running cluster: the coordinator and its ranks, local or remote.
 #[derive(Debug)]
 pub struct Cluster {
@@ -216,38 +245,12 @@ impl Cluster {
     /// # Errors
     /// A world size of 0, or the transport cannot connect.
     pub async fn local(world: usize, transport: LocalTransport) -> Result<Self> {
-        let comms: Vec<Arc<dyn Communicator>> = match transport {
-            LocalTransport::InProcess => LocalComm::group(world)?
-                .into_iter()
-                .map(|c| Arc::new(c) as Arc<dyn Communicator>)
-                .collect(),
-            #[cfg(feature = "cuda")]
-            LocalTransport::Nccl => {
-                tokio::task::spawn_blocking(move || crate::comm::nccl::group(world))
-                    .await
-                    .map_err(|e| Error::Rank {
-                        rank: 0,
-                        reason: format!("starting NCCL failed: {e}"),
-                    })??
-                    .into_iter()
-                    .map(|c| Arc::new(c) as Arc<dyn Communicator>)
-                    .collect()
-            }
-            t => {
-                let choice = if t == LocalTransport::Grpc {
-                    TransportChoice::Grpc
-                } else {
-                    TransportChoice::Shm
-                };
-                let token = crate::comm::grpc::random_token();
-                tokio::task::spawn_blocking(move || in_process_group(world, choice, &token))
-                    .await
-                    .map_err(|e| Error::Rank {
-                        rank: 0,
-                        reason: format!("connecting collectives failed: {e}"),
-                    })??
-            }
-        };
+        let comms = tokio::task::spawn_blocking(move || transport.group(world))
+            .await
+            .map_err(|e| Error::Rank {
+                rank: 0,
+                reason: format!("connecting collectives failed: {e}"),
+            })??;
         let mut handles = Vec::with_capacity(world);
         for comm in comms {
             let rank = comm.rank();

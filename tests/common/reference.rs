@@ -77,6 +77,43 @@ pub async fn greedy(c: &Cluster, prompt: &[u32], n: usize) -> Vec<u32> {
     generate(c, prompt, &params, |_| Ok(())).await.unwrap().0
 }
 
+/// `world` in-process ranks over `transport`, with `spec` loaded.
+pub async fn loaded(spec: &LoadSpec, world: usize, transport: LocalTransport) -> Cluster {
+    let c = Cluster::local(world, transport).await.unwrap();
+    c.load(spec.clone()).await.unwrap();
+    c
+}
+
+/// `spec` for the f32 weights of `dir`.
+pub fn f32_spec(dir: &Path) -> LoadSpec {
+    LoadSpec {
+        model: dir.to_path_buf(),
+        dtype: Some(candle_core::DType::F32),
+        ..Default::default()
+    }
+}
+
+/// Runs `f` with the environment variable `key` set to `value` (or unset), and unsets it
+/// after. For tests alone in their binary or run one at a time: the environment is shared.
+pub fn with_env<T>(key: &str, value: Option<&str>, f: impl FnOnce() -> T) -> T {
+    match value {
+        Some(v) => std::env::set_var(key, v),
+        None => std::env::remove_var(key),
+    }
+    let out = f();
+    std::env::remove_var(key);
+    out
+}
+
+/// Index of the largest value (greedy sampling).
+pub fn argmax(row: &[f32]) -> u32 {
+    row.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map(|(i, _)| i as u32)
+        .unwrap()
+}
+
 /// Greedy decode, one step per token, of `steps` steps after a short prompt on `world`
 /// in-process ranks (f32); every step's logits.
 pub fn greedy_step_logits(
@@ -86,14 +123,7 @@ pub fn greedy_step_logits(
     steps: usize,
 ) -> Vec<Vec<f32>> {
     rt().block_on(async {
-        let c = Cluster::local(world, transport).await.unwrap();
-        c.load(LoadSpec {
-            model: dir.to_path_buf(),
-            dtype: Some(candle_core::DType::F32),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        let c = loaded(&f32_spec(dir), world, transport).await;
         let (mut tokens, mut pos, mut out) = (vec![3u32, 17, 200, 45, 9], 0, Vec::new());
         for _ in 0..steps {
             let l = c
@@ -110,13 +140,7 @@ pub fn greedy_step_logits(
                 .unwrap();
             let row: Vec<f32> = l[0].flatten_all().unwrap().to_vec1().unwrap();
             pos += tokens.len();
-            let next = row
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map(|(i, _)| i as u32)
-                .unwrap();
-            tokens = vec![next];
+            tokens = vec![argmax(&row)];
             out.push(row);
         }
         c.shutdown().await.unwrap();
@@ -164,8 +188,7 @@ pub fn check_reference_on(
     let mut first: Vec<Vec<Vec<f32>>> = Vec::new();
     for world in worlds {
         rt.block_on(async {
-            let c = Cluster::local(world, transport).await.unwrap();
-            c.load(spec.clone()).await.unwrap();
+            let c = loaded(spec, world, transport).await;
             for (k, case) in cases.iter().enumerate() {
                 let input = ids(&case["input_ids"]);
                 let ours = all_logits(&c, &input).await;
