@@ -243,3 +243,183 @@ fn ggml_blocks_on_gpus_match_the_same_blocks_on_the_cpu() {
         eprintln!("Q8_0 on {world} GPU(s): {rel} (relative) from the CPU");
     }
 }
+
+/// Fresh normal draws, `[n]`, in f64.
+fn randn(n: usize, rng: &mut impl rand::Rng) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            let (u, v): (f64, f64) = (rng.random_range(1e-12..1.0), rng.random());
+            (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()
+        })
+        .collect()
+}
+
+/// `xs` as a tensor of `dtype` on `dev`, and the values that tensor holds (rounded), in f64.
+fn put(
+    xs: &[f64],
+    shape: &[usize],
+    dtype: DType,
+    dev: &candle_core::Device,
+) -> (candle_core::Tensor, Vec<f64>) {
+    let t = candle_core::Tensor::from_vec(xs.iter().map(|&x| x as f32).collect(), shape, dev)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap();
+    let back = t
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    (t, back)
+}
+
+fn values(t: &candle_core::Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap()
+}
+
+/// Largest |got - want| relative to the largest |want|.
+fn rel_err(got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(1e-30f64, |m, w| m.max(w.abs()));
+    got.iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+#[test]
+fn fused_kernels_match_float64_references() {
+    use shardwise::layers::fused::{add_rms_norm, decode_attention, silu_mul, CacheLen};
+    assert!(gpus() >= 1, "no CUDA device");
+    let dev = candle_core::Device::new_cuda(0).unwrap();
+    let mut rng = rand::rng();
+    for (dtype, tol) in [(DType::F32, 2e-5), (DType::BF16, 1.6e-2)] {
+        // Residual add + RMSNorm, and the norm alone, rows of uneven width.
+        for (rows, n) in [(1, 4096), (3, 1000), (2, 7)] {
+            let (x, xv) = put(&randn(rows * n, &mut rng), &[rows, 1, n], dtype, &dev);
+            let (d, dv) = put(&randn(rows * n, &mut rng), &[rows, 1, n], dtype, &dev);
+            let (w, wv) = put(&randn(n, &mut rng), &[n], dtype, &dev);
+            let eps = 1e-5;
+            for with_delta in [false, true] {
+                let (s, h) = add_rms_norm(&x, with_delta.then_some(&d), &w, eps as f32).unwrap();
+                let sum: Vec<f64> = xv
+                    .iter()
+                    .zip(&dv)
+                    .map(|(a, b)| if with_delta { a + b } else { *a })
+                    .collect();
+                let mut want = vec![0.0; rows * n];
+                for r in 0..rows {
+                    let row = &sum[r * n..(r + 1) * n];
+                    let inv =
+                        1.0 / (row.iter().map(|v| v * v).sum::<f64>() / n as f64 + eps).sqrt();
+                    for i in 0..n {
+                        want[r * n + i] = row[i] * inv * wv[i];
+                    }
+                }
+                let what = format!("{dtype:?} add_rms_norm {rows}x{n} delta {with_delta}");
+                let e = rel_err(&values(&s), &sum);
+                assert!(e <= tol, "{what}: sum off by {e}");
+                let e = rel_err(&values(&h), &want);
+                assert!(e <= 2.0 * tol, "{what}: norm off by {e}");
+            }
+        }
+        // silu(gate) * up of a merged product.
+        let (rows, half) = (3, 1000);
+        let (gu, gv) = put(
+            &randn(rows * 2 * half, &mut rng),
+            &[rows, 2 * half],
+            dtype,
+            &dev,
+        );
+        let want: Vec<f64> = (0..rows * half)
+            .map(|i| {
+                let (r, c) = (i / half, i % half);
+                let g = gv[r * 2 * half + c];
+                g / (1.0 + (-g).exp()) * gv[r * 2 * half + half + c]
+            })
+            .collect();
+        let e = rel_err(&values(&silu_mul(&gu).unwrap()), &want);
+        assert!(e <= 2.0 * tol, "{dtype:?} silu_mul off by {e}");
+        // A group too large for the kernels' registers is left to the plain path.
+        let (q, _) = put(&randn(16 * 256, &mut rng), &[1, 16, 1, 256], dtype, &dev);
+        let (k, _) = put(&randn(8 * 256, &mut rng), &[1, 1, 8, 256], dtype, &dev);
+        let none = decode_attention(&q, &k, &k, CacheLen::Host, None, 1.0).unwrap();
+        assert!(
+            none.is_none(),
+            "16 heads of 256 per KV head took a fused kernel"
+        );
+        // One query token against a cache: (q heads, kv heads, head_dim, positions,
+        // capacity, window); read as a narrowed view (length on the host) and as the whole
+        // capacity with the position in a device tensor.
+        for (nq, nkv, hd, len, cap, window) in [
+            (32, 8, 128, 512usize, 768, None),
+            (9, 3, 64, 1, 256, None),
+            (4, 4, 80, 300, 512, Some(100)),
+            (8, 1, 256, 1000, 1024, None),
+            (32, 2, 64, 700, 768, None),
+            (14, 2, 128, 77, 256, None),
+            (6, 2, 32, 4100, 4352, Some(4000)),
+        ] {
+            let (q, qv) = put(&randn(nq * hd, &mut rng), &[1, nq, 1, hd], dtype, &dev);
+            let (k, kv) = put(
+                &randn(nkv * cap * hd, &mut rng),
+                &[1, nkv, cap, hd],
+                dtype,
+                &dev,
+            );
+            let (v, vv) = put(
+                &randn(nkv * cap * hd, &mut rng),
+                &[1, nkv, cap, hd],
+                dtype,
+                &dev,
+            );
+            let g = nq / nkv;
+            let scale = 1.0 / (hd as f64).sqrt();
+            let first = window.map_or(0, |w: usize| len.saturating_sub(w));
+            let mut want = vec![0.0; nq * hd];
+            for h in 0..nq {
+                let kvh = h / g;
+                let at = |buf: &[f64], j: usize, d: usize| buf[(kvh * cap + j) * hd + d];
+                let s: Vec<f64> = (first..len)
+                    .map(|j| (0..hd).map(|d| qv[h * hd + d] * at(&kv, j, d)).sum::<f64>() * scale)
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let p: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let l: f64 = p.iter().sum();
+                for d in 0..hd {
+                    want[h * hd + d] = (first..len)
+                        .zip(&p)
+                        .map(|(j, p)| p * at(&vv, j, d))
+                        .sum::<f64>()
+                        / l;
+                }
+            }
+            let pos = candle_core::Tensor::new(&[(len - 1) as u32], &dev).unwrap();
+            let views = [
+                (
+                    k.narrow(2, 0, len).unwrap(),
+                    v.narrow(2, 0, len).unwrap(),
+                    CacheLen::Host,
+                ),
+                (k.clone(), v.clone(), CacheLen::Device(&pos)),
+            ];
+            for (kk, vk, how) in views {
+                let y = decode_attention(&q, &kk, &vk, how, window, scale as f32)
+                    .unwrap()
+                    .expect("a fused kernel for this shape");
+                assert_eq!(y.dims(), &[1, nq, 1, hd]);
+                let e = rel_err(&values(&y), &want);
+                let what = format!("{dtype:?} attention {nq}/{nkv}x{hd}, {len} of {cap}, {how:?}");
+                assert!(e <= 2.0 * tol, "{what}: off by {e}");
+            }
+        }
+    }
+}

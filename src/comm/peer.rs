@@ -46,19 +46,7 @@ fn deadline() -> Duration {
 
 const SRC: &str = r#"
 #define MAXW 8
-typedef unsigned long long u64;
-typedef unsigned short u16;
 struct __align__(16) V16 { unsigned a, b, c, d; };
-
-struct F32 { typedef float T;
-  static __device__ __forceinline__ float ld(float x) { return x; }
-  static __device__ __forceinline__ float st(float x) { return x; } };
-struct BF16 { typedef u16 T;
-  static __device__ __forceinline__ float ld(u16 h) { return __uint_as_float(((unsigned)h) << 16); }
-  static __device__ __forceinline__ u16 st(float f) { u16 r; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f)); return r; } };
-struct F16 { typedef u16 T;
-  static __device__ __forceinline__ float ld(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
-  static __device__ __forceinline__ u16 st(float f) { u16 r; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f)); return r; } };
 
 __device__ __forceinline__ u64 now_ns() { u64 t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t; }
 __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
@@ -502,7 +490,7 @@ impl PeerAllReduce {
         let k = crate::cuda::load_kernels(
             &ctx,
             "peer_all_reduce",
-            SRC,
+            &[crate::cuda::DTYPES, SRC],
             &[
                 "peer_all_reduce_f32",
                 "peer_all_reduce_bf16",

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 
 use super::linear::{ParallelLinear, Piece, Reduce};
 use super::lora::LoraSet;
@@ -122,12 +122,7 @@ impl Mlp {
     /// # Errors
     /// Kernel or collective errors.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gu = self.gate_up.forward(x)?;
-        let half = gu.dim(D::Minus1)? / 2;
-        let last = gu.rank() - 1;
-        let gate = gu.narrow(last, 0, half)?;
-        let up = gu.narrow(last, half, half)?;
-        let h = (candle_nn::ops::silu(&gate)? * up)?;
+        let h = super::fused::silu_mul(&self.gate_up.forward(x)?)?;
         self.down.forward(&h)
     }
 

@@ -7,6 +7,7 @@
 //! build the projection sets of a transformer block on it; [`lora`] merges adapters at load.
 
 pub mod attention;
+pub mod fused;
 pub mod linear;
 pub mod lora;
 pub mod mlp;

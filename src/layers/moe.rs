@@ -16,7 +16,7 @@
 use std::str::FromStr;
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 
 use super::linear::{ParallelLinear, Piece, Reduce};
 use crate::comm::Communicator;
@@ -138,13 +138,6 @@ pub struct MoeBlock {
     pub experts: Experts,
     name: String,
     comm: Arc<dyn Communicator>,
-}
-
-fn silu_mul(gu: &Tensor) -> Result<Tensor> {
-    let half = gu.dim(D::Minus1)? / 2;
-    let gate = gu.narrow(D::Minus1, 0, half)?;
-    let up = gu.narrow(D::Minus1, half, half)?;
-    Ok((candle_nn::ops::silu(&gate)? * up)?)
 }
 
 impl MoeBlock {
@@ -334,13 +327,13 @@ impl MoeBlock {
     fn expert(&self, e: usize, x: &Tensor) -> Result<Tensor> {
         match &self.experts {
             Experts::Packed(v) => {
-                let h = silu_mul(&v[e].gate_up.forward(x)?)?;
+                let h = super::fused::silu_mul(&v[e].gate_up.forward(x)?)?;
                 v[e].down.forward(&h)
             }
             Experts::Fused { gate_up, down } => {
                 let dt = gate_up.dtype();
                 let xin = x.to_dtype(dt)?;
-                let h = silu_mul(&xin.matmul(&gate_up.get(e)?.t()?)?)?;
+                let h = super::fused::silu_mul(&xin.matmul(&gate_up.get(e)?.t()?)?)?;
                 Ok(h.matmul(&down.get(e)?.t()?)?.to_dtype(x.dtype())?)
             }
         }

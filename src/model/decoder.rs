@@ -14,6 +14,7 @@ use super::kv::{KvShape, KvWrite, LayerCache, SeqCache};
 use super::rope::Rope;
 use crate::comm::Communicator;
 use crate::error::{Error, LayerContext, Result};
+use crate::layers::fused::{add_rms_norm, decode_attention, CacheLen};
 use crate::layers::moe::{MoeBlock, MoeImpl};
 use crate::layers::{
     AttentionDims, AttentionProjections, LoraSet, Mlp, ParallelLinear, Piece, Reduce,
@@ -447,15 +448,20 @@ impl Model {
         let ids: Vec<u32> = seqs.iter().map(|s| s.tokens[0]).collect();
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(1)?;
+        let mut pending = None;
         let eps = self.cfg.rms_norm_eps as f32;
         for (i, layer) in self.layers.iter().enumerate() {
             let mut per_seq: Vec<&mut LayerCache> =
                 caches.iter_mut().map(|c| &mut c.layers[i]).collect();
-            x = layer
-                .forward_with(&x, eps, |h| layer.attention_batch(h, &ctxs, &mut per_seq))
+            let (nx, f) = layer
+                .forward_with(&x, pending.as_ref(), eps, |h| {
+                    layer.attention_batch(h, &ctxs, &mut per_seq)
+                })
                 .in_layer(&format!("model.layers.{i}"))?;
+            (x, pending) = (nx, Some(f));
         }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, eps)?.squeeze(1)?;
+        let (_, x) = add_rms_norm(&x, pending.as_ref(), &self.norm, eps)?;
+        let x = x.squeeze(1)?;
         Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
     }
 
@@ -502,12 +508,14 @@ impl Model {
     ) -> Result<Tensor> {
         let t = ids.dim(0)?;
         let mut x = self.embed.index_select(ids, 0)?.unsqueeze(0)?;
+        let mut pending = None;
         for (i, (layer, cache)) in self.layers.iter().zip(caches.iter_mut()).enumerate() {
-            x = layer
-                .forward(&x, ctx, cache)
+            let (nx, f) = layer
+                .forward(&x, pending.as_ref(), ctx, cache)
                 .in_layer(&format!("model.layers.{i}"))?;
+            (x, pending) = (nx, Some(f));
         }
-        let x = candle_nn::ops::rms_norm(&x, &self.norm, ctx.eps)?;
+        let (_, x) = add_rms_norm(&x, pending.as_ref(), &self.norm, ctx.eps)?;
         let x = if all_logits {
             x.i(0)?
         } else {
@@ -556,6 +564,7 @@ impl Model {
                 cos: inputs.cos.clone(),
                 sin: inputs.sin.clone(),
                 mask: Some(inputs.mask.clone()),
+                window: self.cfg.sliding_window,
                 eps: self.cfg.rms_norm_eps as f32,
                 write: KvWrite::Indexed(&inputs.idx),
             };
@@ -582,9 +591,10 @@ impl Model {
         let mut x = x.to_device(&self.device)?.to_dtype(self.dtype)?;
         for i in layers {
             let mut cache = LayerCache::growing(t);
-            x = self.layers[i]
-                .forward(&x, &ctx, &mut cache)
+            let (nx, f) = self.layers[i]
+                .forward(&x, None, &ctx, &mut cache)
                 .in_layer(&format!("model.layers.{i}"))?;
+            x = (nx + f)?;
         }
         Ok(x.to_device(&Device::Cpu)?)
     }
@@ -737,6 +747,8 @@ struct StepCtx<'a> {
     cos: Tensor,
     sin: Tensor,
     mask: Option<Tensor>,
+    /// Attention window (past positions), if the model has one.
+    window: Option<usize>,
     eps: f32,
     /// Where fixed KV caches take this step's keys and values.
     write: KvWrite<'a>,
@@ -757,6 +769,7 @@ impl<'a> StepCtx<'a> {
             cos: cos.to_dtype(dtype)?,
             sin: sin.to_dtype(dtype)?,
             mask: causal_mask(t, start, cfg.sliding_window, dtype, device)?,
+            window: cfg.sliding_window,
             eps: cfg.rms_norm_eps as f32,
             write: KvWrite::At(start),
         })
@@ -799,22 +812,32 @@ impl DecoderLayer {
         Ok(n)
     }
 
-    fn forward(&self, x: &Tensor, ctx: &StepCtx<'_>, cache: &mut LayerCache) -> Result<Tensor> {
-        self.forward_with(x, ctx.eps, |h| self.attention(h, ctx, cache))
+    fn forward(
+        &self,
+        x: &Tensor,
+        pending: Option<&Tensor>,
+        ctx: &StepCtx<'_>,
+        cache: &mut LayerCache,
+    ) -> Result<(Tensor, Tensor)> {
+        self.forward_with(x, pending, ctx.eps, |h| self.attention(h, ctx, cache))
     }
 
-    /// Norm, `attention`, residual, norm, feed-forward, residual.
+    /// Residual `x` plus `pending` (the previous layer's feed-forward output), norm,
+    /// `attention`, residual, norm, feed-forward. Returns the residual stream and this
+    /// layer's feed-forward output, which the next norm adds (each add fused with the norm
+    /// that follows it, see [`add_rms_norm`]).
     fn forward_with(
         &self,
         x: &Tensor,
+        pending: Option<&Tensor>,
         eps: f32,
         attention: impl FnOnce(&Tensor) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        let h = candle_nn::ops::rms_norm(x, &self.input_norm, eps)?;
+    ) -> Result<(Tensor, Tensor)> {
+        let (x, h) = add_rms_norm(x, pending, &self.input_norm, eps)?;
         let a = attention(&h)?;
-        let x = (x + a)?;
-        let h = candle_nn::ops::rms_norm(&x, &self.post_norm, eps)?;
-        Ok((&x + self.ffn.forward(&h)?)?)
+        let (x, h) = add_rms_norm(&x, Some(&a), &self.post_norm, eps)?;
+        let f = self.ffn.forward(&h)?;
+        Ok((x, f))
     }
 
     fn attention(&self, x: &Tensor, ctx: &StepCtx<'_>, cache: &mut LayerCache) -> Result<Tensor> {
@@ -870,6 +893,15 @@ impl DecoderLayer {
         let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
         let (k, v) = cache.append(&k, &v, ctx.write)?;
         let scale = 1.0 / (hd as f64).sqrt();
+        if t == 1 && b == 1 && self.attn.heads.uniform_group().is_some() {
+            let len = match ctx.write {
+                KvWrite::Indexed(idx) => CacheLen::Device(idx),
+                KvWrite::At(_) => CacheLen::Host,
+            };
+            if let Some(y) = decode_attention(&q, &k, &v, len, ctx.window, scale as f32)? {
+                return Ok(y.reshape((b, t, nq * hd))?);
+            }
+        }
         let y = match self.attn.heads.uniform_group() {
             // Each KV head's `g` query heads as `g` rows of one product: no copies of the
             // keys and values per query head.

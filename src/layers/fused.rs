@@ -1,0 +1,868 @@
+//! Fused kernels of the decode step, one dispatch point per operation: on a CUDA rank (cargo
+//! feature `cuda`) each runs as one kernel of the project's own (compiled by NVRTC); anywhere
+//! else, or with `SHARDWISE_FUSED=0`, as the candle operations it replaces.
+//!
+//! Why: a decode step of one token is a few large matrix products and many small operations,
+//! and on a GPU each small operation costs a kernel launch and a few microseconds whatever its
+//! size. Measured on an H200 (Llama-3-8B shape, one token, 512 cached positions), candle's
+//! attention of one token took five kernels and ~48 us per layer (a copy of the whole value
+//! cache, a one-warp-per-row softmax, a strided batched GEMV), and norm plus residual add
+//! another ~8 us; here they are:
+//! - [`add_rms_norm`]: residual add and RMSNorm in one kernel, both results out;
+//! - [`silu_mul`]: `silu(gate) * up` of a merged gate/up product in one kernel;
+//! - [`decode_attention`]: one query token against a KV cache (grouped heads share their
+//!   keys and values, no copies), split over the positions and combined in the same kernel.
+//!
+//! Each rounds where the operations it replaces round (the sum to the model's dtype before
+//! the norm, silu's result before the product), so fused and plain steps agree to float
+//! summation order.
+
+use candle_core::{Tensor, D};
+
+use crate::error::Result;
+
+/// Whether `t`'s device runs the fused kernels: a CUDA device, unless `SHARDWISE_FUSED=0`.
+#[cfg(feature = "cuda")]
+fn fused_on(t: &Tensor) -> bool {
+    t.device().is_cuda()
+        && matches!(
+            t.dtype(),
+            candle_core::DType::F32 | candle_core::DType::BF16 | candle_core::DType::F16
+        )
+        && !std::env::var("SHARDWISE_FUSED").is_ok_and(|v| v == "0")
+}
+
+/// `x + delta` (when given) and RMSNorm of it with weight `w`: returns `(sum, normed)`; the
+/// sum is `x` itself without `delta`.
+///
+/// # Errors
+/// Shape mismatches, kernel errors.
+pub fn add_rms_norm(
+    x: &Tensor,
+    delta: Option<&Tensor>,
+    w: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if fused_on(x) && w.elem_count() <= gpu::MAX_NORM_WIDTH {
+        return gpu::add_rms_norm(x, delta, w, eps);
+    }
+    let x = match delta {
+        Some(d) => (x + d)?,
+        None => x.clone(),
+    };
+    let h = candle_nn::ops::rms_norm(&x, w, eps)?;
+    Ok((x, h))
+}
+
+/// `silu(gate) * up` of a merged product `[.., 2 * width]` (gate columns first).
+///
+/// # Errors
+/// An odd last dimension, kernel errors.
+pub fn silu_mul(gu: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if fused_on(gu) {
+        return gpu::silu_mul(gu);
+    }
+    let half = gu.dim(D::Minus1)? / 2;
+    let gate = gu.narrow(D::Minus1, 0, half)?;
+    let up = gu.narrow(D::Minus1, half, half)?;
+    Ok((candle_nn::ops::silu(&gate)? * up)?)
+}
+
+/// How many positions of a KV cache a decode attention reads.
+#[derive(Debug, Clone, Copy)]
+pub enum CacheLen<'a> {
+    /// Known on the host: the cache tensors hold exactly the sequence.
+    Host,
+    /// One past the position in this device tensor (u32, first element): the cache tensors
+    /// span their whole capacity (a step replayed as a CUDA graph). Only the CUDA kernel
+    /// reads it.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Device(&'a Tensor),
+}
+
+/// Attention of one query token (`q`: `[1, q heads, 1, head_dim]`, rotated) over cached keys
+/// and values `[1, kv heads, positions, head_dim]`, query heads grouped `q heads / kv heads`
+/// per KV head, within `window` past positions when set; `[1, q heads, 1, head_dim]` out.
+/// `None` where no fused kernel serves (not CUDA; more than 16 query heads per KV head, or
+/// more than 8 with heads wider than 128, or heads wider than 256): the caller runs the plain
+/// path.
+///
+/// # Errors
+/// Kernel errors.
+pub fn decode_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    len: CacheLen<'_>,
+    window: Option<usize>,
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if fused_on(q) {
+        return gpu::decode_attention(q, k, v, len, window, scale);
+    }
+    let _ = (q, k, v, len, window, scale);
+    Ok(None)
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    //! The kernels and their launches.
+
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::{CudaDevice, CudaStorage};
+    use candle_core::{
+        CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor,
+    };
+    use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+
+    use super::CacheLen;
+    use crate::error::{Error, Result};
+
+    /// Most position splits of one attention (blocks per KV head).
+    const MAX_SPLITS: usize = 64;
+    /// Positions per split below which fewer splits are used.
+    const SPLIT_POSITIONS: usize = 32;
+    /// Threads of an attention block (four warps).
+    const ATTN_THREADS: u32 = 128;
+    /// Most KV heads of one attention (combine counters).
+    const MAX_KV_HEADS: usize = 1024;
+
+    const SRC: &str = r#"
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+#define TILE 64
+#define MAXG 16
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o); return v; }
+__device__ __forceinline__ float warp_max(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o)); return v; }
+__device__ float block_sum(float v, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float t = 0.f;
+  for (int w = 0; w < nw; ++w) t += red[w];
+  return t;
+}
+
+// One block per row: y = x * rsqrt(mean(x^2) + eps) * w, where x is the row, or with `a` the
+// row plus a's row rounded to T (also written to xo). Each thread keeps its (at most PER)
+// elements and weights in registers between the two passes.
+#define PER 16
+template <typename K, bool ADD>
+__device__ void add_rms(const typename K::T* x, const typename K::T* a, const typename K::T* w,
+                        typename K::T* xo, typename K::T* y, int n, float eps) {
+  typedef typename K::T T;
+  __shared__ float red[32];
+  const long long off = (long long)blockIdx.x * n;
+  x += off; y += off;
+  if (ADD) { a += off; xo += off; }
+  float vals[PER], ws[PER];
+  float ss = 0.f;
+#pragma unroll
+  for (int r = 0; r < PER; ++r) {
+    const int i = threadIdx.x + r * blockDim.x;
+    vals[r] = 0.f; ws[r] = 0.f;
+    if (i < n) {
+      float v = K::ld(x[i]);
+      if (ADD) { const T s = K::st(v + K::ld(a[i])); xo[i] = s; v = K::ld(s); }
+      vals[r] = v;
+      ws[r] = K::ld(w[i]);
+      ss += v * v;
+    }
+  }
+  const float inv = rsqrtf(block_sum(ss, red) / (float)n + eps);
+#pragma unroll
+  for (int r = 0; r < PER; ++r) {
+    const int i = threadIdx.x + r * blockDim.x;
+    if (i < n) y[i] = K::st(vals[r] * inv * ws[r]);
+  }
+}
+
+// y[r, c] = silu(gu[r, c]) * gu[r, half + c], silu's result rounded to T first.
+template <typename K>
+__device__ void silu_mul(const typename K::T* gu, typename K::T* y, long long rows, int half) {
+  const long long total = rows * half;
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long r = i / half, c = i - r * half;
+    const float g = K::ld(gu[r * 2 * half + c]);
+    const float s = K::ld(K::st(g / (1.f + __expf(-g))));
+    y[i] = K::st(s * K::ld(gu[r * 2 * half + half + c]));
+  }
+}
+
+// Block (kv head, split): the split's positions of the `g` query heads of one KV head. Each
+// warp takes groups of 4 positions (keys and values of the group loaded at once), lane `l`
+// holding dimensions l, l + 32, ... of every head's query and accumulator, with a running max
+// and sum per head (online softmax). The warps' partials are merged in shared memory, the
+// block's partial (max, sum, weighted values) goes to scratch, and the last block of the KV
+// head to finish merges every split's partial into `out` and resets its counter.
+// MG >= g and 32 * ME >= hd (compile-time bounds keep everything in registers).
+template <typename K, int MG, int ME>
+__device__ void attend(const typename K::T* q, const typename K::T* k, const typename K::T* v,
+                       typename K::T* out, float* scratch, unsigned* counters,
+                       const unsigned* pos_ptr, int len_host, int g, int hd,
+                       long long ks_h, long long ks_p, long long vs_h, long long vs_p,
+                       int span, int window, float scale) {
+  typedef typename K::T T;
+  extern __shared__ float sm[];
+  __shared__ unsigned last;
+  const int kvh = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
+  const int len = pos_ptr ? (int)pos_ptr[0] + 1 : len_host;
+  const int first = (window > 0 && len > window) ? len - window : 0;
+  const int chunk = (span + nsplit - 1) / nsplit;
+  const int start = max(split * chunk, first);
+  const int end = min(split * chunk + chunk, len);
+  float qr[MG][ME], acc[MG][ME], m[MG], l[MG];
+#pragma unroll
+  for (int h = 0; h < MG; ++h) {
+    m[h] = -INFINITY; l[h] = 0.f;
+#pragma unroll
+    for (int e = 0; e < ME; ++e) {
+      const int d = lane + 32 * e;
+      qr[h][e] = (h < g && d < hd) ? K::ld(q[((long long)kvh * g + h) * hd + d]) * scale : 0.f;
+      acc[h][e] = 0.f;
+    }
+  }
+  const T* kb = k + kvh * ks_h;
+  const T* vb = v + kvh * vs_h;
+  for (int j0 = start + warp * 4; j0 < end; j0 += nwarps * 4) {
+    float kx[4][ME], vx[4][ME], s[4][MG];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const bool ok = j0 + u < end;
+#pragma unroll
+      for (int e = 0; e < ME; ++e) {
+        const int d = lane + 32 * e;
+        const bool in = ok && d < hd;
+        kx[u][e] = in ? K::ld(kb[(long long)(j0 + u) * ks_p + d]) : 0.f;
+        vx[u][e] = in ? K::ld(vb[(long long)(j0 + u) * vs_p + d]) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int h = 0; h < MG; ++h) {
+        float p = 0.f;
+#pragma unroll
+        for (int e = 0; e < ME; ++e) p += qr[h][e] * kx[u][e];
+        s[u][h] = p;
+      }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1)
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+#pragma unroll
+        for (int h = 0; h < MG; ++h) s[u][h] += __shfl_xor_sync(0xffffffffu, s[u][h], o);
+#pragma unroll
+    for (int h = 0; h < MG; ++h) {
+      float mx = m[h];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) if (j0 + u < end) mx = fmaxf(mx, s[u][h]);
+      const float corr = __expf(m[h] - mx);
+      float sum = 0.f;
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const float p = (j0 + u < end) ? __expf(s[u][h] - mx) : 0.f;
+        s[u][h] = p;
+        sum += p;
+      }
+      m[h] = mx;
+      l[h] = l[h] * corr + sum;
+#pragma unroll
+      for (int e = 0; e < ME; ++e) {
+        float a = acc[h][e] * corr;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) a += s[u][h] * vx[u][e];
+        acc[h][e] = a;
+      }
+    }
+  }
+  // Merge the warps: [warp][h][2 + hd] in shared memory.
+  const int rec = hd + 2;
+#pragma unroll
+  for (int h = 0; h < MG; ++h) {
+    if (h < g) {
+      float* w = sm + (warp * g + h) * rec;
+      if (lane == 0) { w[0] = m[h]; w[1] = l[h]; }
+#pragma unroll
+      for (int e = 0; e < ME; ++e) { const int d = lane + 32 * e; if (d < hd) w[2 + d] = acc[h][e]; }
+    }
+  }
+  __syncthreads();
+  float* mine = scratch + (long long)(kvh * nsplit + split) * g * rec;
+  for (int i = tid; i < g * hd; i += blockDim.x) {
+    const int h = i / hd, d = i - h * hd;
+    float mx = -INFINITY;
+    for (int w = 0; w < nwarps; ++w) mx = fmaxf(mx, sm[(w * g + h) * rec]);
+    float lt = 0.f, o = 0.f;
+    if (mx != -INFINITY) {
+      for (int w = 0; w < nwarps; ++w) {
+        const float* r = sm + (w * g + h) * rec;
+        if (r[0] == -INFINITY) continue;
+        const float c = __expf(r[0] - mx);
+        lt += c * r[1];
+        o += c * r[2 + d];
+      }
+    }
+    mine[h * rec + 2 + d] = o;
+    if (d == 0) { mine[h * rec] = mx; mine[h * rec + 1] = lt; }
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) last = atomicAdd(&counters[kvh], 1u) == (unsigned)(nsplit - 1);
+  __syncthreads();
+  if (!last) return;
+  if (tid == 0) counters[kvh] = 0u;
+  __threadfence();
+  const float* all = scratch + (long long)kvh * nsplit * g * rec;
+  for (int i = tid; i < g * hd; i += blockDim.x) {
+    const int h = i / hd, d = i - h * hd;
+    float mx = -INFINITY;
+    for (int sp = 0; sp < nsplit; ++sp) mx = fmaxf(mx, __ldcg(all + (sp * g + h) * rec));
+    float lt = 0.f, o = 0.f;
+    for (int sp = 0; sp < nsplit; ++sp) {
+      const float* p = all + (sp * g + h) * rec;
+      const float ms = __ldcg(p);
+      if (ms == -INFINITY) continue;
+      const float c = __expf(ms - mx);
+      lt += c * __ldcg(p + 1);
+      o += c * __ldcg(p + 2 + d);
+    }
+    out[((long long)kvh * g + h) * hd + d] = K::st(o / lt);
+  }
+}
+
+#define KERNELS(sfx, K) \
+extern "C" __global__ void rms_norm_##sfx(const K::T* x, const K::T* w, K::T* y, int n, \
+    float eps) { add_rms<K, false>(x, x, w, y, y, n, eps); } \
+extern "C" __global__ void add_rms_norm_##sfx(const K::T* x, const K::T* a, const K::T* w, \
+    K::T* xo, K::T* y, int n, float eps) { add_rms<K, true>(x, a, w, xo, y, n, eps); } \
+extern "C" __global__ void silu_mul_##sfx(const K::T* gu, K::T* y, long long rows, int half) { \
+  silu_mul<K>(gu, y, rows, half); } \
+ATTEND(sfx, K, 4, 4) ATTEND(sfx, K, 8, 4) ATTEND(sfx, K, 16, 4) ATTEND(sfx, K, 4, 8) \
+ATTEND(sfx, K, 8, 8)
+#define ATTEND(sfx, K, MG, ME) \
+extern "C" __global__ void attend_##MG##x##ME##_##sfx(const K::T* q, const K::T* k, \
+    const K::T* v, K::T* out, float* scratch, unsigned* counters, const unsigned* pos_ptr, \
+    int len_host, int g, int hd, long long ks_h, long long ks_p, long long vs_h, long long vs_p, \
+    int span, int window, float scale) { \
+  attend<K, MG, ME>(q, k, v, out, scratch, counters, pos_ptr, len_host, g, hd, ks_h, ks_p, vs_h, \
+                    vs_p, span, window, scale); }
+KERNELS(f32, F32)
+KERNELS(bf16, BF16)
+KERNELS(f16, F16)
+"#;
+
+    /// Attention kernel variants (most query heads per KV head, head_dim / 32 rounded up).
+    const ATTEND_VARIANTS: [(usize, usize); 5] = [(4, 4), (8, 4), (16, 4), (4, 8), (8, 8)];
+
+    /// The smallest variant serving `g` heads per KV head of width `hd`.
+    fn attend_variant(g: usize, hd: usize) -> Option<(usize, usize)> {
+        let e = hd.div_ceil(32);
+        ATTEND_VARIANTS
+            .iter()
+            .copied()
+            .filter(|&(mg, me)| g <= mg && e <= me)
+            .min_by_key(|&(mg, me)| mg * me)
+    }
+
+    const OPS: [&str; 3] = ["rms_norm", "add_rms_norm", "silu_mul"];
+    const SUFFIXES: [&str; 3] = ["f32", "bf16", "f16"];
+
+    /// One device's kernels and attention workspace.
+    struct Kernels {
+        /// By `{op}_{dtype}`.
+        funcs: HashMap<String, CudaFunction>,
+        /// Per-split partial results of attention; grown, never shrunk. Buffers it outgrew
+        /// stay alive, since a captured graph may still point at them.
+        scratch: Mutex<Vec<CudaSlice<f32>>>,
+        /// Per-KV-head split counters, zero between launches.
+        counters: CudaSlice<u32>,
+    }
+
+    impl Kernels {
+        fn func(&self, op: &str, dtype: DType) -> candle_core::Result<&CudaFunction> {
+            let sfx = match dtype {
+                DType::F32 => "f32",
+                DType::BF16 => "bf16",
+                DType::F16 => "f16",
+                d => candle_core::bail!("fused {op}: dtype {d:?}"),
+            };
+            self.funcs
+                .get(&format!("{op}_{sfx}"))
+                .ok_or_else(|| candle_core::Error::Msg(format!("fused kernel {op}_{sfx} missing")))
+        }
+
+        /// A scratch buffer of at least `n` floats (the same one while it is big enough).
+        fn scratch(&self, dev: &CudaDevice, n: usize) -> candle_core::Result<u64> {
+            let mut s = self
+                .scratch
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("fused attention scratch poisoned".into()))?;
+            if s.last().is_none_or(|b| b.len() < n) {
+                s.push(dev.cuda_stream().alloc_zeros::<f32>(n).map_err(cerr)?);
+            }
+            let stream = dev.cuda_stream();
+            let b = s
+                .last()
+                .ok_or_else(|| candle_core::Error::Msg("no scratch".into()))?;
+            let ptr = b.device_ptr(&stream).0;
+            Ok(ptr)
+        }
+    }
+
+    fn cerr(e: impl std::fmt::Debug) -> candle_core::Error {
+        candle_core::Error::Msg(format!("fused kernel: {e:?}"))
+    }
+
+    fn to_candle(e: Error) -> candle_core::Error {
+        candle_core::Error::Msg(e.to_string())
+    }
+
+    /// The kernels of `dev` (one set per candle device, so ranks sharing a GPU on separate
+    /// streams have separate workspaces).
+    fn kernels(dev: &CudaDevice) -> candle_core::Result<Arc<Kernels>> {
+        type Map = Mutex<HashMap<candle_core::cuda_backend::DeviceId, Arc<Kernels>>>;
+        static ALL: OnceLock<Map> = OnceLock::new();
+        let mut all = ALL
+            .get_or_init(Default::default)
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("fused kernels poisoned".into()))?;
+        if let Some(k) = all.get(&dev.id()) {
+            return Ok(k.clone());
+        }
+        let attend = ATTEND_VARIANTS.map(|(g, e)| format!("attend_{g}x{e}"));
+        let names: Vec<String> = OPS
+            .iter()
+            .map(|op| op.to_string())
+            .chain(attend)
+            .flat_map(|op| SUFFIXES.iter().map(move |s| format!("{op}_{s}")))
+            .collect();
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        let stream = dev.cuda_stream();
+        let funcs = crate::cuda::load_kernels(
+            stream.context(),
+            "fused",
+            &[crate::cuda::DTYPES, SRC],
+            &refs,
+        )
+        .map_err(to_candle)?;
+        let counters = stream.alloc_zeros::<u32>(MAX_KV_HEADS).map_err(cerr)?;
+        let k = Arc::new(Kernels {
+            funcs: names.into_iter().zip(funcs).collect(),
+            scratch: Mutex::new(Vec::new()),
+            counters,
+        });
+        all.insert(dev.id(), k.clone());
+        Ok(k)
+    }
+
+    fn contiguous_range(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
+        l.contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg(format!("fused {what}: not contiguous")))
+    }
+
+    fn grid(blocks: u32, threads: u32, shared: u32) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: shared,
+        }
+    }
+
+    /// Elements per thread of a norm block (`PER` in the kernel).
+    const NORM_PER_THREAD: usize = 16;
+    /// Widest row a norm block takes.
+    pub(super) const MAX_NORM_WIDTH: usize = NORM_PER_THREAD * 1024;
+
+    /// Threads of a norm block for rows of `n` (at most [`MAX_NORM_WIDTH`]): four elements
+    /// each, or more for rows wider than 4096.
+    fn norm_threads(n: usize) -> u32 {
+        (n.div_ceil(4).div_ceil(32) * 32).clamp(32, 1024) as u32
+    }
+
+    struct Norm {
+        eps: f32,
+    }
+
+    impl CustomOp2 for Norm {
+        fn name(&self) -> &'static str {
+            "fused_rms_norm"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("fused rms_norm needs CUDA tensors")
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+            w: &CudaStorage,
+            wl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let dev = x.device().clone();
+            let k = kernels(&dev)?;
+            let f = k.func("rms_norm", x.dtype())?;
+            let (xs, xe) = contiguous_range(xl, "rms_norm")?;
+            let (ws, we) = contiguous_range(wl, "rms_norm")?;
+            let n = we - ws;
+            let rows = (xe - xs) / n.max(1);
+            let stream = dev.cuda_stream();
+            let cfg = grid(rows as u32, norm_threads(n), 0);
+            let (n32, eps) = (n as i32, self.eps);
+            macro_rules! run {
+                ($t:ty) => {{
+                    let xv = x.as_cuda_slice::<$t>()?.slice(xs..xe);
+                    let wv = w.as_cuda_slice::<$t>()?.slice(ws..we);
+                    // SAFETY: the kernel writes every element.
+                    let mut y = unsafe { dev.alloc::<$t>(xe - xs)? };
+                    let mut b = stream.launch_builder(f);
+                    b.arg(&xv).arg(&wv).arg(&mut y).arg(&n32).arg(&eps);
+                    // SAFETY: arguments match the kernel's signature.
+                    unsafe { b.launch(cfg) }.map_err(cerr)?;
+                    Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
+                }};
+            }
+            match x.dtype() {
+                DType::F32 => run!(f32),
+                DType::BF16 => run!(half::bf16),
+                DType::F16 => run!(half::f16),
+                d => candle_core::bail!("fused rms_norm: dtype {d:?}"),
+            }
+        }
+    }
+
+    /// Output `[2, ..x]`: the sum, then the normed sum.
+    struct AddNorm {
+        eps: f32,
+    }
+
+    impl CustomOp3 for AddNorm {
+        fn name(&self) -> &'static str {
+            "fused_add_rms_norm"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("fused add_rms_norm needs CUDA tensors")
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+            a: &CudaStorage,
+            al: &Layout,
+            w: &CudaStorage,
+            wl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let dev = x.device().clone();
+            let k = kernels(&dev)?;
+            let f = k.func("add_rms_norm", x.dtype())?;
+            let (xs, xe) = contiguous_range(xl, "add_rms_norm")?;
+            let (as_, ae) = contiguous_range(al, "add_rms_norm")?;
+            let (ws, we) = contiguous_range(wl, "add_rms_norm")?;
+            let (len, n) = (xe - xs, we - ws);
+            let rows = len / n.max(1);
+            let stream = dev.cuda_stream();
+            let cfg = grid(rows as u32, norm_threads(n), 0);
+            let (n32, eps) = (n as i32, self.eps);
+            let mut dims = vec![2];
+            dims.extend_from_slice(xl.dims());
+            macro_rules! run {
+                ($t:ty) => {{
+                    let xv = x.as_cuda_slice::<$t>()?.slice(xs..xe);
+                    let av = a.as_cuda_slice::<$t>()?.slice(as_..ae);
+                    let wv = w.as_cuda_slice::<$t>()?.slice(ws..we);
+                    // SAFETY: the kernel writes every element of both halves.
+                    let mut out = unsafe { dev.alloc::<$t>(2 * len)? };
+                    {
+                        let (mut xo, mut y) = out.split_at_mut(len);
+                        let mut b = stream.launch_builder(f);
+                        b.arg(&xv)
+                            .arg(&av)
+                            .arg(&wv)
+                            .arg(&mut xo)
+                            .arg(&mut y)
+                            .arg(&n32)
+                            .arg(&eps);
+                        // SAFETY: arguments match the kernel's signature.
+                        unsafe { b.launch(cfg) }.map_err(cerr)?;
+                    }
+                    Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
+                }};
+            }
+            match x.dtype() {
+                DType::F32 => run!(f32),
+                DType::BF16 => run!(half::bf16),
+                DType::F16 => run!(half::f16),
+                d => candle_core::bail!("fused add_rms_norm: dtype {d:?}"),
+            }
+        }
+    }
+
+    pub(super) fn add_rms_norm(
+        x: &Tensor,
+        delta: Option<&Tensor>,
+        w: &Tensor,
+        eps: f32,
+    ) -> Result<(Tensor, Tensor)> {
+        let x = x.contiguous()?;
+        let w = w.contiguous()?;
+        match delta {
+            None => {
+                let h = x.apply_op2_no_bwd(&w, &Norm { eps })?;
+                Ok((x, h))
+            }
+            Some(d) => {
+                if d.shape() != x.shape() {
+                    return Err(candle_core::Error::ShapeMismatchBinaryOp {
+                        lhs: x.shape().clone(),
+                        rhs: d.shape().clone(),
+                        op: "add_rms_norm",
+                    }
+                    .into());
+                }
+                let d = d.contiguous()?;
+                let both = x.apply_op3_no_bwd(&d, &w, &AddNorm { eps })?;
+                Ok((both.get(0)?, both.get(1)?))
+            }
+        }
+    }
+
+    struct SiluMul;
+
+    impl CustomOp1 for SiluMul {
+        fn name(&self) -> &'static str {
+            "fused_silu_mul"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("fused silu_mul needs a CUDA tensor")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let dev = s.device().clone();
+            let k = kernels(&dev)?;
+            let f = k.func("silu_mul", s.dtype())?;
+            let (start, end) = contiguous_range(l, "silu_mul")?;
+            let mut dims = l.dims().to_vec();
+            let last = dims
+                .last_mut()
+                .ok_or_else(|| candle_core::Error::Msg("scalar".into()))?;
+            if *last % 2 != 0 {
+                candle_core::bail!("fused silu_mul: odd width {}", *last)
+            }
+            *last /= 2;
+            let half = *last;
+            let rows = (end - start) / (2 * half).max(1);
+            let total = rows * half;
+            let cfg = grid(total.div_ceil(256).clamp(1, 65535) as u32, 256, 0);
+            let stream = dev.cuda_stream();
+            let (rows64, half32) = (rows as i64, half as i32);
+            macro_rules! run {
+                ($t:ty) => {{
+                    let src = s.as_cuda_slice::<$t>()?.slice(start..end);
+                    // SAFETY: the kernel writes every element.
+                    let mut y = unsafe { dev.alloc::<$t>(total)? };
+                    let mut b = stream.launch_builder(f);
+                    b.arg(&src).arg(&mut y).arg(&rows64).arg(&half32);
+                    // SAFETY: arguments match the kernel's signature.
+                    unsafe { b.launch(cfg) }.map_err(cerr)?;
+                    Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from(dims)))
+                }};
+            }
+            match s.dtype() {
+                DType::F32 => run!(f32),
+                DType::BF16 => run!(half::bf16),
+                DType::F16 => run!(half::f16),
+                d => candle_core::bail!("fused silu_mul: dtype {d:?}"),
+            }
+        }
+    }
+
+    pub(super) fn silu_mul(gu: &Tensor) -> Result<Tensor> {
+        Ok(gu.contiguous()?.apply_op1_no_bwd(&SiluMul)?)
+    }
+
+    struct Attend {
+        /// Device pointer of the u32 position (0: the caches' length is the sequence).
+        pos_ptr: u64,
+        window: i32,
+        scale: f32,
+    }
+
+    impl CustomOp3 for Attend {
+        fn name(&self) -> &'static str {
+            "fused_decode_attention"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("fused decode attention needs CUDA tensors")
+        }
+
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            ql: &Layout,
+            k: &CudaStorage,
+            kl: &Layout,
+            v: &CudaStorage,
+            vl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let dev = q.device().clone();
+            let kern = kernels(&dev)?;
+            let (qs, qe) = contiguous_range(ql, "decode attention")?;
+            let (_, nkv, span, hd) = kl.shape().dims4()?;
+            let nq = (qe - qs) / hd;
+            let g = nq / nkv;
+            let (mg, me) = attend_variant(g, hd).ok_or_else(|| {
+                candle_core::Error::Msg(format!("fused attention: no kernel for {g} x {hd}"))
+            })?;
+            let f = kern.func(&format!("attend_{mg}x{me}"), q.dtype())?;
+            let splits = span.div_ceil(SPLIT_POSITIONS).clamp(1, MAX_SPLITS);
+            let scratch = kern.scratch(&dev, nkv * splits * g * (hd + 2))?;
+            let warps = (ATTN_THREADS / 32) as usize;
+            let shared = (warps * g * (hd + 2) * 4) as u32;
+            let cfg = LaunchConfig {
+                grid_dim: (nkv as u32, splits as u32, 1),
+                block_dim: (ATTN_THREADS, 1, 1),
+                shared_mem_bytes: shared,
+            };
+            let stream = dev.cuda_stream();
+            let (ks, vs) = (kl.stride(), vl.stride());
+            let args_i32 = [span as i32, g as i32, hd as i32, self.window];
+            let strides = [ks[1] as i64, ks[2] as i64, vs[1] as i64, vs[2] as i64];
+            let (pos_ptr, scale) = (self.pos_ptr, self.scale);
+            macro_rules! run {
+                ($t:ty) => {{
+                    let qv = q.as_cuda_slice::<$t>()?.slice(qs..qe);
+                    let kv = k.as_cuda_slice::<$t>()?.slice(kl.start_offset()..);
+                    let vv = v.as_cuda_slice::<$t>()?.slice(vl.start_offset()..);
+                    // SAFETY: the combining block writes every element.
+                    let mut out = unsafe { dev.alloc::<$t>(nq * hd)? };
+                    let mut b = stream.launch_builder(f);
+                    b.arg(&qv)
+                        .arg(&kv)
+                        .arg(&vv)
+                        .arg(&mut out)
+                        .arg(&scratch)
+                        .arg(&kern.counters)
+                        .arg(&pos_ptr)
+                        .arg(&args_i32[0])
+                        .arg(&args_i32[1])
+                        .arg(&args_i32[2])
+                        .arg(&strides[0])
+                        .arg(&strides[1])
+                        .arg(&strides[2])
+                        .arg(&strides[3])
+                        .arg(&args_i32[0])
+                        .arg(&args_i32[3])
+                        .arg(&scale);
+                    // SAFETY: arguments match the kernel's signature; the caller checked
+                    // shapes, group size and head width.
+                    unsafe { b.launch(cfg) }.map_err(cerr)?;
+                    Ok((
+                        CudaStorage::wrap_cuda_slice(out, dev),
+                        Shape::from((1, nq, 1, hd)),
+                    ))
+                }};
+            }
+            match q.dtype() {
+                DType::F32 => run!(f32),
+                DType::BF16 => run!(half::bf16),
+                DType::F16 => run!(half::f16),
+                d => candle_core::bail!("fused decode attention: dtype {d:?}"),
+            }
+        }
+    }
+
+    pub(super) fn decode_attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        len: CacheLen<'_>,
+        window: Option<usize>,
+        scale: f32,
+    ) -> Result<Option<Tensor>> {
+        let (b, nq, t, hd) = q.dims4()?;
+        let (kb, nkv, span, khd) = k.dims4()?;
+        let shapes_fit = b == 1
+            && t == 1
+            && kb == 1
+            && khd == hd
+            && v.dims() == k.dims()
+            && nkv > 0
+            && nkv <= MAX_KV_HEADS
+            && nq % nkv == 0
+            && attend_variant(nq / nkv, hd).is_some()
+            && span > 0
+            && k.stride()[3] == 1
+            && v.stride()[3] == 1
+            && k.dtype() == q.dtype()
+            && v.dtype() == q.dtype();
+        if !shapes_fit {
+            return Ok(None);
+        }
+        let pos_ptr = match len {
+            CacheLen::Host => 0,
+            CacheLen::Device(p) => {
+                if p.dtype() != DType::U32 {
+                    return Ok(None);
+                }
+                let (st, l) = p.storage_and_layout();
+                let Storage::Cuda(cs) = &*st else {
+                    return Ok(None);
+                };
+                let stream = cs.device().cuda_stream();
+                let view = cs.as_cuda_slice::<u32>()?.slice(l.start_offset()..);
+                let (ptr, _) = view.device_ptr(&stream);
+                ptr
+            }
+        };
+        let q = q.contiguous()?;
+        let op = Attend {
+            pos_ptr,
+            window: window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
+            scale,
+        };
+        Ok(Some(q.apply_op3_no_bwd(k, v, &op)?))
+    }
+}
