@@ -127,9 +127,10 @@ mod gpu {
     /// Most position splits of one attention (blocks per KV head).
     const MAX_SPLITS: usize = 64;
     /// Positions per split below which fewer splits are used.
-    const SPLIT_POSITIONS: usize = 32;
-    /// Threads of an attention block (four warps).
-    const ATTN_THREADS: u32 = 128;
+    const SPLIT_POSITIONS: usize = 64;
+    /// Threads of an attention block (eight warps; the widest variant needs ~224 registers
+    /// per thread, which 256 threads leave it).
+    const ATTN_THREADS: u32 = 256;
     /// Most KV heads of one attention (combine counters).
     const MAX_KV_HEADS: usize = 1024;
 
@@ -201,13 +202,14 @@ __device__ void silu_mul(const typename K::T* gu, typename K::T* y, long long ro
 }
 
 // Block (kv head, split): the split's positions of the `g` query heads of one KV head. Each
-// warp takes groups of 4 positions (keys and values of the group loaded at once), lane `l`
+// warp takes groups of U positions (keys and values of a group loaded at once), lane `l`
 // holding dimensions l, l + 32, ... of every head's query and accumulator, with a running max
 // and sum per head (online softmax). The warps' partials are merged in shared memory, the
 // block's partial (max, sum, weighted values) goes to scratch, and the last block of the KV
-// head to finish merges every split's partial into `out` and resets its counter.
+// head to finish merges every split's partial into `out` and resets its counter. All loads of
+// a merge are issued before their sums, so each step costs one memory latency.
 // MG >= g and 32 * ME >= hd (compile-time bounds keep everything in registers).
-template <typename K, int MG, int ME>
+template <typename K, int MG, int ME, int U>
 __device__ void attend(const typename K::T* q, const typename K::T* k, const typename K::T* v,
                        typename K::T* out, float* scratch, unsigned* counters,
                        const unsigned* pos_ptr, int len_host, int g, int hd,
@@ -223,6 +225,13 @@ __device__ void attend(const typename K::T* q, const typename K::T* k, const typ
   const int chunk = (span + nsplit - 1) / nsplit;
   const int start = max(split * chunk, first);
   const int end = min(split * chunk + chunk, len);
+  // Shared: block sums [g * hd], block sum of weights [g], warp maxima [nwarps * g], block
+  // maxima [g].
+  float* bacc = sm;
+  float* bl = bacc + g * hd;
+  float* wm = bl + g;
+  float* bm = wm + nwarps * g;
+  for (int i = tid; i < g * hd + g; i += blockDim.x) sm[i] = 0.f;
   float qr[MG][ME], acc[MG][ME], m[MG], l[MG];
 #pragma unroll
   for (int h = 0; h < MG; ++h) {
@@ -236,10 +245,10 @@ __device__ void attend(const typename K::T* q, const typename K::T* k, const typ
   }
   const T* kb = k + kvh * ks_h;
   const T* vb = v + kvh * vs_h;
-  for (int j0 = start + warp * 4; j0 < end; j0 += nwarps * 4) {
-    float kx[4][ME], vx[4][ME], s[4][MG];
+  for (int j0 = start + warp * U; j0 < end; j0 += nwarps * U) {
+    float kx[U][ME], vx[U][ME], s[U][MG];
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
+    for (int u = 0; u < U; ++u) {
       const bool ok = j0 + u < end;
 #pragma unroll
       for (int e = 0; e < ME; ++e) {
@@ -250,7 +259,7 @@ __device__ void attend(const typename K::T* q, const typename K::T* k, const typ
       }
     }
 #pragma unroll
-    for (int u = 0; u < 4; ++u)
+    for (int u = 0; u < U; ++u)
 #pragma unroll
       for (int h = 0; h < MG; ++h) {
         float p = 0.f;
@@ -261,18 +270,18 @@ __device__ void attend(const typename K::T* q, const typename K::T* k, const typ
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1)
 #pragma unroll
-      for (int u = 0; u < 4; ++u)
+      for (int u = 0; u < U; ++u)
 #pragma unroll
         for (int h = 0; h < MG; ++h) s[u][h] += __shfl_xor_sync(0xffffffffu, s[u][h], o);
 #pragma unroll
     for (int h = 0; h < MG; ++h) {
       float mx = m[h];
 #pragma unroll
-      for (int u = 0; u < 4; ++u) if (j0 + u < end) mx = fmaxf(mx, s[u][h]);
+      for (int u = 0; u < U; ++u) if (j0 + u < end) mx = fmaxf(mx, s[u][h]);
       const float corr = __expf(m[h] - mx);
       float sum = 0.f;
 #pragma unroll
-      for (int u = 0; u < 4; ++u) {
+      for (int u = 0; u < U; ++u) {
         const float p = (j0 + u < end) ? __expf(s[u][h] - mx) : 0.f;
         s[u][h] = p;
         sum += p;
@@ -283,40 +292,40 @@ __device__ void attend(const typename K::T* q, const typename K::T* k, const typ
       for (int e = 0; e < ME; ++e) {
         float a = acc[h][e] * corr;
 #pragma unroll
-        for (int u = 0; u < 4; ++u) a += s[u][h] * vx[u][e];
+        for (int u = 0; u < U; ++u) a += s[u][h] * vx[u][e];
         acc[h][e] = a;
       }
     }
   }
-  // Merge the warps: [warp][h][2 + hd] in shared memory.
-  const int rec = hd + 2;
+  // Merge the warps: block maxima, then each warp adds its rescaled sums.
+#pragma unroll
+  for (int h = 0; h < MG; ++h) if (h < g && lane == 0) wm[warp * g + h] = m[h];
+  __syncthreads();
+  for (int h = tid; h < g; h += blockDim.x) {
+    float mx = -INFINITY;
+    for (int w = 0; w < nwarps; ++w) mx = fmaxf(mx, wm[w * g + h]);
+    bm[h] = mx;
+  }
+  __syncthreads();
 #pragma unroll
   for (int h = 0; h < MG; ++h) {
-    if (h < g) {
-      float* w = sm + (warp * g + h) * rec;
-      if (lane == 0) { w[0] = m[h]; w[1] = l[h]; }
+    if (h < g && m[h] != -INFINITY) {
+      const float c = __expf(m[h] - bm[h]);
+      if (lane == 0) atomicAdd(&bl[h], c * l[h]);
 #pragma unroll
-      for (int e = 0; e < ME; ++e) { const int d = lane + 32 * e; if (d < hd) w[2 + d] = acc[h][e]; }
+      for (int e = 0; e < ME; ++e) {
+        const int d = lane + 32 * e;
+        if (d < hd) atomicAdd(&bacc[h * hd + d], c * acc[h][e]);
+      }
     }
   }
   __syncthreads();
+  const int rec = hd + 2;
   float* mine = scratch + (long long)(kvh * nsplit + split) * g * rec;
   for (int i = tid; i < g * hd; i += blockDim.x) {
     const int h = i / hd, d = i - h * hd;
-    float mx = -INFINITY;
-    for (int w = 0; w < nwarps; ++w) mx = fmaxf(mx, sm[(w * g + h) * rec]);
-    float lt = 0.f, o = 0.f;
-    if (mx != -INFINITY) {
-      for (int w = 0; w < nwarps; ++w) {
-        const float* r = sm + (w * g + h) * rec;
-        if (r[0] == -INFINITY) continue;
-        const float c = __expf(r[0] - mx);
-        lt += c * r[1];
-        o += c * r[2 + d];
-      }
-    }
-    mine[h * rec + 2 + d] = o;
-    if (d == 0) { mine[h * rec] = mx; mine[h * rec + 1] = lt; }
+    mine[h * rec + 2 + d] = bacc[i];
+    if (d == 0) { mine[h * rec] = bm[h]; mine[h * rec + 1] = bl[h]; }
   }
   __threadfence();
   __syncthreads();
@@ -325,21 +334,41 @@ __device__ void attend(const typename K::T* q, const typename K::T* k, const typ
   if (!last) return;
   if (tid == 0) counters[kvh] = 0u;
   __threadfence();
+  // Merge the splits: maxima and sums of every split into shared memory at once, then each
+  // output element's sum over the splits with its loads in flight together.
   const float* all = scratch + (long long)kvh * nsplit * g * rec;
+  float* sw = sm;               // [nsplit * g] split maxima, then weights
+  float* sl = sw + nsplit * g;  // [nsplit * g] split sums
+  float* fm = sl + nsplit * g;  // [g] maxima
+  float* fl = fm + g;           // [g] sums of weights
+  for (int i = tid; i < nsplit * g; i += blockDim.x) {
+    sw[i] = __ldcg(all + i * rec);
+    sl[i] = __ldcg(all + i * rec + 1);
+  }
+  __syncthreads();
+  for (int h = tid; h < g; h += blockDim.x) {
+    float mx = -INFINITY;
+    for (int sp = 0; sp < nsplit; ++sp) mx = fmaxf(mx, sw[sp * g + h]);
+    float lt = 0.f;
+    for (int sp = 0; sp < nsplit; ++sp) {
+      const float ms = sw[sp * g + h];
+      if (ms != -INFINITY) lt += __expf(ms - mx) * sl[sp * g + h];
+    }
+    fm[h] = mx;
+    fl[h] = lt;
+  }
+  __syncthreads();
+  for (int i = tid; i < nsplit * g; i += blockDim.x) {
+    const float ms = sw[i];
+    sw[i] = ms == -INFINITY ? 0.f : __expf(ms - fm[i % g]);
+  }
+  __syncthreads();
   for (int i = tid; i < g * hd; i += blockDim.x) {
     const int h = i / hd, d = i - h * hd;
-    float mx = -INFINITY;
-    for (int sp = 0; sp < nsplit; ++sp) mx = fmaxf(mx, __ldcg(all + (sp * g + h) * rec));
-    float lt = 0.f, o = 0.f;
-    for (int sp = 0; sp < nsplit; ++sp) {
-      const float* p = all + (sp * g + h) * rec;
-      const float ms = __ldcg(p);
-      if (ms == -INFINITY) continue;
-      const float c = __expf(ms - mx);
-      lt += c * __ldcg(p + 1);
-      o += c * __ldcg(p + 2 + d);
-    }
-    out[((long long)kvh * g + h) * hd + d] = K::st(o / lt);
+    float o = 0.f;
+#pragma unroll 8
+    for (int sp = 0; sp < nsplit; ++sp) o += sw[sp * g + h] * __ldcg(all + (sp * g + h) * rec + 2 + d);
+    out[((long long)kvh * g + h) * hd + d] = K::st(o / fl[h]);
   }
 }
 
@@ -350,14 +379,14 @@ extern "C" __global__ void add_rms_norm_##sfx(const K::T* x, const K::T* a, cons
     K::T* xo, K::T* y, int n, float eps) { add_rms<K, true>(x, a, w, xo, y, n, eps); } \
 extern "C" __global__ void silu_mul_##sfx(const K::T* gu, K::T* y, long long rows, int half) { \
   silu_mul<K>(gu, y, rows, half); } \
-ATTEND(sfx, K, 4, 4) ATTEND(sfx, K, 8, 4) ATTEND(sfx, K, 16, 4) ATTEND(sfx, K, 4, 8) \
-ATTEND(sfx, K, 8, 8)
-#define ATTEND(sfx, K, MG, ME) \
+ATTEND(sfx, K, 4, 4, 8) ATTEND(sfx, K, 8, 4, 4) ATTEND(sfx, K, 16, 4, 2) \
+ATTEND(sfx, K, 4, 8, 4) ATTEND(sfx, K, 8, 8, 4)
+#define ATTEND(sfx, K, MG, ME, U) \
 extern "C" __global__ void attend_##MG##x##ME##_##sfx(const K::T* q, const K::T* k, \
     const K::T* v, K::T* out, float* scratch, unsigned* counters, const unsigned* pos_ptr, \
     int len_host, int g, int hd, long long ks_h, long long ks_p, long long vs_h, long long vs_p, \
     int span, int window, float scale) { \
-  attend<K, MG, ME>(q, k, v, out, scratch, counters, pos_ptr, len_host, g, hd, ks_h, ks_p, vs_h, \
+  attend<K, MG, ME, U>(q, k, v, out, scratch, counters, pos_ptr, len_host, g, hd, ks_h, ks_p, vs_h, \
                     vs_p, span, window, scale); }
 KERNELS(f32, F32)
 KERNELS(bf16, BF16)
@@ -760,7 +789,8 @@ KERNELS(f16, F16)
             let splits = span.div_ceil(SPLIT_POSITIONS).clamp(1, MAX_SPLITS);
             let scratch = kern.scratch(&dev, nkv * splits * g * (hd + 2))?;
             let warps = (ATTN_THREADS / 32) as usize;
-            let shared = (warps * g * (hd + 2) * 4) as u32;
+            let floats = (g * hd + g + warps * g + g).max(2 * splits * g + 2 * g);
+            let shared = (floats * 4) as u32;
             let cfg = LaunchConfig {
                 grid_dim: (nkv as u32, splits as u32, 1),
                 block_dim: (ATTN_THREADS, 1, 1),
