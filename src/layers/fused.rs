@@ -393,6 +393,18 @@ KERNELS(bf16, BF16)
 KERNELS(f16, F16)
 "#;
 
+    /// Runs the local macro `$run` for the element type of `$dtype` (the kernels' three).
+    macro_rules! by_dtype {
+        ($dtype:expr, $what:literal, $run:ident) => {
+            match $dtype {
+                DType::F32 => $run!(f32),
+                DType::BF16 => $run!(half::bf16),
+                DType::F16 => $run!(half::f16),
+                d => candle_core::bail!("fused {}: dtype {d:?}", $what),
+            }
+        };
+    }
+
     /// Attention kernel variants (most query heads per KV head, head_dim / 32 rounded up).
     const ATTEND_VARIANTS: [(usize, usize); 5] = [(4, 4), (8, 4), (16, 4), (4, 8), (8, 8)];
 
@@ -570,12 +582,7 @@ KERNELS(f16, F16)
                     Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
                 }};
             }
-            match x.dtype() {
-                DType::F32 => run!(f32),
-                DType::BF16 => run!(half::bf16),
-                DType::F16 => run!(half::f16),
-                d => candle_core::bail!("fused rms_norm: dtype {d:?}"),
-            }
+            by_dtype!(x.dtype(), "rms_norm", run)
         }
     }
 
@@ -646,12 +653,7 @@ KERNELS(f16, F16)
                     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
                 }};
             }
-            match x.dtype() {
-                DType::F32 => run!(f32),
-                DType::BF16 => run!(half::bf16),
-                DType::F16 => run!(half::f16),
-                d => candle_core::bail!("fused add_rms_norm: dtype {d:?}"),
-            }
+            by_dtype!(x.dtype(), "add_rms_norm", run)
         }
     }
 
@@ -730,12 +732,7 @@ KERNELS(f16, F16)
                     Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from(dims)))
                 }};
             }
-            match s.dtype() {
-                DType::F32 => run!(f32),
-                DType::BF16 => run!(half::bf16),
-                DType::F16 => run!(half::f16),
-                d => candle_core::bail!("fused silu_mul: dtype {d:?}"),
-            }
+            by_dtype!(s.dtype(), "silu_mul", run)
         }
     }
 
@@ -835,12 +832,7 @@ KERNELS(f16, F16)
                     ))
                 }};
             }
-            match q.dtype() {
-                DType::F32 => run!(f32),
-                DType::BF16 => run!(half::bf16),
-                DType::F16 => run!(half::f16),
-                d => candle_core::bail!("fused decode attention: dtype {d:?}"),
-            }
+            by_dtype!(q.dtype(), "decode attention", run)
         }
     }
 
