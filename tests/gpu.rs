@@ -297,7 +297,9 @@ fn rel_err(got: &[f64], want: &[f64]) -> f64 {
 
 #[test]
 fn fused_kernels_match_float64_references() {
-    use shardwise::layers::fused::{add_rms_norm, decode_attention, silu_mul, CacheLen};
+    use shardwise::layers::fused::{
+        add_rms_norm, decode_attention, rope_store, silu_mul, CacheLen, StorePos,
+    };
     assert!(gpus() >= 1, "no CUDA device");
     let dev = candle_core::Device::new_cuda(0).unwrap();
     let mut rng = rand::rng();
@@ -348,6 +350,73 @@ fn fused_kernels_match_float64_references() {
             .collect();
         let e = rel_err(&values(&silu_mul(&gu).unwrap()), &want);
         assert!(e <= 2.0 * tol, "{dtype:?} silu_mul off by {e}");
+        // Rotary embedding of one token and its cache write, positions from the host and from
+        // the device, both pairings.
+        for (nq, nkv, hd, cap, pos, interleaved) in [
+            (32usize, 8usize, 128usize, 256usize, 200usize, false),
+            (9, 3, 64, 512, 0, true),
+            (6, 2, 8, 16, 15, false),
+        ] {
+            let half = hd / 2;
+            let (q, qv) = put(&randn(nq * hd, &mut rng), &[1, 1, nq * hd], dtype, &dev);
+            let (k, kv) = put(&randn(nkv * hd, &mut rng), &[1, 1, nkv * hd], dtype, &dev);
+            let (v, vv) = put(&randn(nkv * hd, &mut rng), &[1, 1, nkv * hd], dtype, &dev);
+            let angles: Vec<f64> = (0..half)
+                .map(|i| pos as f64 * 0.9f64.powi(i as i32))
+                .collect();
+            let cosf: Vec<f64> = angles.iter().map(|a| a.cos()).collect();
+            let sinf: Vec<f64> = angles.iter().map(|a| a.sin()).collect();
+            let (cos, cv) = put(&cosf, &[1, half], dtype, &dev);
+            let (sin, sv) = put(&sinf, &[1, half], dtype, &dev);
+            let rot = |x: &[f64], h: usize| -> Vec<f64> {
+                let mut y = x[h * hd..(h + 1) * hd].to_vec();
+                for p in 0..half {
+                    let (i1, i2) = if interleaved {
+                        (2 * p, 2 * p + 1)
+                    } else {
+                        (p, p + half)
+                    };
+                    let (a, b) = (x[h * hd + i1], x[h * hd + i2]);
+                    y[i1] = a * cv[p] - b * sv[p];
+                    y[i2] = a * sv[p] + b * cv[p];
+                }
+                y
+            };
+            let want_q: Vec<f64> = (0..nq).flat_map(|h| rot(&qv, h)).collect();
+            let devpos = candle_core::Tensor::new(&[pos as u32], &dev).unwrap();
+            for how in [StorePos::Host(pos), StorePos::Device(&devpos)] {
+                let (kc, kcv) = put(
+                    &randn(nkv * cap * hd, &mut rng),
+                    &[1, nkv, cap, hd],
+                    dtype,
+                    &dev,
+                );
+                let (vc, vcv) = put(
+                    &randn(nkv * cap * hd, &mut rng),
+                    &[1, nkv, cap, hd],
+                    dtype,
+                    &dev,
+                );
+                let qo = rope_store(&q, &k, &v, &cos, &sin, interleaved, &kc, &vc, how)
+                    .unwrap()
+                    .expect("a fused kernel");
+                let what = format!("{dtype:?} rope_store {nq}/{nkv}x{hd} at {pos} {how:?}");
+                assert_eq!(qo.dims(), &[1, nq, 1, hd], "{what}");
+                let e = rel_err(&values(&qo), &want_q);
+                assert!(e <= 2.0 * tol, "{what}: q off by {e}");
+                // The caches: the position holds the rotated key and the value, every other
+                // position what it held.
+                let (mut want_k, mut want_v) = (kcv.clone(), vcv.clone());
+                for h in 0..nkv {
+                    let at = (h * cap + pos) * hd;
+                    want_k[at..at + hd].copy_from_slice(&rot(&kv, h));
+                    want_v[at..at + hd].copy_from_slice(&vv[h * hd..(h + 1) * hd]);
+                }
+                let e = rel_err(&values(&kc), &want_k);
+                assert!(e <= 2.0 * tol, "{what}: key cache off by {e}");
+                assert_eq!(values(&vc), want_v, "{what}: value cache");
+            }
+        }
         // A group too large for the kernels' registers is left to the plain path.
         let (q, _) = put(&randn(16 * 256, &mut rng), &[1, 16, 1, 256], dtype, &dev);
         let (k, _) = put(&randn(8 * 256, &mut rng), &[1, 1, 8, 256], dtype, &dev);

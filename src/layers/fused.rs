@@ -107,6 +107,46 @@ pub fn decode_attention(
     Ok(None)
 }
 
+/// Where [`rope_store`] writes a token's key and value.
+#[derive(Debug, Clone, Copy)]
+pub enum StorePos<'a> {
+    /// This position (known on the host).
+    Host(usize),
+    /// The position in this device tensor (u32, first element; a step replayed as a CUDA
+    /// graph). Only the CUDA kernel reads it.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Device(&'a Tensor),
+}
+
+/// Rotary embedding of one token's `q` and `k` (`[1, 1, heads * head_dim]`; `v` likewise)
+/// with the position's `cos`/`sin` rows (`[1, head_dim / 2]`, pairs `(p, p + head_dim / 2)`,
+/// or `(2p, 2p + 1)` when `interleaved`), `k` and `v` written into the fixed caches `kc`, `vc`
+/// (`[1, kv heads, capacity, head_dim]`) at `pos`: one kernel for what is otherwise two
+/// rotary kernels and two cache writes. Returns the rotated queries `[1, q heads, 1,
+/// head_dim]`, or `None` where no fused kernel serves (not CUDA; nothing is written then).
+///
+/// # Errors
+/// A position outside the caches, kernel errors.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_store(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    interleaved: bool,
+    kc: &Tensor,
+    vc: &Tensor,
+    pos: StorePos<'_>,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if fused_on(q) {
+        return gpu::rope_store(q, k, v, [cos, sin], interleaved, [kc, vc], pos);
+    }
+    let _ = (q, k, v, cos, sin, interleaved, kc, vc, pos);
+    Ok(None)
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     //! The kernels and their launches.
@@ -121,7 +161,7 @@ mod gpu {
     };
     use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
-    use super::CacheLen;
+    use super::{CacheLen, StorePos};
     use crate::error::{Error, Result};
 
     /// Most position splits of one attention (blocks per KV head).
@@ -372,11 +412,49 @@ __device__ void attend(const typename K::T* q, const typename K::T* k, const typ
   }
 }
 
+// Rotary embedding of one token's q and k heads (pairs (p, p + hd/2), or (2p, 2p + 1) when
+// interleaved) with the position's cos/sin row; q goes to qo, k and v into the caches at the
+// position (from the device when pos_ptr is set).
+template <typename K>
+__device__ void rope_store(const typename K::T* q, const typename K::T* k,
+                           const typename K::T* v, const typename K::T* cosr,
+                           const typename K::T* sinr, typename K::T* qo, typename K::T* kc,
+                           typename K::T* vc, const unsigned* pos_ptr, int pos_host, int nq,
+                           int nkv, int hd, long long kc_h, long long kc_p, long long vc_h,
+                           long long vc_p, int interleaved) {
+  typedef typename K::T T;
+  const int half = hd / 2;
+  const long long pos = pos_ptr ? (long long)pos_ptr[0] : (long long)pos_host;
+  const int rot = (nq + nkv) * half;
+  const int total = rot + nkv * hd;
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) {
+    if (i < rot) {
+      const int h = i / half, p = i - h * half;
+      const int i1 = interleaved ? 2 * p : p, i2 = interleaved ? 2 * p + 1 : p + half;
+      const T* x = h < nq ? q + (long long)h * hd : k + (long long)(h - nq) * hd;
+      const float x1 = K::ld(x[i1]), x2 = K::ld(x[i2]);
+      const float c = K::ld(cosr[p]), s = K::ld(sinr[p]);
+      T* dst = h < nq ? qo + (long long)h * hd : kc + (h - nq) * kc_h + pos * kc_p;
+      dst[i1] = K::st(x1 * c - x2 * s);
+      dst[i2] = K::st(x1 * s + x2 * c);
+    } else {
+      const int j = i - rot, h = j / hd, d = j - h * hd;
+      vc[h * vc_h + pos * vc_p + d] = v[(long long)h * hd + d];
+    }
+  }
+}
+
 #define KERNELS(sfx, K) \
 extern "C" __global__ void rms_norm_##sfx(const K::T* x, const K::T* w, K::T* y, int n, \
     float eps) { add_rms<K, false>(x, x, w, y, y, n, eps); } \
 extern "C" __global__ void add_rms_norm_##sfx(const K::T* x, const K::T* a, const K::T* w, \
     K::T* xo, K::T* y, int n, float eps) { add_rms<K, true>(x, a, w, xo, y, n, eps); } \
+extern "C" __global__ void rope_store_##sfx(const K::T* q, const K::T* k, const K::T* v, \
+    const K::T* cosr, const K::T* sinr, K::T* qo, K::T* kc, K::T* vc, const unsigned* pos_ptr, \
+    int pos_host, int nq, int nkv, int hd, long long kc_h, long long kc_p, long long vc_h, \
+    long long vc_p, int interleaved) { \
+  rope_store<K>(q, k, v, cosr, sinr, qo, kc, vc, pos_ptr, pos_host, nq, nkv, hd, kc_h, kc_p, \
+                vc_h, vc_p, interleaved); } \
 extern "C" __global__ void silu_mul_##sfx(const K::T* gu, K::T* y, long long rows, int half) { \
   silu_mul<K>(gu, y, rows, half); } \
 ATTEND(sfx, K, 4, 4, 8) ATTEND(sfx, K, 8, 4, 4) ATTEND(sfx, K, 16, 4, 2) \
@@ -418,7 +496,7 @@ KERNELS(f16, F16)
             .min_by_key(|&(mg, me)| mg * me)
     }
 
-    const OPS: [&str; 3] = ["rms_norm", "add_rms_norm", "silu_mul"];
+    const OPS: [&str; 4] = ["rms_norm", "add_rms_norm", "silu_mul", "rope_store"];
     const SUFFIXES: [&str; 3] = ["f32", "bf16", "f16"];
 
     /// One device's kernels and attention workspace.
@@ -865,19 +943,11 @@ KERNELS(f16, F16)
         }
         let pos_ptr = match len {
             CacheLen::Host => 0,
-            CacheLen::Device(p) => {
-                if p.dtype() != DType::U32 {
-                    return Ok(None);
-                }
-                let (st, l) = p.storage_and_layout();
-                let Storage::Cuda(cs) = &*st else {
-                    return Ok(None);
-                };
-                let stream = cs.device().cuda_stream();
-                let view = cs.as_cuda_slice::<u32>()?.slice(l.start_offset()..);
-                let (ptr, _) = view.device_ptr(&stream);
-                ptr
-            }
+            CacheLen::Device(p) if p.dtype() == DType::U32 => match device_ptr(p)? {
+                Some(ptr) => ptr,
+                None => return Ok(None),
+            },
+            CacheLen::Device(_) => return Ok(None),
         };
         let q = q.contiguous()?;
         let op = Attend {
@@ -886,5 +956,178 @@ KERNELS(f16, F16)
             scale,
         };
         Ok(Some(q.apply_op3_no_bwd(k, v, &op)?))
+    }
+
+    /// The device address of `t`'s first element (`None` off CUDA or for other dtypes). The
+    /// address stays valid while `t`'s storage lives; the kernels that take one run on the
+    /// storage's own stream.
+    fn device_ptr(t: &Tensor) -> Result<Option<u64>> {
+        let (st, l) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*st else {
+            return Ok(None);
+        };
+        let stream = cs.device().cuda_stream();
+        macro_rules! addr {
+            ($t:ty) => {{
+                let (ptr, _) = cs.as_cuda_slice::<$t>()?.device_ptr(&stream);
+                ptr + (l.start_offset() * std::mem::size_of::<$t>()) as u64
+            }};
+        }
+        Ok(Some(match t.dtype() {
+            DType::F32 => addr!(f32),
+            DType::BF16 => addr!(half::bf16),
+            DType::F16 => addr!(half::f16),
+            DType::U32 => addr!(u32),
+            _ => return Ok(None),
+        }))
+    }
+
+    struct RopeStore {
+        /// cos, sin, k cache, v cache.
+        ptrs: [u64; 4],
+        /// k cache head and position strides, then v cache's.
+        strides: [i64; 4],
+        pos_ptr: u64,
+        pos_host: i32,
+        nkv: i32,
+        interleaved: i32,
+    }
+
+    impl CustomOp3 for RopeStore {
+        fn name(&self) -> &'static str {
+            "fused_rope_store"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("fused rope_store needs CUDA tensors")
+        }
+
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            ql: &Layout,
+            k: &CudaStorage,
+            kl: &Layout,
+            v: &CudaStorage,
+            vl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let dev = q.device().clone();
+            let kern = kernels(&dev)?;
+            let f = kern.func("rope_store", q.dtype())?;
+            let (qs, qe) = contiguous_range(ql, "rope_store")?;
+            let (ks, ke) = contiguous_range(kl, "rope_store")?;
+            let (vs, ve) = contiguous_range(vl, "rope_store")?;
+            let nkv = self.nkv as usize;
+            let hd = (ke - ks) / nkv.max(1);
+            let nq = (qe - qs) / hd.max(1);
+            let total = (nq + nkv) * hd / 2 + nkv * hd;
+            let cfg = grid(total.div_ceil(256).max(1) as u32, 256, 0);
+            let stream = dev.cuda_stream();
+            let (nq32, hd32) = (nq as i32, hd as i32);
+            macro_rules! run {
+                ($t:ty) => {{
+                    let qv = q.as_cuda_slice::<$t>()?.slice(qs..qe);
+                    let kv = k.as_cuda_slice::<$t>()?.slice(ks..ke);
+                    let vv = v.as_cuda_slice::<$t>()?.slice(vs..ve);
+                    // SAFETY: the kernel writes every element.
+                    let mut out = unsafe { dev.alloc::<$t>(nq * hd)? };
+                    let mut b = stream.launch_builder(f);
+                    b.arg(&qv)
+                        .arg(&kv)
+                        .arg(&vv)
+                        .arg(&self.ptrs[0])
+                        .arg(&self.ptrs[1])
+                        .arg(&mut out)
+                        .arg(&self.ptrs[2])
+                        .arg(&self.ptrs[3])
+                        .arg(&self.pos_ptr)
+                        .arg(&self.pos_host)
+                        .arg(&nq32)
+                        .arg(&self.nkv)
+                        .arg(&hd32)
+                        .arg(&self.strides[0])
+                        .arg(&self.strides[1])
+                        .arg(&self.strides[2])
+                        .arg(&self.strides[3])
+                        .arg(&self.interleaved);
+                    // SAFETY: arguments match the kernel's signature; the caller checked the
+                    // caches' shapes, dtypes and the position.
+                    unsafe { b.launch(cfg) }.map_err(cerr)?;
+                    Ok((
+                        CudaStorage::wrap_cuda_slice(out, dev),
+                        Shape::from((1, nq, 1, hd)),
+                    ))
+                }};
+            }
+            by_dtype!(q.dtype(), "rope_store", run)
+        }
+    }
+
+    pub(super) fn rope_store(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        [cos, sin]: [&Tensor; 2],
+        interleaved: bool,
+        [kc, vc]: [&Tensor; 2],
+        pos: StorePos<'_>,
+    ) -> Result<Option<Tensor>> {
+        let (_, nkv, cap, hd) = kc.dims4()?;
+        let dt = q.dtype();
+        let fits = q.dims().first() == Some(&1)
+            && q.elem_count() % hd.max(1) == 0
+            && hd % 2 == 0
+            && k.elem_count() == nkv * hd
+            && v.elem_count() == nkv * hd
+            && vc.dims() == kc.dims()
+            && kc.stride()[3] == 1
+            && vc.stride()[3] == 1
+            && cos.elem_count() == hd / 2
+            && sin.elem_count() == hd / 2
+            && [k, v, cos, sin, kc, vc].iter().all(|t| t.dtype() == dt);
+        if !fits {
+            return Ok(None);
+        }
+        let (pos_ptr, pos_host) = match pos {
+            StorePos::Host(p) if p < cap => (0, p as i32),
+            StorePos::Host(p) => {
+                return Err(Error::Config {
+                    field: "start_pos".into(),
+                    reason: format!("position {p} is outside a KV cache of {cap}"),
+                })
+            }
+            StorePos::Device(t) if t.dtype() == DType::U32 => match device_ptr(t)? {
+                Some(p) => (p, 0),
+                None => return Ok(None),
+            },
+            StorePos::Device(_) => return Ok(None),
+        };
+        let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
+        let mut ptrs = [0u64; 4];
+        for (slot, t) in ptrs.iter_mut().zip([&cos, &sin, kc, vc]) {
+            match device_ptr(t)? {
+                Some(p) => *slot = p,
+                None => return Ok(None),
+            }
+        }
+        let (ks, vs) = (kc.stride(), vc.stride());
+        let op = RopeStore {
+            ptrs,
+            strides: [ks[1] as i64, ks[2] as i64, vs[1] as i64, vs[2] as i64],
+            pos_ptr,
+            pos_host,
+            nkv: nkv as i32,
+            interleaved: i32::from(interleaved),
+        };
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        Ok(Some(q.apply_op3_no_bwd(&k, &v, &op)?))
     }
 }

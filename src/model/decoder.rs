@@ -14,7 +14,7 @@ use super::kv::{KvShape, KvWrite, LayerCache, SeqCache};
 use super::rope::Rope;
 use crate::comm::Communicator;
 use crate::error::{Error, LayerContext, Result};
-use crate::layers::fused::{add_rms_norm, decode_attention, CacheLen};
+use crate::layers::fused::{add_rms_norm, decode_attention, rope_store, CacheLen, StorePos};
 use crate::layers::moe::{MoeBlock, MoeImpl};
 use crate::layers::{
     AttentionDims, AttentionProjections, LoraSet, Mlp, ParallelLinear, Piece, Reduce,
@@ -483,7 +483,10 @@ impl Model {
     fn run_seq(&self, s: &SeqStep, cache: &mut SeqCache) -> Result<Tensor> {
         let t = s.tokens.len();
         cache.reserve(self.layers.len(), t, self.kv_shape(), &self.device)?;
-        if t == 1 && cache.capacity > 0 && self.graphable() {
+        // Fixed caches on a GPU take the graph path only when graphs are on; on the CPU they
+        // exist only for tests of that path (`SHARDWISE_FIXED_KV=1`).
+        let graph_path = super::graph::enabled() || self.device.is_cpu();
+        if t == 1 && cache.capacity > 0 && self.graphable() && graph_path {
             return self.run_graphed(s, cache);
         }
         let ids = Tensor::new(s.tokens.as_slice(), &self.device)?;
@@ -882,16 +885,37 @@ impl DecoderLayer {
         let hd = self.attn.dims.head_dim;
         let nq = self.attn.heads.q_heads.len();
         let nkv = self.attn.heads.kv_heads.len();
-        let mut q = q.reshape((b, t, nq, hd))?;
-        let mut k = k.reshape((b, t, nkv, hd))?;
-        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = candle_nn::ops::rms_norm(&q.contiguous()?, qn, eps)?;
-            k = candle_nn::ops::rms_norm(&k.contiguous()?, kn, eps)?;
-        }
-        let q = ctx.rope.apply(&q.transpose(1, 2)?, &ctx.cos, &ctx.sin)?;
-        let k = ctx.rope.apply(&k.transpose(1, 2)?, &ctx.cos, &ctx.sin)?;
-        let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
-        let (k, v) = cache.append(&k, &v, ctx.write)?;
+        // One token into a fixed cache: rotary and cache write as one kernel where it serves.
+        let fused = match (b, t, &self.q_norm, cache.fixed_parts()) {
+            (1, 1, None, Some((kc, vc))) => {
+                let pos = match ctx.write {
+                    KvWrite::At(p) => StorePos::Host(p),
+                    KvWrite::Indexed(idx) => StorePos::Device(idx),
+                };
+                let (cos, sin) = (&ctx.cos, &ctx.sin);
+                rope_store(q, k, v, cos, sin, ctx.rope.interleaved(), kc, vc, pos)?
+            }
+            _ => None,
+        };
+        let (q, k, v) = match fused {
+            Some(q) => {
+                let (k, v) = cache.fixed_views(ctx.write, 1)?;
+                (q, k, v)
+            }
+            None => {
+                let mut q = q.reshape((b, t, nq, hd))?;
+                let mut k = k.reshape((b, t, nkv, hd))?;
+                if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+                    q = candle_nn::ops::rms_norm(&q.contiguous()?, qn, eps)?;
+                    k = candle_nn::ops::rms_norm(&k.contiguous()?, kn, eps)?;
+                }
+                let q = ctx.rope.apply(&q.transpose(1, 2)?, &ctx.cos, &ctx.sin)?;
+                let k = ctx.rope.apply(&k.transpose(1, 2)?, &ctx.cos, &ctx.sin)?;
+                let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+                let (k, v) = cache.append(&k, &v, ctx.write)?;
+                (q, k, v)
+            }
+        };
         let scale = 1.0 / (hd as f64).sqrt();
         if t == 1 && b == 1 && self.attn.heads.uniform_group().is_some() {
             let len = match ctx.write {

@@ -55,19 +55,50 @@ impl LayerCache {
                 let (k, v) = (k.contiguous()?, v.contiguous()?);
                 match write {
                     KvWrite::At(pos) => {
-                        let end = pos + k.dim(2)?;
                         kc.slice_set(&k, 2, pos)?;
                         vc.slice_set(&v, 2, pos)?;
-                        Ok((kc.narrow(2, 0, end)?, vc.narrow(2, 0, end)?))
                     }
                     KvWrite::Indexed(idx) => {
                         kc.scatter_set(idx, &k, 2)?;
                         vc.scatter_set(idx, &v, 2)?;
-                        Ok((kc.clone(), vc.clone()))
                     }
                 }
+                Ok(Self::read_views(kc, vc, write, k.dim(2)?)?)
             }
         }
+    }
+
+    /// The keys and values of a fixed cache (`None` for a growing one), for kernels that
+    /// write a step into them directly; [`Self::fixed_views`] then gives what attention reads.
+    pub(crate) fn fixed_parts(&self) -> Option<(&Tensor, &Tensor)> {
+        match self {
+            LayerCache::Fixed { k, v } => Some((k, v)),
+            LayerCache::Growing(_) => None,
+        }
+    }
+
+    /// What attention reads from a fixed cache after `t` positions were written by `write`:
+    /// up to the end of the write, or for [`KvWrite::Indexed`] the whole capacity.
+    pub(crate) fn fixed_views(&self, write: KvWrite<'_>, t: usize) -> Result<(Tensor, Tensor)> {
+        match self {
+            LayerCache::Fixed { k, v } => Self::read_views(k, v, write, t),
+            LayerCache::Growing(_) => Err(crate::error::Error::Unsupported {
+                what: "fixed views".into(),
+                by: "a growing KV cache".into(),
+            }),
+        }
+    }
+
+    fn read_views(
+        kc: &Tensor,
+        vc: &Tensor,
+        write: KvWrite<'_>,
+        t: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        Ok(match write {
+            KvWrite::At(pos) => (kc.narrow(2, 0, pos + t)?, vc.narrow(2, 0, pos + t)?),
+            KvWrite::Indexed(_) => (kc.clone(), vc.clone()),
+        })
     }
 }
 
@@ -95,12 +126,12 @@ pub(crate) struct SeqCache {
 
 impl SeqCache {
     /// Empty caches for `n_layers` layers: fixed (allocated by [`Self::reserve`]) on a GPU
-    /// that captures decode steps ([`super::graph::enabled`]), growing otherwise.
+    /// (where a step's keys and values are written straight into them, and decode steps may be
+    /// captured), growing otherwise.
     /// `SHARDWISE_FIXED_KV=1` makes them fixed anywhere, so the CPU tests cover the path the
     /// graphs take (run eagerly there).
     pub(crate) fn new(n_layers: usize, device: &Device) -> Self {
-        let fixed = (!device.is_cpu() && super::graph::enabled())
-            || std::env::var("SHARDWISE_FIXED_KV").is_ok_and(|v| v == "1");
+        let fixed = !device.is_cpu() || std::env::var("SHARDWISE_FIXED_KV").is_ok_and(|v| v == "1");
         let layers = if !fixed {
             (0..n_layers).map(|_| LayerCache::growing(GROW)).collect()
         } else {

@@ -108,6 +108,11 @@ impl Rope {
         ))
     }
 
+    /// Whether pairs are adjacent elements `(2i, 2i + 1)` rather than halves `(i, i + d/2)`.
+    pub fn interleaved(&self) -> bool {
+        self.interleaved
+    }
+
     /// Rotates `x` (`[batch, heads, len, head_dim]`) with tables from [`Self::tables`].
     ///
     /// # Errors
