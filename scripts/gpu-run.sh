@@ -12,7 +12,12 @@
 #   GPU_BIN   packed binary (default gpu-bin/shardwise.gz)
 #   SIZES     message sizes (default 8K,64K,1M,16M,256M,1G)
 #   CUDA_GRAPH  1 (default) captures decode steps as CUDA graphs, 0 runs them eagerly
-#   ONLY      sections to run, comma-separated: nccl, tests, decode, launch (default all)
+#   ONLY      sections to run, comma-separated: nccl, tests, decode, launch, smollm2 (default
+#             all)
+#   DIRECT    0 skips the `--direct` decode rows (in-process ranks without the runtime)
+#   FUSED_TOO 1 also times decode with SHARDWISE_FUSED=0 (candle's operations, batch 1)
+#   SMOLLM2   a SmolLM2 GGUF on the GPU machine: greedy tokens of GPU ranks (f32, 1 and 2
+#             GPUs) against a CPU rank (f32) of the same binary, in the same call
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -53,12 +58,40 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
     export SHARDWISE_CUDA_GRAPH="${CUDA_GRAPH:-1}"
     echo "SHARDWISE_CUDA_GRAPH=$SHARDWISE_CUDA_GRAPH"
     want decode && for n in $(seq 1 "$(( WORLD < 2 ? WORLD : 2 ))"); do
-        for mode in "" --direct; do
+        modes=("")
+        [[ "${DIRECT:-1}" == 0 ]] || modes+=(--direct)
+        for mode in "${modes[@]}"; do
             echo "decode, $n GPU(s) ${mode:-through the runtime}"
             step "$BIN" bench decode --model synthetic:llama3-8b --local "$n" --transport nccl \
                 --dtype bf16 --batch "${BATCH:-1,8}" --context 512 --steps "${STEPS:-30}" $mode
         done
     done
+    if [[ "${FUSED_TOO:-0}" == 1 ]] && want decode; then
+        for n in $(seq 1 "$(( WORLD < 2 ? WORLD : 2 ))"); do
+            echo "decode, $n GPU(s), SHARDWISE_FUSED=0"
+            SHARDWISE_FUSED=0 step "$BIN" bench decode --model synthetic:llama3-8b --local "$n" \
+                --transport nccl --dtype bf16 --batch 1 --context 512 --steps "${STEPS:-30}"
+        done
+    fi
+    if [[ -n "${SMOLLM2:-}" ]] && want smollm2; then
+        # Fidelity: greedy continuations of GPU ranks equal the CPU rank's, token for token.
+        gen() {
+            SHARDWISE_CUDA_GRAPH=0 "$BIN" generate --model "$SMOLLM2" --dtype f32 --temperature 0 \
+                --max-tokens "${TOKENS:-48}" "$@" \
+                --prompt "Tensor parallelism splits each layer of a model across devices, so"
+        }
+        CPU_TEXT="$(gen --local 1 --transport local 2>"$OUT/smollm2-cpu.log")" || FAILED=1
+        echo "smollm2 f32, CPU rank: $CPU_TEXT"
+        for n in 1 2; do
+            GPU_TEXT="$(gen --local "$n" --transport nccl 2>"$OUT/smollm2-gpu$n.log")" || FAILED=1
+            if [[ -n "$CPU_TEXT" && "$GPU_TEXT" == "$CPU_TEXT" ]]; then
+                echo "smollm2 f32, $n GPU(s): same tokens as the CPU rank"
+            else
+                echo "FAILED: smollm2 f32, $n GPU(s) differ from the CPU rank: $GPU_TEXT"
+                FAILED=1
+            fi
+        done
+    fi
     if (( WORLD >= 2 )) && want launch; then
         # One process per GPU (examples/ranks-2gpu.toml), NCCL id through the control plane.
         export SHARDWISE_TOKEN="gpu-run-$RANDOM$RANDOM"
