@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
@@ -96,6 +97,38 @@ pub fn capture<T>(
                     by: "the capture, which recorded nothing".into(),
                 },
             })
+        }
+    }
+}
+
+/// Waits until the work enqueued on `stream` so far has finished, polling an event: `true`
+/// when it did, `false` once `deadline` passed first (the work stays enqueued).
+///
+/// # Errors
+/// The driver reported an error (a kernel fault surfaces here).
+pub fn wait_for(stream: &Arc<cudarc::driver::CudaStream>, deadline: Duration) -> Result<bool> {
+    use cudarc::driver::sys::{CUevent_flags, CUresult};
+    let ev = stream
+        .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+        .map_err(|e| driver_err("recording an event", e))?;
+    let start = Instant::now();
+    let mut polls = 0u32;
+    loop {
+        // SAFETY: `ev` is a live event of this context.
+        match unsafe { cudarc::driver::result::event::query(ev.cu_event()) } {
+            Ok(()) => return Ok(true),
+            Err(e) if e.0 == CUresult::CUDA_ERROR_NOT_READY => {}
+            Err(e) => return Err(driver_err("waiting for the GPU", e)),
+        }
+        if start.elapsed() > deadline {
+            return Ok(false);
+        }
+        // Spin briefly (a decode step ends within microseconds of the call), then back off.
+        polls += 1;
+        if polls < 2000 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(100));
         }
     }
 }

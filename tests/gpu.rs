@@ -2,9 +2,10 @@
 //! `scripts/gpu-run.sh`): the tiny transformers fixtures on GPUs at one and two ranks against
 //! the same references the CPU tests use (f32: logits within 1e-3, identical greedy tokens),
 //! and bf16 at two ranks against one within bf16 tolerance; the peer-memory all-reduce against
-//! host sums of fresh random inputs, and its deadline naming a rank that never arrives; decode
-//! steps replayed as CUDA graphs against the same steps run eagerly; GGML blocks multiplied by
-//! the CUDA kernels against the same blocks on the CPU.
+//! host sums of fresh random inputs, and its deadline naming a rank that never arrives (a
+//! bounded wait on the stream seeing the work unfinished meanwhile); decode steps replayed as
+//! CUDA graphs against the same steps run eagerly; GGML blocks multiplied by the CUDA kernels
+//! against the same blocks on the CPU; the fused decode kernels against float64 references.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -177,6 +178,15 @@ fn peer_all_reduce_names_a_rank_that_never_arrives() {
     // Rank 1 never calls: rank 0's kernel gives up after the deadline, and says who.
     let t0 = std::time::Instant::now();
     comms[0].all_reduce_sum(&x).unwrap();
+    // Meanwhile a bounded wait on the stream (what a rank does before copying a step's
+    // logits) reports the unfinished work instead of blocking, then sees it end.
+    let stream = dev.as_cuda_device().unwrap().cuda_stream();
+    let ms = std::time::Duration::from_millis;
+    assert!(
+        !shardwise::cuda::wait_for(&stream, ms(300)).unwrap(),
+        "the waiting kernel finished within 300 ms"
+    );
+    assert!(shardwise::cuda::wait_for(&stream, ms(15_000)).unwrap());
     dev.synchronize().unwrap();
     let err = comms[0].all_reduce_sum(&x).unwrap_err().to_string();
     assert!(err.contains("rank 1"), "{err}");

@@ -110,6 +110,8 @@ pub struct Model {
     rope: Rope,
     dtype: DType,
     device: Device,
+    /// This rank (for errors).
+    rank: usize,
     caches: HashMap<u64, SeqCache>,
 }
 
@@ -306,6 +308,7 @@ impl Model {
             rope: Rope::new(cfg),
             dtype,
             device,
+            rank: comm.rank(),
             caches: HashMap::new(),
         })
     }
@@ -399,7 +402,29 @@ impl Model {
         // A failed step leaves the cache as it was before it (positions past `len` are
         // never read).
         self.caches.insert(s.seq_id, cache);
-        Ok(out?.to_device(&Device::Cpu)?)
+        self.to_host(out?)
+    }
+
+    /// The step's logits on the host. On a GPU the step's work is first awaited within a
+    /// deadline (`SHARDWISE_GPU_STEP_DEADLINE_MS`, default 240 s, under the coordinator's
+    /// 300 s): a collective whose peer never arrives (NCCL has no timeout of its own) becomes
+    /// an error of this rank instead of a thread blocked in a copy forever.
+    fn to_host(&self, logits: Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = &self.device {
+            let ms = crate::comm::env_usize("SHARDWISE_GPU_STEP_DEADLINE_MS", 240_000);
+            let deadline = std::time::Duration::from_millis(ms as u64);
+            if !crate::cuda::wait_for(&d.cuda_stream(), deadline)? {
+                return Err(Error::Rank {
+                    rank: self.rank,
+                    reason: format!(
+                        "the step's GPU work did not finish within {ms} ms: a collective's peer \
+                         rank never arrived (gone or stuck), or a kernel hangs"
+                    ),
+                });
+            }
+        }
+        Ok(logits.to_device(&Device::Cpu)?)
     }
 
     /// One decode token for each of several sequences in one forward: the projections and
@@ -426,7 +451,7 @@ impl Model {
             }
             self.caches.insert(s.seq_id, c);
         }
-        let logits = out?.to_device(&Device::Cpu)?;
+        let logits = self.to_host(out?)?;
         (0..seqs.len()).map(|b| Ok(logits.get(b)?)).collect()
     }
 
