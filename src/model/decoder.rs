@@ -110,7 +110,8 @@ pub struct Model {
     rope: Rope,
     dtype: DType,
     device: Device,
-    /// This rank (for errors).
+    /// This rank (for errors of the GPU step deadline).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     rank: usize,
     caches: HashMap<u64, SeqCache>,
 }
