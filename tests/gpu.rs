@@ -5,7 +5,8 @@
 //! host sums of fresh random inputs, and its deadline naming a rank that never arrives (a
 //! bounded wait on the stream seeing the work unfinished meanwhile); decode steps replayed as
 //! CUDA graphs against the same steps run eagerly; GGML blocks multiplied by the CUDA kernels
-//! against the same blocks on the CPU; the fused decode kernels against float64 references.
+//! against the same blocks on the CPU; the fused decode kernels against float64 references; an
+//! NCCL group that never fills named after its deadline.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -192,6 +193,27 @@ fn peer_all_reduce_names_a_rank_that_never_arrives() {
     assert!(err.contains("rank 1"), "{err}");
     assert!(
         t0.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        t0.elapsed()
+    );
+    eprintln!("named after {:?}: {err}", t0.elapsed());
+}
+
+#[test]
+fn nccl_init_names_a_group_that_never_fills() {
+    // Rank 0 of 2 joins a group that rank 1 never joins: an error after the deadline, not a
+    // hang (the helper thread stays blocked in NCCL until the process exits).
+    let id = shardwise::comm::nccl::new_unique_id().unwrap();
+    let t0 = std::time::Instant::now();
+    let err = with_env("SHARDWISE_NCCL_INIT_DEADLINE_MS", Some("1500"), || {
+        shardwise::comm::nccl::NcclComm::init(0, 2, 0, &id)
+    })
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("rank 0") && err.contains("init"), "{err}");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(10),
         "{:?}",
         t0.elapsed()
     );

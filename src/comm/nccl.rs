@@ -67,19 +67,55 @@ impl std::fmt::Debug for NcclComm {
 }
 
 impl NcclComm {
-    /// Joins the group `id` as `rank` of `world` on CUDA device `ordinal`. Blocks until every
-    /// rank has joined (NCCL's own initialisation).
+    /// Joins the group `id` as `rank` of `world` on CUDA device `ordinal`. Waits until every
+    /// rank has joined (NCCL's own initialisation), at most `SHARDWISE_NCCL_INIT_DEADLINE_MS`
+    /// (default 120 s): NCCL's initialisation has no timeout of its own, so it runs on a
+    /// helper thread, which a rank that never joins leaves blocked (the process is expected to
+    /// exit on the error).
     ///
     /// # Errors
-    /// No such device, or NCCL initialisation fails.
+    /// No such device, NCCL initialisation fails, or not every rank joined in time.
     pub fn init(rank: usize, world: usize, ordinal: usize, id: &[u8; ID_BYTES]) -> Result<Self> {
         let device = crate::cuda::device(ordinal)?;
         let stream = device.as_cuda_device()?.cuda_stream();
         let id = Id::uninit(id.map(|b| b as core::ffi::c_char));
-        let comm =
-            Comm::from_rank(stream, rank, world, id).map_err(|e| nccl_err(rank, "init", e))?;
+        let ms = super::env_usize("SHARDWISE_NCCL_INIT_DEADLINE_MS", 120_000);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("nccl-init-{rank}"))
+            .spawn(move || {
+                let joined = stream
+                    .context()
+                    .bind_to_thread()
+                    .map_err(|e| nccl_err(rank, "init", e))
+                    .and_then(|()| {
+                        Comm::from_rank(stream, rank, world, id)
+                            .map(SharedComm)
+                            .map_err(|e| nccl_err(rank, "init", e))
+                    });
+                // The receiver is gone only if it gave up waiting.
+                let _ = tx.send(joined);
+            })
+            .map_err(|e| nccl_err(rank, "init", e))?;
+        use std::sync::mpsc::RecvTimeoutError;
+        let comm = match rx.recv_timeout(std::time::Duration::from_millis(ms as u64)) {
+            Ok(joined) => joined?,
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(nccl_err(rank, "init", "the initialising thread panicked"))
+            }
+            Err(RecvTimeoutError::Timeout) => {
+                return Err(Error::Comm {
+                    rank,
+                    op: "init",
+                    reason: format!(
+                        "not every rank of {world} joined the NCCL group within {ms} ms (a rank \
+                         is gone or never started)"
+                    ),
+                })
+            }
+        };
         let mut me = Self {
-            comm: Arc::new(Mutex::new(SharedComm(comm))),
+            comm: Arc::new(Mutex::new(comm)),
             rank,
             world,
             device,
