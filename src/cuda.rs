@@ -112,7 +112,6 @@ pub fn wait_for(stream: &Arc<cudarc::driver::CudaStream>, deadline: Duration) ->
         .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
         .map_err(|e| driver_err("recording an event", e))?;
     let start = Instant::now();
-    let mut polls = 0u32;
     loop {
         // SAFETY: `ev` is a live event of this context.
         match unsafe { cudarc::driver::result::event::query(ev.cu_event()) } {
@@ -123,12 +122,12 @@ pub fn wait_for(stream: &Arc<cudarc::driver::CudaStream>, deadline: Duration) ->
         if start.elapsed() > deadline {
             return Ok(false);
         }
-        // Spin briefly (a decode step ends within microseconds of the call), then back off.
-        polls += 1;
-        if polls < 2000 {
+        // Yield while the work may still be a step's (as CUDA's own blocking copy spins), so
+        // the wait adds no sleep granularity to a step; past a second, back off.
+        if start.elapsed() < Duration::from_secs(1) {
             std::thread::yield_now();
         } else {
-            std::thread::sleep(Duration::from_micros(100));
+            std::thread::sleep(Duration::from_millis(1));
         }
     }
 }

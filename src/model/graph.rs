@@ -74,7 +74,8 @@ impl std::fmt::Debug for DecodeGraph {
 /// Whether decode steps on CUDA are captured: `SHARDWISE_CUDA_GRAPH=1` turns it on. Off by
 /// default until a hang that the GPU reference test showed with graphs on (several sequences
 /// per cluster, generation and perplexity interleaved) is understood; with graphs off, GPU
-/// ranks keep growing KV caches and eager steps.
+/// ranks run their steps eagerly (on the same fixed-capacity caches, written at host-known
+/// positions).
 pub(crate) fn enabled() -> bool {
     std::env::var("SHARDWISE_CUDA_GRAPH").is_ok_and(|v| v == "1")
 }
