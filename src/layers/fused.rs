@@ -21,15 +21,17 @@ use candle_core::{Tensor, D};
 
 use crate::error::Result;
 
-/// Whether `t`'s device runs the fused kernels: a CUDA device, unless `SHARDWISE_FUSED=0`.
+/// Whether `t`'s device runs the fused kernels: a CUDA device, unless `SHARDWISE_FUSED=0`
+/// (read once per process: this sits on every layer's path).
 #[cfg(feature = "cuda")]
 fn fused_on(t: &Tensor) -> bool {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     t.device().is_cuda()
         && matches!(
             t.dtype(),
             candle_core::DType::F32 | candle_core::DType::BF16 | candle_core::DType::F16
         )
-        && !std::env::var("SHARDWISE_FUSED").is_ok_and(|v| v == "0")
+        && !*OFF.get_or_init(|| std::env::var("SHARDWISE_FUSED").is_ok_and(|v| v == "0"))
 }
 
 /// `x + delta` (when given) and RMSNorm of it with weight `w`: returns `(sum, normed)`; the
@@ -471,6 +473,24 @@ KERNELS(bf16, BF16)
 KERNELS(f16, F16)
 "#;
 
+    /// The CPU half of a three-input custom op, which only CUDA tensors reach (the callers
+    /// dispatch on the device first).
+    macro_rules! cpu_refused {
+        ($what:literal) => {
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                candle_core::bail!(concat!("fused ", $what, " needs CUDA tensors"))
+            }
+        };
+    }
+
     /// Runs the local macro `$run` for the element type of `$dtype` (the kernels' three).
     macro_rules! by_dtype {
         ($dtype:expr, $what:literal, $run:ident) => {
@@ -674,17 +694,7 @@ KERNELS(f16, F16)
             "fused_add_rms_norm"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!("fused add_rms_norm needs CUDA tensors")
-        }
+        cpu_refused!("add_rms_norm");
 
         fn cuda_fwd(
             &self,
@@ -830,17 +840,7 @@ KERNELS(f16, F16)
             "fused_decode_attention"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!("fused decode attention needs CUDA tensors")
-        }
+        cpu_refused!("decode attention");
 
         fn cuda_fwd(
             &self,
@@ -998,17 +998,7 @@ KERNELS(f16, F16)
             "fused_rope_store"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!("fused rope_store needs CUDA tensors")
-        }
+        cpu_refused!("rope_store");
 
         fn cuda_fwd(
             &self,
