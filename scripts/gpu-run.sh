@@ -15,7 +15,10 @@
 #   ONLY      sections to run, comma-separated: nccl, tests, decode, launch, smollm2 (default
 #             all)
 #   DIRECT    0 skips the `--direct` decode rows (in-process ranks without the runtime)
-#   FUSED_TOO 1 also times decode with SHARDWISE_FUSED=0 (candle's operations, batch 1)
+#   FUSED_TOO 1 also times decode with SHARDWISE_FUSED=0 (candle's operations, batch 1) and
+#             with SHARDWISE_GEMV=0 (cuBLAS products, the other fused kernels on)
+#   PROFILE   1 profiles one GPU's eager decode steps with Nsight Compute (when the machine has
+#             `ncu`): time per step of each kernel name, from $PROFILE_COUNT kernels
 #   SMOLLM2   a SmolLM2 GGUF on the GPU machine: greedy tokens of GPU ranks (f32, 1 and 2
 #             GPUs) against a CPU rank (f32) of the same binary, in the same call
 set -euo pipefail
@@ -71,7 +74,21 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
             echo "decode, $n GPU(s), SHARDWISE_FUSED=0"
             SHARDWISE_FUSED=0 step "$BIN" bench decode --model synthetic:llama3-8b --local "$n" \
                 --transport nccl --dtype bf16 --batch 1 --context 512 --steps "${STEPS:-30}"
+            echo "decode, $n GPU(s), SHARDWISE_GEMV=0"
+            SHARDWISE_GEMV=0 step "$BIN" bench decode --model synthetic:llama3-8b --local "$n" \
+                --transport nccl --dtype bf16 --batch 1 --context 512 --steps "${STEPS:-30}"
         done
+    fi
+    if [[ "${PROFILE:-0}" == 1 ]] && command -v ncu >/dev/null; then
+        # Eager steps only: the spinning all-reduce kernels of two ranks stall under ncu's
+        # one-kernel-at-a-time replay. Caches are not flushed between kernels (as in a step).
+        echo "profile, 1 GPU, eager decode steps (ncu)"
+        SHARDWISE_CUDA_GRAPH=0 step ncu --clock-control none --cache-control none \
+            --metrics gpu__time_duration.sum --csv --launch-skip "${PROFILE_SKIP:-3000}" \
+            --launch-count "${PROFILE_COUNT:-1500}" "$BIN" bench decode \
+            --model synthetic:llama3-8b --local 1 --transport nccl --dtype bf16 --batch 1 \
+            --context 512 --steps 20 > "$OUT/ncu.csv" 2>"$OUT/ncu.log"
+        python3 "$HERE/bench/ncu_summary.py" "$OUT/ncu.csv" --layers 32
     fi
     if [[ -n "${SMOLLM2:-}" ]] && want smollm2; then
         # Fidelity: greedy continuations of GPU ranks equal the CPU rank's, token for token.

@@ -525,3 +525,86 @@ fn fused_kernels_match_float64_references() {
         }
     }
 }
+
+#[test]
+fn gemv_kernels_match_float64_references() {
+    use shardwise::layers::fused::{linear, norm_linear, NormIn};
+    assert!(gpus() >= 1, "no CUDA device");
+    let dev = candle_core::Device::new_cuda(0).unwrap();
+    let mut rng = rand::rng();
+    let eps = 1e-5;
+    for (dtype, tol) in [(DType::F32, 2e-5), (DType::BF16, 1.6e-2)] {
+        // (rows, weight rows, width): decode shapes and ragged tails of the 16-byte loads.
+        for (rows, wrows, kd) in [(1, 4096, 4096), (2, 1000, 576), (1, 6, 8), (2, 18, 1288)] {
+            let (x, xv) = put(&randn(rows * kd, &mut rng), &[rows, 1, kd], dtype, &dev);
+            let (d, dv) = put(&randn(rows * kd, &mut rng), &[rows, 1, kd], dtype, &dev);
+            let (nw, nwv) = put(&randn(kd, &mut rng), &[kd], dtype, &dev);
+            let (w, wv) = put(&randn(wrows * kd, &mut rng), &[wrows, kd], dtype, &dev);
+            let product = |h: &[f64]| -> Vec<f64> {
+                (0..rows * wrows)
+                    .map(|i| {
+                        let (r, c) = (i / wrows, i % wrows);
+                        (0..kd).map(|k| h[r * kd + k] * wv[c * kd + k]).sum()
+                    })
+                    .collect()
+            };
+            let silu_of = |y: &[f64]| -> Vec<f64> {
+                let half = wrows / 2;
+                (0..rows * half)
+                    .map(|i| {
+                        let (r, c) = (i / half, i % half);
+                        let g = y[r * wrows + c];
+                        g / (1.0 + (-g).exp()) * y[r * wrows + half + c]
+                    })
+                    .collect()
+            };
+            let what = format!("{dtype:?} gemv {rows}x{kd} by {wrows}");
+            let y = linear(&x, &w).unwrap().expect("a GEMV kernel");
+            assert_eq!(y.dims(), &[rows, 1, wrows], "{what}");
+            let e = rel_err(&values(&y), &product(&xv));
+            assert!(e <= tol, "{what}: product off by {e}");
+            for (with_delta, silu) in [(false, false), (true, false), (false, true), (true, true)] {
+                let sum: Vec<f64> = xv
+                    .iter()
+                    .zip(&dv)
+                    .map(|(a, b)| if with_delta { a + b } else { *a })
+                    .collect();
+                let mut h = vec![0.0; rows * kd];
+                for r in 0..rows {
+                    let row = &sum[r * kd..(r + 1) * kd];
+                    let inv =
+                        1.0 / (row.iter().map(|v| v * v).sum::<f64>() / kd as f64 + eps).sqrt();
+                    for k in 0..kd {
+                        h[r * kd + k] = row[k] * inv * nwv[k];
+                    }
+                }
+                let n = NormIn {
+                    x: &x,
+                    delta: with_delta.then_some(&d),
+                    w: &nw,
+                    eps: eps as f32,
+                };
+                let (s, y) = norm_linear(n, &w, silu).unwrap().expect("a GEMV kernel");
+                let what = format!("{what} delta {with_delta} silu {silu}");
+                let e = rel_err(&values(&s), &sum);
+                assert!(e <= tol, "{what}: sum off by {e}");
+                let want = product(&h);
+                let (want, width) = if silu {
+                    (silu_of(&want), wrows / 2)
+                } else {
+                    (want, wrows)
+                };
+                assert_eq!(y.dims(), &[rows, 1, width], "{what}");
+                let e = rel_err(&values(&y), &want);
+                assert!(e <= 2.0 * tol, "{what}: output off by {e}");
+            }
+        }
+        // More rows than a GEMV takes, and a width not in 16-byte units: matrix products.
+        let (x3, _) = put(&randn(3 * 64, &mut rng), &[3, 64], dtype, &dev);
+        let (w, _) = put(&randn(8 * 64, &mut rng), &[8, 64], dtype, &dev);
+        assert!(linear(&x3, &w).unwrap().is_none(), "3 rows took a GEMV");
+        let (x, _) = put(&randn(6, &mut rng), &[1, 6], dtype, &dev);
+        let (w, _) = put(&randn(8 * 6, &mut rng), &[8, 6], dtype, &dev);
+        assert!(linear(&x, &w).unwrap().is_none(), "width 6 took a GEMV");
+    }
+}

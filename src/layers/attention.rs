@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 
+use super::fused::NormIn;
 use super::linear::{ParallelLinear, Piece, Reduce};
 use super::lora::LoraSet;
 use crate::comm::Communicator;
@@ -182,7 +183,11 @@ impl AttentionProjections {
     /// # Errors
     /// Kernel errors.
     pub fn qkv(&self, x: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-        let y = self.qkv.forward(x)?;
+        self.split_qkv(&self.qkv.forward(x)?)
+    }
+
+    /// A merged q/k/v product split into its three parts.
+    fn split_qkv(&self, y: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
         let hd = self.dims.head_dim;
         let nq = self.heads.q_heads.len() * hd;
         let nkv = self.heads.kv_heads.len() * hd;
@@ -192,6 +197,16 @@ impl AttentionProjections {
             y.narrow(last, nq, nkv)?,
             y.narrow(last, nq + nkv, nkv)?,
         ))
+    }
+
+    /// [`Self::qkv`] of the normed input `n`: `(residual sum, (q, k, v))`, see
+    /// [`ParallelLinear::forward_normed`].
+    ///
+    /// # Errors
+    /// Kernel errors.
+    pub fn qkv_normed(&self, n: NormIn<'_>) -> Result<(Tensor, (Tensor, Tensor, Tensor))> {
+        let (x, y) = self.qkv.forward_normed(n, false)?;
+        Ok((x, self.split_qkv(&y)?))
     }
 
     /// Output projection of this rank's attention output (`[.., local q heads * head_dim]`),

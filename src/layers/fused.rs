@@ -72,6 +72,51 @@ pub fn silu_mul(gu: &Tensor) -> Result<Tensor> {
     Ok((candle_nn::ops::silu(&gate)? * up)?)
 }
 
+/// The input of a product that starts with a norm: RMSNorm (weight `w`, `eps`) of `x`, or
+/// of `x + delta` when given.
+#[derive(Debug, Clone, Copy)]
+pub struct NormIn<'a> {
+    /// Residual stream `[.., width]`.
+    pub x: &'a Tensor,
+    /// Added to `x` before the norm (a previous block's output).
+    pub delta: Option<&'a Tensor>,
+    /// Norm weight `[width]`.
+    pub w: &'a Tensor,
+    /// Norm epsilon.
+    pub eps: f32,
+}
+
+/// `x @ w^T` (`w`: `[out, in]`) for the one or two rows of a decode step, by the project's
+/// GEMV kernel (the weight streamed once at full memory bandwidth, no split-K reduction
+/// kernel). `None` where it does not serve: not CUDA, more rows, dtypes that differ, or
+/// widths and addresses not in 16-byte units; the caller runs the matrix product.
+///
+/// # Errors
+/// Kernel errors.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if fused_on(x) {
+        return Ok(gpu::gemv(x, w, None, false)?.map(|(_, y)| y));
+    }
+    let _ = (x, w);
+    Ok(None)
+}
+
+/// [`add_rms_norm`] of `n` and the product of the normed rows with `w` in one kernel,
+/// followed with `silu` by [`silu_mul`] of the product: `(sum, product)`, the sum being
+/// `n.x` itself without `n.delta`. `None` where [`linear`] would not serve.
+///
+/// # Errors
+/// Shape mismatches, kernel errors.
+pub fn norm_linear(n: NormIn<'_>, w: &Tensor, silu: bool) -> Result<Option<(Tensor, Tensor)>> {
+    #[cfg(feature = "cuda")]
+    if fused_on(n.x) {
+        return gpu::gemv(n.x, w, Some(n), silu);
+    }
+    let _ = (n, w, silu);
+    Ok(None)
+}
+
 /// How many positions of a KV cache a decode attention reads.
 #[derive(Debug, Clone, Copy)]
 pub enum CacheLen<'a> {
@@ -163,7 +208,7 @@ mod gpu {
     };
     use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
-    use super::{CacheLen, StorePos};
+    use super::{CacheLen, NormIn, StorePos};
     use crate::error::{Error, Result};
 
     /// Most position splits of one attention (blocks per KV head).
@@ -414,6 +459,98 @@ __device__ void attend(const typename K::T* q, const typename K::T* k, const typ
   }
 }
 
+// Products of a few rows of x ([rows, kd], rows <= MR) with a weight of output rows
+// [n, kd] (with SILU [2n, kd]: gate rows, then up rows), one warp per output column, the
+// weight streamed once in 16-byte loads. MODE 1 takes RMSNorm(x) with weight nw as the
+// input, MODE 2 RMSNorm(x + a) (the sum, rounded to T, also written to xo by the warp of
+// column 0): the norm's scale is applied to the finished dot product, each warp summing the
+// squares of the input it reads anyway. SILU writes silu(gate) * up, rounded as silu_mul.
+template <typename K>
+__device__ __forceinline__ void unpack16(const uint4& u, float* f) {
+  const typename K::T* t = reinterpret_cast<const typename K::T*>(&u);
+#pragma unroll
+  for (int i = 0; i < (int)(16 / sizeof(typename K::T)); ++i) f[i] = K::ld(t[i]);
+}
+template <typename T>
+__device__ __forceinline__ uint4 ld16(const T* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+template <typename K, int MR, int MODE, bool SILU>
+__device__ void gemv(const typename K::T* x, const typename K::T* a, const typename K::T* nw,
+                     const typename K::T* w, typename K::T* y, typename K::T* xo, int rows,
+                     int n, int kd, float eps) {
+  typedef typename K::T T;
+  constexpr int V = 16 / sizeof(T);
+  constexpr int R = SILU ? 2 : 1;
+  constexpr int U = 4;
+  const int lane = threadIdx.x & 31;
+  const int col = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (col >= n) return;
+  const T* wr[R];
+  wr[0] = w + (long long)col * kd;
+  if (SILU) wr[R - 1] = w + (long long)(col + n) * kd;
+  float dot[R][MR], ss[MR];
+#pragma unroll
+  for (int m = 0; m < MR; ++m) {
+    ss[m] = 0.f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) dot[r][m] = 0.f;
+  }
+  const bool sum_out = MODE == 2 && col == 0;
+  for (int k0 = lane * V; k0 < kd; k0 += 32 * V * U) {
+    uint4 wv[R][U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * 32 * V;
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        wv[r][u] = k < kd ? __ldcs(reinterpret_cast<const uint4*>(wr[r] + k)) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * 32 * V;
+      if (k >= kd) break;
+      float wf[R][V], nf[V];
+#pragma unroll
+      for (int r = 0; r < R; ++r) unpack16<K>(wv[r][u], wf[r]);
+      if (MODE > 0) unpack16<K>(ld16(nw + k), nf);
+#pragma unroll
+      for (int m = 0; m < MR; ++m) {
+        if (m >= rows) break;
+        float xf[V];
+        unpack16<K>(ld16(x + (long long)m * kd + k), xf);
+        if (MODE == 2) {
+          float af[V];
+          unpack16<K>(ld16(a + (long long)m * kd + k), af);
+          uint4 packed;
+          T* s = reinterpret_cast<T*>(&packed);
+#pragma unroll
+          for (int v = 0; v < V; ++v) { s[v] = K::st(xf[v] + af[v]); xf[v] = K::ld(s[v]); }
+          if (sum_out) *reinterpret_cast<uint4*>(xo + (long long)m * kd + k) = packed;
+        }
+        if (MODE > 0) {
+#pragma unroll
+          for (int v = 0; v < V; ++v) { ss[m] += xf[v] * xf[v]; xf[v] *= nf[v]; }
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int v = 0; v < V; ++v) dot[r][m] += wf[r][v] * xf[v];
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < MR; ++m) {
+    if (m >= rows) break;
+    const float inv = MODE > 0 ? rsqrtf(warp_sum(ss[m]) / (float)kd + eps) : 1.f;
+    const float d0 = warp_sum(dot[0][m]) * inv;
+    float out = d0;
+    if (SILU) {
+      const float g = K::ld(K::st(d0)), u = K::ld(K::st(warp_sum(dot[R - 1][m]) * inv));
+      out = K::ld(K::st(g / (1.f + __expf(-g)))) * u;
+    }
+    if (lane == 0) y[(long long)m * n + col] = K::st(out);
+  }
+}
+
 // Rotary embedding of one token's q and k heads (pairs (p, p + hd/2), or (2p, 2p + 1) when
 // interleaved) with the position's cos/sin row; q goes to qo, k and v into the caches at the
 // position (from the device when pos_ptr is set).
@@ -460,7 +597,16 @@ extern "C" __global__ void rope_store_##sfx(const K::T* q, const K::T* k, const 
 extern "C" __global__ void silu_mul_##sfx(const K::T* gu, K::T* y, long long rows, int half) { \
   silu_mul<K>(gu, y, rows, half); } \
 ATTEND(sfx, K, 4, 4, 8) ATTEND(sfx, K, 8, 4, 4) ATTEND(sfx, K, 16, 4, 2) \
-ATTEND(sfx, K, 4, 8, 4) ATTEND(sfx, K, 8, 8, 4)
+ATTEND(sfx, K, 4, 8, 4) ATTEND(sfx, K, 8, 8, 4) \
+GEMV(sfx, K, 1) GEMV(sfx, K, 2)
+#define GEMV(sfx, K, MR) \
+GEMV1(sfx, K, MR, 0, false, plain) GEMV1(sfx, K, MR, 1, false, norm) \
+GEMV1(sfx, K, MR, 2, false, addnorm) GEMV1(sfx, K, MR, 1, true, norm_silu) \
+GEMV1(sfx, K, MR, 2, true, addnorm_silu)
+#define GEMV1(sfx, K, MR, MODE, SILU, tag) \
+extern "C" __global__ void __launch_bounds__(256) gemv##MR##_##tag##_##sfx(const K::T* x, \
+    const K::T* a, const K::T* nw, const K::T* w, K::T* y, K::T* xo, int rows, int n, int kd, \
+    float eps) { gemv<K, MR, MODE, SILU>(x, a, nw, w, y, xo, rows, n, kd, eps); }
 #define ATTEND(sfx, K, MG, ME, U) \
 extern "C" __global__ void attend_##MG##x##ME##_##sfx(const K::T* q, const K::T* k, \
     const K::T* v, K::T* out, float* scratch, unsigned* counters, const unsigned* pos_ptr, \
@@ -518,6 +664,8 @@ KERNELS(f16, F16)
 
     const OPS: [&str; 4] = ["rms_norm", "add_rms_norm", "silu_mul", "rope_store"];
     const SUFFIXES: [&str; 3] = ["f32", "bf16", "f16"];
+    /// GEMV kernel variants (see `Gemv::kernel`).
+    const GEMV_TAGS: [&str; 5] = ["plain", "norm", "addnorm", "norm_silu", "addnorm_silu"];
 
     /// One device's kernels and attention workspace.
     struct Kernels {
@@ -582,10 +730,13 @@ KERNELS(f16, F16)
             return Ok(k.clone());
         }
         let attend = ATTEND_VARIANTS.map(|(g, e)| format!("attend_{g}x{e}"));
+        let gemv = (1..=GEMV_MAX_ROWS)
+            .flat_map(|mr| GEMV_TAGS.iter().map(move |tag| format!("gemv{mr}_{tag}")));
         let names: Vec<String> = OPS
             .iter()
             .map(|op| op.to_string())
             .chain(attend)
+            .chain(gemv)
             .flat_map(|op| SUFFIXES.iter().map(move |s| format!("{op}_{s}")))
             .collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -826,6 +977,187 @@ KERNELS(f16, F16)
 
     pub(super) fn silu_mul(gu: &Tensor) -> Result<Tensor> {
         Ok(gu.contiguous()?.apply_op1_no_bwd(&SiluMul)?)
+    }
+
+    /// Most rows of `x` a GEMV kernel takes (`MR` of its largest variant); more rows run as
+    /// a matrix product, which reads the weight once for all of them.
+    const GEMV_MAX_ROWS: usize = 2;
+    /// Warps (output columns) of a GEMV block.
+    const GEMV_WARPS: u32 = 8;
+
+    struct Gemv {
+        /// 0: plain, 1: norm, 2: add and norm (see the kernel).
+        mode: u8,
+        silu: bool,
+        /// Device addresses of the added rows and the norm weight (0 when unused).
+        a_ptr: u64,
+        nw_ptr: u64,
+        eps: f32,
+    }
+
+    impl Gemv {
+        fn kernel(&self, rows: usize) -> String {
+            let tag = match (self.mode, self.silu) {
+                (0, _) => "plain",
+                (1, false) => "norm",
+                (1, true) => "norm_silu",
+                (_, false) => "addnorm",
+                (_, true) => "addnorm_silu",
+            };
+            format!("gemv{}_{tag}", if rows == 1 { 1 } else { 2 })
+        }
+    }
+
+    /// Output: the product's rows, then (mode 2) the sum's.
+    impl CustomOp2 for Gemv {
+        fn name(&self) -> &'static str {
+            "fused_gemv"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!("fused gemv needs CUDA tensors")
+        }
+
+        fn cuda_fwd(
+            &self,
+            x: &CudaStorage,
+            xl: &Layout,
+            w: &CudaStorage,
+            wl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let dev = x.device().clone();
+            let kern = kernels(&dev)?;
+            let (xs, xe) = contiguous_range(xl, "gemv")?;
+            let (ws, we) = contiguous_range(wl, "gemv")?;
+            let (wrows, kd) = wl.shape().dims2()?;
+            let rows = (xe - xs) / kd.max(1);
+            let n = if self.silu { wrows / 2 } else { wrows };
+            let f = kern.func(&self.kernel(rows), x.dtype())?;
+            let sum_len = if self.mode == 2 { rows * kd } else { 0 };
+            let cfg = grid((n as u32).div_ceil(GEMV_WARPS), GEMV_WARPS * 32, 0);
+            let stream = dev.cuda_stream();
+            let (rows32, n32, kd32) = (rows as i32, n as i32, kd as i32);
+            macro_rules! run {
+                ($t:ty) => {{
+                    let xv = x.as_cuda_slice::<$t>()?.slice(xs..xe);
+                    let wv = w.as_cuda_slice::<$t>()?.slice(ws..we);
+                    // SAFETY: the kernel writes every element of the product, and every
+                    // element of the sum in mode 2.
+                    let mut out = unsafe { dev.alloc::<$t>(rows * n + sum_len)? };
+                    {
+                        let (mut y, mut xo) = out.split_at_mut(rows * n);
+                        let mut b = stream.launch_builder(f);
+                        b.arg(&xv)
+                            .arg(&self.a_ptr)
+                            .arg(&self.nw_ptr)
+                            .arg(&wv)
+                            .arg(&mut y)
+                            .arg(&mut xo)
+                            .arg(&rows32)
+                            .arg(&n32)
+                            .arg(&kd32)
+                            .arg(&self.eps);
+                        // SAFETY: arguments match the kernel's signature; the caller checked
+                        // shapes, dtypes and 16-byte alignment of every operand.
+                        unsafe { b.launch(cfg) }.map_err(cerr)?;
+                    }
+                    Ok((
+                        CudaStorage::wrap_cuda_slice(out, dev),
+                        Shape::from(rows * n + sum_len),
+                    ))
+                }};
+            }
+            by_dtype!(x.dtype(), "gemv", run)
+        }
+    }
+
+    /// The GEMV launch behind [`super::linear`] and [`super::norm_linear`]: `(sum, y)`, the
+    /// sum `x` itself without a delta. `SHARDWISE_GEMV=0` turns it off (cuBLAS products with
+    /// the other fused kernels, to measure it).
+    pub(super) fn gemv(
+        x: &Tensor,
+        w: &Tensor,
+        norm: Option<NormIn<'_>>,
+        silu: bool,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        static OFF: OnceLock<bool> = OnceLock::new();
+        if *OFF.get_or_init(|| std::env::var("SHARDWISE_GEMV").is_ok_and(|v| v == "0")) {
+            return Ok(None);
+        }
+        let dt = x.dtype();
+        let Ok((wrows, kd)) = w.dims2() else {
+            return Ok(None);
+        };
+        let unit = 16 / dt.size_in_bytes();
+        let rows = x.elem_count() / kd.max(1);
+        let fits = w.dtype() == dt
+            && w.is_contiguous()
+            && x.dims().last() == Some(&kd)
+            && (1..=GEMV_MAX_ROWS).contains(&rows)
+            && kd % unit == 0
+            && wrows > 0
+            && (!silu || wrows % 2 == 0)
+            && norm.is_none_or(|n| {
+                n.w.elem_count() == kd
+                    && n.w.dtype() == dt
+                    && n.delta
+                        .is_none_or(|d| d.shape() == x.shape() && d.dtype() == dt)
+            });
+        if !fits {
+            return Ok(None);
+        }
+        let x = x.contiguous()?;
+        let (nw, delta) = match norm {
+            Some(n) => (
+                Some(n.w.contiguous()?),
+                n.delta.map(Tensor::contiguous).transpose()?,
+            ),
+            None => (None, None),
+        };
+        // Every operand's address in 16-byte units (the kernel's loads).
+        let mut ptrs = [0u64; 4];
+        for (slot, t) in ptrs
+            .iter_mut()
+            .zip([Some(&x), Some(w), nw.as_ref(), delta.as_ref()])
+        {
+            if let Some(t) = t {
+                match device_ptr(t)? {
+                    Some(p) if p % 16 == 0 => *slot = p,
+                    _ => return Ok(None),
+                }
+            }
+        }
+        let op = Gemv {
+            mode: match (&nw, &delta) {
+                (None, _) => 0,
+                (Some(_), None) => 1,
+                (Some(_), Some(_)) => 2,
+            },
+            silu,
+            a_ptr: ptrs[3],
+            nw_ptr: ptrs[2],
+            eps: norm.map_or(0.0, |n| n.eps),
+        };
+        let n = if silu { wrows / 2 } else { wrows };
+        let mut dims = x.dims().to_vec();
+        let out = x.apply_op2_no_bwd(w, &op)?;
+        let sum = if op.mode == 2 {
+            out.narrow(0, rows * n, rows * kd)?
+                .reshape(dims.as_slice())?
+        } else {
+            x.clone()
+        };
+        if let Some(last) = dims.last_mut() {
+            *last = n;
+        }
+        let y = out.narrow(0, 0, rows * n)?.reshape(dims)?;
+        Ok(Some((sum, y)))
     }
 
     struct Attend {

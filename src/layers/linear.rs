@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor, D};
 
+use super::fused::{self, NormIn};
 use super::lora::Lora;
 use crate::comm::Communicator;
 use crate::error::{Error, LayerContext, Result};
@@ -248,36 +249,81 @@ impl ParallelLinear {
     /// # Errors
     /// Kernel or collective errors, naming the layer.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let run = || -> Result<Tensor> {
-            let y = match &self.merged {
-                Some(m) => m.forward(x)?,
+        (|| self.combine(self.product(x)?))().in_layer(&self.name)
+    }
+
+    /// The product of the normed input `n` (see [`NormIn`]), then as [`Self::forward`];
+    /// with `silu`, this rank's product goes through [`fused::silu_mul`] before it is
+    /// combined (a merged gate/up layer). Returns the residual sum too. One kernel does
+    /// the add, the norm, the product (and silu) where [`fused::norm_linear`] serves.
+    ///
+    /// # Errors
+    /// Kernel or collective errors, naming the layer.
+    pub fn forward_normed(&self, n: NormIn<'_>, silu: bool) -> Result<(Tensor, Tensor)> {
+        let run = || -> Result<(Tensor, Tensor)> {
+            let fused = match self.dense_unbiased() {
+                Some(w) => fused::norm_linear(n, w, silu)?,
+                None => None,
+            };
+            let (x, y) = match fused {
+                Some(r) => r,
                 None => {
-                    let ys = self
-                        .parts
-                        .iter()
-                        .map(|p| p.forward(x))
-                        .collect::<Result<Vec<_>>>()?;
-                    if ys.len() == 1 {
-                        ys.into_iter().next().unwrap_or_else(|| unreachable!())
-                    } else {
-                        Tensor::cat(&ys, D::Minus1)?
-                    }
+                    let (x, h) = fused::add_rms_norm(n.x, n.delta, n.w, n.eps)?;
+                    let y = self.product(&h)?;
+                    (x, if silu { fused::silu_mul(&y)? } else { y })
                 }
             };
-            let y = match self.reduce {
-                Reduce::None => y,
-                Reduce::AllReduce => self.comm.all_reduce_sum(&y)?,
-                Reduce::AllGather => {
-                    let last = y.rank() - 1;
-                    match &self.gather_sizes {
-                        Some(s) => self.comm.all_gather_sized(&y, last, s)?,
-                        None => self.comm.all_gather(&y, last)?,
-                    }
-                }
-            };
-            crate::quant::add_bias(y, self.bias_after.as_ref())
+            Ok((x, self.combine(y)?))
         };
         run().in_layer(&self.name)
+    }
+
+    /// This rank's whole weight as one dense matrix without a bias of its own, if it is one.
+    fn dense_unbiased(&self) -> Option<&Tensor> {
+        let part = match (&self.merged, self.parts.as_slice()) {
+            (Some(m), _) => m,
+            (None, [p]) => p,
+            _ => return None,
+        };
+        match part.bias() {
+            Some(_) => None,
+            None => part.dense_weight(),
+        }
+    }
+
+    /// This rank's product, its parts' outputs side by side.
+    fn product(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.merged {
+            Some(m) => m.forward(x)?,
+            None => {
+                let ys = self
+                    .parts
+                    .iter()
+                    .map(|p| p.forward(x))
+                    .collect::<Result<Vec<_>>>()?;
+                if ys.len() == 1 {
+                    ys.into_iter().next().unwrap_or_else(|| unreachable!())
+                } else {
+                    Tensor::cat(&ys, D::Minus1)?
+                }
+            }
+        })
+    }
+
+    /// This rank's output combined across ranks as the layer says, plus the bias.
+    fn combine(&self, y: Tensor) -> Result<Tensor> {
+        let y = match self.reduce {
+            Reduce::None => y,
+            Reduce::AllReduce => self.comm.all_reduce_sum(&y)?,
+            Reduce::AllGather => {
+                let last = y.rank() - 1;
+                match &self.gather_sizes {
+                    Some(s) => self.comm.all_gather_sized(&y, last, s)?,
+                    None => self.comm.all_gather(&y, last)?,
+                }
+            }
+        };
+        crate::quant::add_bias(y, self.bias_after.as_ref())
     }
 
     /// Moves every piece and the bias to `device`.

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use candle_core::Tensor;
 
+use super::fused::NormIn;
 use super::linear::{ParallelLinear, Piece, Reduce};
 use super::lora::LoraSet;
 use crate::comm::Communicator;
@@ -124,6 +125,17 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = super::fused::silu_mul(&self.gate_up.forward(x)?)?;
         self.down.forward(&h)
+    }
+
+    /// [`Self::forward`] of the normed input `n`: `(residual sum, output)`, the norm, the
+    /// gate/up product and silu in one kernel where it serves (see
+    /// [`ParallelLinear::forward_normed`]).
+    ///
+    /// # Errors
+    /// Kernel or collective errors.
+    pub fn forward_normed(&self, n: NormIn<'_>) -> Result<(Tensor, Tensor)> {
+        let (x, h) = self.gate_up.forward_normed(n, true)?;
+        Ok((x, self.down.forward(&h)?))
     }
 
     /// Moves the projections to `device`.

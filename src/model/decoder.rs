@@ -14,7 +14,9 @@ use super::kv::{KvShape, KvWrite, LayerCache, SeqCache};
 use super::rope::Rope;
 use crate::comm::Communicator;
 use crate::error::{Error, LayerContext, Result};
-use crate::layers::fused::{add_rms_norm, decode_attention, rope_store, CacheLen, StorePos};
+use crate::layers::fused::{
+    add_rms_norm, decode_attention, rope_store, CacheLen, NormIn, StorePos,
+};
 use crate::layers::moe::{MoeBlock, MoeImpl};
 use crate::layers::{
     AttentionDims, AttentionProjections, LoraSet, Mlp, ParallelLinear, Piece, Reduce,
@@ -74,10 +76,14 @@ impl FeedForward {
         }
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The block of the normed input `n`: `(residual sum, output)`.
+    fn forward_normed(&self, n: NormIn<'_>) -> Result<(Tensor, Tensor)> {
         match self {
-            FeedForward::Dense(m) => m.forward(x),
-            FeedForward::Moe(m) => m.forward(x),
+            FeedForward::Dense(m) => m.forward_normed(n),
+            FeedForward::Moe(m) => {
+                let (x, h) = add_rms_norm(n.x, n.delta, n.w, n.eps)?;
+                Ok((x, m.forward(&h)?))
+            }
         }
     }
 
@@ -480,15 +486,14 @@ impl Model {
             let mut per_seq: Vec<&mut LayerCache> =
                 caches.iter_mut().map(|c| &mut c.layers[i]).collect();
             let (nx, f) = layer
-                .forward_with(&x, pending.as_ref(), eps, |h| {
-                    layer.attention_batch(h, &ctxs, &mut per_seq)
+                .forward_with(&x, pending.as_ref(), eps, |qkv| {
+                    layer.attention_batch(qkv, &ctxs, &mut per_seq)
                 })
                 .in_layer(&format!("model.layers.{i}"))?;
             (x, pending) = (nx, Some(f));
         }
-        let (_, x) = add_rms_norm(&x, pending.as_ref(), &self.norm, eps)?;
-        let x = x.squeeze(1)?;
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        let (x, pending) = (x.squeeze(1)?, pending.map(|p| p.squeeze(1)).transpose()?);
+        self.head(&x, pending.as_ref(), eps)
     }
 
     /// Shape of this rank's fixed KV caches.
@@ -544,13 +549,28 @@ impl Model {
                 .in_layer(&format!("model.layers.{i}"))?;
             (x, pending) = (nx, Some(f));
         }
-        let (_, x) = add_rms_norm(&x, pending.as_ref(), &self.norm, ctx.eps)?;
-        let x = if all_logits {
-            x.i(0)?
-        } else {
-            x.i((0, t - 1..t))?
+        // The norm is per row: the rows whose logits are wanted are picked first.
+        let rows = |x: &Tensor| -> Result<Tensor> {
+            Ok(if all_logits {
+                x.i(0)?
+            } else {
+                x.i((0, t - 1..t))?
+            })
         };
-        Ok(self.lm_head.forward(&x)?.to_dtype(DType::F32)?)
+        let pending = pending.as_ref().map(rows).transpose()?;
+        self.head(&rows(&x)?, pending.as_ref(), ctx.eps)
+    }
+
+    /// Final norm of `x + pending` and the lm_head: f32 logits.
+    fn head(&self, x: &Tensor, pending: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+        let n = NormIn {
+            x,
+            delta: pending,
+            w: &self.norm,
+            eps,
+        };
+        let (_, logits) = self.lm_head.forward_normed(n, false)?;
+        Ok(logits.to_dtype(DType::F32)?)
     }
 
     /// Whether a decode step can be captured: MoE routing reads the router's choices on the
@@ -848,30 +868,45 @@ impl DecoderLayer {
         ctx: &StepCtx<'_>,
         cache: &mut LayerCache,
     ) -> Result<(Tensor, Tensor)> {
-        self.forward_with(x, pending, ctx.eps, |h| self.attention(h, ctx, cache))
+        self.forward_with(x, pending, ctx.eps, |qkv| self.attention(qkv, ctx, cache))
     }
 
-    /// Residual `x` plus `pending` (the previous layer's feed-forward output), norm,
-    /// `attention`, residual, norm, feed-forward. Returns the residual stream and this
-    /// layer's feed-forward output, which the next norm adds (each add fused with the norm
-    /// that follows it, see [`add_rms_norm`]).
+    /// Residual `x` plus `pending` (the previous layer's feed-forward output), norm, q/k/v
+    /// product, `attention` (from q, k, v to the output projection), residual, norm,
+    /// feed-forward. Returns the residual stream and this layer's feed-forward output, which
+    /// the next norm adds (each add fused with the norm and the product that follow it, see
+    /// [`ParallelLinear::forward_normed`]).
     fn forward_with(
         &self,
         x: &Tensor,
         pending: Option<&Tensor>,
         eps: f32,
-        attention: impl FnOnce(&Tensor) -> Result<Tensor>,
+        attention: impl FnOnce(&(Tensor, Tensor, Tensor)) -> Result<Tensor>,
     ) -> Result<(Tensor, Tensor)> {
-        let (x, h) = add_rms_norm(x, pending, &self.input_norm, eps)?;
-        let a = attention(&h)?;
-        let (x, h) = add_rms_norm(&x, Some(&a), &self.post_norm, eps)?;
-        let f = self.ffn.forward(&h)?;
-        Ok((x, f))
+        let n = NormIn {
+            x,
+            delta: pending,
+            w: &self.input_norm,
+            eps,
+        };
+        let (x, qkv) = self.attn.qkv_normed(n)?;
+        let a = attention(&qkv)?;
+        let n = NormIn {
+            x: &x,
+            delta: Some(&a),
+            w: &self.post_norm,
+            eps,
+        };
+        self.ffn.forward_normed(n)
     }
 
-    fn attention(&self, x: &Tensor, ctx: &StepCtx<'_>, cache: &mut LayerCache) -> Result<Tensor> {
-        let (q, k, v) = self.attn.qkv(x)?;
-        let y = self.attend(&q, &k, &v, ctx, cache)?;
+    fn attention(
+        &self,
+        (q, k, v): &(Tensor, Tensor, Tensor),
+        ctx: &StepCtx<'_>,
+        cache: &mut LayerCache,
+    ) -> Result<Tensor> {
+        let y = self.attend(q, k, v, ctx, cache)?;
         self.attn.o(&y)
     }
 
@@ -879,18 +914,17 @@ impl DecoderLayer {
     /// cache): one q/k/v product and one output projection for the batch.
     fn attention_batch(
         &self,
-        x: &Tensor,
+        (q, k, v): &(Tensor, Tensor, Tensor),
         ctxs: &[StepCtx<'_>],
         caches: &mut [&mut LayerCache],
     ) -> Result<Tensor> {
-        let (q, k, v) = self.attn.qkv(x)?;
         let ys = ctxs
             .iter()
             .zip(caches.iter_mut())
             .enumerate()
             .map(|(b, (ctx, cache))| {
                 let row = |t: &Tensor| t.narrow(0, b, 1);
-                self.attend(&row(&q)?, &row(&k)?, &row(&v)?, ctx, cache)
+                self.attend(&row(q)?, &row(k)?, &row(v)?, ctx, cache)
             })
             .collect::<Result<Vec<_>>>()?;
         self.attn.o(&Tensor::cat(&ys, 0)?)

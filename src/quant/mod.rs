@@ -134,6 +134,9 @@ pub(crate) fn check_delta(layer: &dyn QuantMethod, delta: &Tensor) -> Result<()>
 /// the product of dense layers and of every format that expands its weight first.
 pub(crate) fn dense_product(w: Tensor, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     use candle_core::Module;
+    if let Some(y) = crate::layers::fused::linear(x, &w)? {
+        return add_bias(y, bias);
+    }
     let (in_dtype, w_dtype) = (x.dtype(), w.dtype());
     let y = candle_nn::Linear::new(w, None).forward(&x.to_dtype(w_dtype)?)?;
     add_bias(y.to_dtype(in_dtype)?, bias)
