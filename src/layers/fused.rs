@@ -213,8 +213,18 @@ mod gpu {
 
     /// Most position splits of one attention (blocks per KV head).
     const MAX_SPLITS: usize = 64;
-    /// Positions per split below which fewer splits are used.
-    const SPLIT_POSITIONS: usize = 64;
+    /// Positions per split below which fewer splits are used: 64 unless
+    /// `SHARDWISE_ATTN_SPLIT` says otherwise (to measure others).
+    fn split_positions() -> usize {
+        static SPLIT: OnceLock<usize> = OnceLock::new();
+        *SPLIT.get_or_init(|| {
+            std::env::var("SHARDWISE_ATTN_SPLIT")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&v: &usize| v > 0)
+                .unwrap_or(64)
+        })
+    }
     /// Threads of an attention block (eight warps; the widest variant needs ~224 registers
     /// per thread, which 256 threads leave it).
     const ATTN_THREADS: u32 = 256;
@@ -407,6 +417,14 @@ __device__ void attend(const typename K::T* q, const typename K::T* k, const typ
     }
   }
   __syncthreads();
+  if (nsplit == 1) {
+    // One block holds every position: its merge is the result.
+    for (int i = tid; i < g * hd; i += blockDim.x) {
+      const int h = i / hd;
+      out[((long long)kvh * g + h) * hd + (i - h * hd)] = K::st(bacc[i] / bl[h]);
+    }
+    return;
+  }
   const int rec = hd + 2;
   float* mine = scratch + (long long)(kvh * nsplit + split) * g * rec;
   for (int i = tid; i < g * hd; i += blockDim.x) {
@@ -460,11 +478,12 @@ __device__ void attend(const typename K::T* q, const typename K::T* k, const typ
 }
 
 // Products of a few rows of x ([rows, kd], rows <= MR) with a weight of output rows
-// [n, kd] (with SILU [2n, kd]: gate rows, then up rows), one warp per output column, the
-// weight streamed once in 16-byte loads. MODE 1 takes RMSNorm(x) with weight nw as the
-// input, MODE 2 RMSNorm(x + a) (the sum, rounded to T, also written to xo by the warp of
-// column 0): the norm's scale is applied to the finished dot product, each warp summing the
-// squares of the input it reads anyway. SILU writes silu(gate) * up, rounded as silu_mul.
+// [n, kd] (with SILU [2n, kd]: gate rows, then up rows), each warp taking R weight rows (R
+// output columns, or R/2 gate/up pairs with SILU) so that the work on x is shared by R rows,
+// the weight streamed once in 16-byte loads. MODE 1 takes RMSNorm(x) with weight nw as the
+// input, MODE 2 RMSNorm(x + a) (the sum, rounded to T, also written to xo by the first warp):
+// the norm's scale is applied to the finished dot product, each warp summing the squares of
+// the input it reads anyway. SILU writes silu(gate) * up, rounded as silu_mul.
 template <typename K>
 __device__ __forceinline__ void unpack16(const uint4& u, float* f) {
   const typename K::T* t = reinterpret_cast<const typename K::T*>(&u);
@@ -473,44 +492,49 @@ __device__ __forceinline__ void unpack16(const uint4& u, float* f) {
 }
 template <typename T>
 __device__ __forceinline__ uint4 ld16(const T* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
-template <typename K, int MR, int MODE, bool SILU>
+template <typename K, int MR, int MODE, bool SILU, int R>
 __device__ void gemv(const typename K::T* x, const typename K::T* a, const typename K::T* nw,
                      const typename K::T* w, typename K::T* y, typename K::T* xo, int rows,
                      int n, int kd, float eps) {
   typedef typename K::T T;
   constexpr int V = 16 / sizeof(T);
-  constexpr int R = SILU ? 2 : 1;
-  constexpr int U = 4;
+  constexpr int C = SILU ? R / 2 : R;
+  constexpr int U = R >= 4 ? 2 : 4;
   const int lane = threadIdx.x & 31;
-  const int col = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  if (col >= n) return;
+  const int warp = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  const int c0 = warp * C;
+  if (c0 >= n) return;
   const T* wr[R];
-  wr[0] = w + (long long)col * kd;
-  if (SILU) wr[R - 1] = w + (long long)(col + n) * kd;
+  bool ok[R];
+#pragma unroll
+  for (int j = 0; j < R; ++j) {
+    const int col = c0 + j % C;
+    ok[j] = col < n;
+    wr[j] = w + (long long)(ok[j] ? (j >= C ? col + n : col) : 0) * kd;
+  }
   float dot[R][MR], ss[MR];
 #pragma unroll
   for (int m = 0; m < MR; ++m) {
     ss[m] = 0.f;
 #pragma unroll
-    for (int r = 0; r < R; ++r) dot[r][m] = 0.f;
+    for (int j = 0; j < R; ++j) dot[j][m] = 0.f;
   }
-  const bool sum_out = MODE == 2 && col == 0;
+  const bool sum_out = MODE == 2 && warp == 0;
   for (int k0 = lane * V; k0 < kd; k0 += 32 * V * U) {
     uint4 wv[R][U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int k = k0 + u * 32 * V;
 #pragma unroll
-      for (int r = 0; r < R; ++r)
-        wv[r][u] = k < kd ? __ldcs(reinterpret_cast<const uint4*>(wr[r] + k)) : make_uint4(0, 0, 0, 0);
+      for (int j = 0; j < R; ++j)
+        wv[j][u] = (ok[j] && k < kd) ? __ldcs(reinterpret_cast<const uint4*>(wr[j] + k))
+                                     : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int k = k0 + u * 32 * V;
       if (k >= kd) break;
-      float wf[R][V], nf[V];
-#pragma unroll
-      for (int r = 0; r < R; ++r) unpack16<K>(wv[r][u], wf[r]);
+      float nf[V];
       if (MODE > 0) unpack16<K>(ld16(nw + k), nf);
 #pragma unroll
       for (int m = 0; m < MR; ++m) {
@@ -531,9 +555,12 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
           for (int v = 0; v < V; ++v) { ss[m] += xf[v] * xf[v]; xf[v] *= nf[v]; }
         }
 #pragma unroll
-        for (int r = 0; r < R; ++r)
+        for (int j = 0; j < R; ++j) {
+          float wf[V];
+          unpack16<K>(wv[j][u], wf);
 #pragma unroll
-          for (int v = 0; v < V; ++v) dot[r][m] += wf[r][v] * xf[v];
+          for (int v = 0; v < V; ++v) dot[j][m] += wf[v] * xf[v];
+        }
       }
     }
   }
@@ -541,13 +568,16 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
   for (int m = 0; m < MR; ++m) {
     if (m >= rows) break;
     const float inv = MODE > 0 ? rsqrtf(warp_sum(ss[m]) / (float)kd + eps) : 1.f;
-    const float d0 = warp_sum(dot[0][m]) * inv;
-    float out = d0;
-    if (SILU) {
-      const float g = K::ld(K::st(d0)), u = K::ld(K::st(warp_sum(dot[R - 1][m]) * inv));
-      out = K::ld(K::st(g / (1.f + __expf(-g)))) * u;
+#pragma unroll
+    for (int c = 0; c < C; ++c) {
+      const float d0 = warp_sum(dot[c][m]) * inv;
+      float out = d0;
+      if (SILU) {
+        const float g = K::ld(K::st(d0)), u = K::ld(K::st(warp_sum(dot[C + c][m]) * inv));
+        out = K::ld(K::st(g / (1.f + __expf(-g)))) * u;
+      }
+      if (lane == 0 && c0 + c < n) y[(long long)m * n + c0 + c] = K::st(out);
     }
-    if (lane == 0) y[(long long)m * n + col] = K::st(out);
   }
 }
 
@@ -598,15 +628,17 @@ extern "C" __global__ void silu_mul_##sfx(const K::T* gu, K::T* y, long long row
   silu_mul<K>(gu, y, rows, half); } \
 ATTEND(sfx, K, 4, 4, 8) ATTEND(sfx, K, 8, 4, 4) ATTEND(sfx, K, 16, 4, 2) \
 ATTEND(sfx, K, 4, 8, 4) ATTEND(sfx, K, 8, 8, 4) \
-GEMV(sfx, K, 1) GEMV(sfx, K, 2)
-#define GEMV(sfx, K, MR) \
-GEMV1(sfx, K, MR, 0, false, plain) GEMV1(sfx, K, MR, 1, false, norm) \
-GEMV1(sfx, K, MR, 2, false, addnorm) GEMV1(sfx, K, MR, 1, true, norm_silu) \
-GEMV1(sfx, K, MR, 2, true, addnorm_silu)
-#define GEMV1(sfx, K, MR, MODE, SILU, tag) \
-extern "C" __global__ void __launch_bounds__(256) gemv##MR##_##tag##_##sfx(const K::T* x, \
+GEMV(sfx, K, 1, 1) GEMV(sfx, K, 1, 2) GEMV(sfx, K, 1, 4) GEMV(sfx, K, 2, 4) \
+GEMV_SILU(sfx, K, 1, 2) GEMV_SILU(sfx, K, 1, 4) GEMV_SILU(sfx, K, 2, 4)
+#define GEMV(sfx, K, MR, R) \
+GEMV1(sfx, K, MR, R, 0, false, plain) GEMV1(sfx, K, MR, R, 1, false, norm) \
+GEMV1(sfx, K, MR, R, 2, false, addnorm)
+#define GEMV_SILU(sfx, K, MR, R) \
+GEMV1(sfx, K, MR, R, 1, true, norm_silu) GEMV1(sfx, K, MR, R, 2, true, addnorm_silu)
+#define GEMV1(sfx, K, MR, R, MODE, SILU, tag) \
+extern "C" __global__ void __launch_bounds__(256) gemv##MR##x##R##_##tag##_##sfx(const K::T* x, \
     const K::T* a, const K::T* nw, const K::T* w, K::T* y, K::T* xo, int rows, int n, int kd, \
-    float eps) { gemv<K, MR, MODE, SILU>(x, a, nw, w, y, xo, rows, n, kd, eps); }
+    float eps) { gemv<K, MR, MODE, SILU, R>(x, a, nw, w, y, xo, rows, n, kd, eps); }
 #define ATTEND(sfx, K, MG, ME, U) \
 extern "C" __global__ void attend_##MG##x##ME##_##sfx(const K::T* q, const K::T* k, \
     const K::T* v, K::T* out, float* scratch, unsigned* counters, const unsigned* pos_ptr, \
@@ -664,8 +696,6 @@ KERNELS(f16, F16)
 
     const OPS: [&str; 4] = ["rms_norm", "add_rms_norm", "silu_mul", "rope_store"];
     const SUFFIXES: [&str; 3] = ["f32", "bf16", "f16"];
-    /// GEMV kernel variants (see `Gemv::kernel`).
-    const GEMV_TAGS: [&str; 5] = ["plain", "norm", "addnorm", "norm_silu", "addnorm_silu"];
 
     /// One device's kernels and attention workspace.
     struct Kernels {
@@ -730,8 +760,14 @@ KERNELS(f16, F16)
             return Ok(k.clone());
         }
         let attend = ATTEND_VARIANTS.map(|(g, e)| format!("attend_{g}x{e}"));
-        let gemv = (1..=GEMV_MAX_ROWS)
-            .flat_map(|mr| GEMV_TAGS.iter().map(move |tag| format!("gemv{mr}_{tag}")));
+        let gemv = GEMV_VARIANTS.iter().flat_map(|&(mr, r, silu)| {
+            let tags: &[&str] = if silu {
+                &["norm_silu", "addnorm_silu"]
+            } else {
+                &["plain", "norm", "addnorm"]
+            };
+            tags.iter().map(move |tag| format!("gemv{mr}x{r}_{tag}"))
+        });
         let names: Vec<String> = OPS
             .iter()
             .map(|op| op.to_string())
@@ -995,8 +1031,36 @@ KERNELS(f16, F16)
         eps: f32,
     }
 
+    /// Instantiated GEMV variants: (most rows of x, weight rows per warp, with silu).
+    const GEMV_VARIANTS: [(usize, usize, bool); 7] = [
+        (1, 1, false),
+        (1, 2, false),
+        (1, 4, false),
+        (2, 4, false),
+        (1, 2, true),
+        (1, 4, true),
+        (2, 4, true),
+    ];
+
+    /// Weight rows per warp of a one-row GEMV: 4 unless `SHARDWISE_GEMV_ROWS` says 1 or 2
+    /// (to measure them; silu takes at least 2, a gate row and an up row).
+    fn gemv_rows_per_warp(silu: bool) -> usize {
+        static ROWS: OnceLock<usize> = OnceLock::new();
+        let r = *ROWS.get_or_init(|| match std::env::var("SHARDWISE_GEMV_ROWS").as_deref() {
+            Ok("1") => 1,
+            Ok("2") => 2,
+            _ => 4,
+        });
+        if silu {
+            r.max(2)
+        } else {
+            r
+        }
+    }
+
     impl Gemv {
-        fn kernel(&self, rows: usize) -> String {
+        /// Kernel name and weight rows per warp for `rows` rows of x.
+        fn kernel(&self, rows: usize) -> (String, usize) {
             let tag = match (self.mode, self.silu) {
                 (0, _) => "plain",
                 (1, false) => "norm",
@@ -1004,11 +1068,16 @@ KERNELS(f16, F16)
                 (_, false) => "addnorm",
                 (_, true) => "addnorm_silu",
             };
-            format!("gemv{}_{tag}", if rows == 1 { 1 } else { 2 })
+            let (mr, r) = if rows == 1 {
+                (1, gemv_rows_per_warp(self.silu))
+            } else {
+                (2, 4)
+            };
+            (format!("gemv{mr}x{r}_{tag}"), r)
         }
     }
 
-    /// Output: the product's rows, then (mode 2) the sum's.
+    /// Output: (mode 2) the sum's rows, then the product's.
     impl CustomOp2 for Gemv {
         fn name(&self) -> &'static str {
             "fused_gemv"
@@ -1038,9 +1107,12 @@ KERNELS(f16, F16)
             let (wrows, kd) = wl.shape().dims2()?;
             let rows = (xe - xs) / kd.max(1);
             let n = if self.silu { wrows / 2 } else { wrows };
-            let f = kern.func(&self.kernel(rows), x.dtype())?;
+            let (name, r) = self.kernel(rows);
+            let f = kern.func(&name, x.dtype())?;
             let sum_len = if self.mode == 2 { rows * kd } else { 0 };
-            let cfg = grid((n as u32).div_ceil(GEMV_WARPS), GEMV_WARPS * 32, 0);
+            let cols_per_warp = if self.silu { r / 2 } else { r };
+            let warps = n.div_ceil(cols_per_warp) as u32;
+            let cfg = grid(warps.div_ceil(GEMV_WARPS), GEMV_WARPS * 32, 0);
             let stream = dev.cuda_stream();
             let (rows32, n32, kd32) = (rows as i32, n as i32, kd as i32);
             macro_rules! run {
@@ -1049,9 +1121,10 @@ KERNELS(f16, F16)
                     let wv = w.as_cuda_slice::<$t>()?.slice(ws..we);
                     // SAFETY: the kernel writes every element of the product, and every
                     // element of the sum in mode 2.
-                    let mut out = unsafe { dev.alloc::<$t>(rows * n + sum_len)? };
+                    let mut out = unsafe { dev.alloc::<$t>(sum_len + rows * n)? };
                     {
-                        let (mut y, mut xo) = out.split_at_mut(rows * n);
+                        // The sum first: its 16-byte stores stay aligned.
+                        let (mut xo, mut y) = out.split_at_mut(sum_len);
                         let mut b = stream.launch_builder(f);
                         b.arg(&xv)
                             .arg(&self.a_ptr)
@@ -1069,7 +1142,7 @@ KERNELS(f16, F16)
                     }
                     Ok((
                         CudaStorage::wrap_cuda_slice(out, dev),
-                        Shape::from(rows * n + sum_len),
+                        Shape::from(sum_len + rows * n),
                     ))
                 }};
             }
@@ -1147,16 +1220,16 @@ KERNELS(f16, F16)
         let n = if silu { wrows / 2 } else { wrows };
         let mut dims = x.dims().to_vec();
         let out = x.apply_op2_no_bwd(w, &op)?;
+        let sum_len = if op.mode == 2 { rows * kd } else { 0 };
         let sum = if op.mode == 2 {
-            out.narrow(0, rows * n, rows * kd)?
-                .reshape(dims.as_slice())?
+            out.narrow(0, 0, sum_len)?.reshape(dims.as_slice())?
         } else {
             x.clone()
         };
         if let Some(last) = dims.last_mut() {
             *last = n;
         }
-        let y = out.narrow(0, 0, rows * n)?.reshape(dims)?;
+        let y = out.narrow(0, sum_len, rows * n)?.reshape(dims)?;
         Ok(Some((sum, y)))
     }
 
@@ -1193,7 +1266,7 @@ KERNELS(f16, F16)
                 candle_core::Error::Msg(format!("fused attention: no kernel for {g} x {hd}"))
             })?;
             let f = kern.func(&format!("attend_{mg}x{me}"), q.dtype())?;
-            let splits = span.div_ceil(SPLIT_POSITIONS).clamp(1, MAX_SPLITS);
+            let splits = span.div_ceil(split_positions()).clamp(1, MAX_SPLITS);
             let scratch = kern.scratch(&dev, nkv * splits * g * (hd + 2))?;
             let warps = (ATTN_THREADS / 32) as usize;
             let floats = (g * hd + g + warps * g + g).max(2 * splits * g + 2 * g);
