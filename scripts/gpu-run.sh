@@ -17,6 +17,8 @@
 #   DIRECT    0 skips the `--direct` decode rows (in-process ranks without the runtime)
 #   FUSED_TOO 1 also times decode with SHARDWISE_FUSED=0 (candle's operations, batch 1) and
 #             with SHARDWISE_GEMV=0 (cuBLAS products, the other fused kernels on)
+#   SWEEP     space-separated VAR=value settings: decode (batch 1, 1 and 2 GPUs) is also timed
+#             under each, e.g. SWEEP="SHARDWISE_GEMV_ROWS=1 SHARDWISE_ATTN_SPLIT=256"
 #   PROFILE   1 profiles one GPU's eager decode steps with Nsight Compute (when the machine has
 #             `ncu`): time per step of each kernel name, from $PROFILE_COUNT kernels
 #   SMOLLM2   a SmolLM2 GGUF on the GPU machine: greedy tokens of GPU ranks (f32, 1 and 2
@@ -79,6 +81,15 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
                 --transport nccl --dtype bf16 --batch 1 --context 512 --steps "${STEPS:-30}"
         done
     fi
+    for setting in ${SWEEP:-}; do
+        want decode || break
+        for n in $(seq 1 "$(( WORLD < 2 ? WORLD : 2 ))"); do
+            echo "decode, $n GPU(s), $setting"
+            env "$setting" timeout "${STEP_TIMEOUT:-240}" "$BIN" bench decode \
+                --model synthetic:llama3-8b --local "$n" --transport nccl --dtype bf16 --batch 1 \
+                --context 512 --steps "${STEPS:-30}" || { echo "FAILED: $setting"; FAILED=1; }
+        done
+    done
     if [[ "${PROFILE:-0}" == 1 ]] && command -v ncu >/dev/null; then
         # Eager steps only: the spinning all-reduce kernels of two ranks stall under ncu's
         # one-kernel-at-a-time replay. Caches are not flushed between kernels (as in a step).

@@ -298,13 +298,44 @@ __device__ void silu_mul(const typename K::T* gu, typename K::T* y, long long ro
   }
 }
 
+// Dimensions lane * ME .. lane * ME + ME - 1 of a cache row (zero past hd), in vector loads of
+// up to 16 bytes when `vec` (rows start on that size).
+template <typename K, int ME>
+__device__ __forceinline__ void load_dims(const typename K::T* row, int lane, int hd, bool vec,
+                                          float* out) {
+  typedef typename K::T T;
+  constexpr int BYTES = ME * sizeof(T);
+  const int d0 = lane * ME;
+  if (vec && d0 + ME <= hd && (BYTES == 8 || BYTES % 16 == 0)) {
+    if (BYTES == 8) {
+      const uint2 u = __ldg(reinterpret_cast<const uint2*>(row + d0));
+      const T* t = reinterpret_cast<const T*>(&u);
+#pragma unroll
+      for (int e = 0; e < ME; ++e) out[e] = K::ld(t[e]);
+    } else {
+      constexpr int CH = 16 / sizeof(T);
+#pragma unroll
+      for (int c = 0; c < ME / CH; ++c) {
+        const uint4 u = __ldg(reinterpret_cast<const uint4*>(row + d0 + c * CH));
+        const T* t = reinterpret_cast<const T*>(&u);
+#pragma unroll
+        for (int e = 0; e < CH; ++e) out[c * CH + e] = K::ld(t[e]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < ME; ++e) out[e] = d0 + e < hd ? K::ld(row[d0 + e]) : 0.f;
+  }
+}
+
 // Block (kv head, split): the split's positions of the `g` query heads of one KV head. Each
 // warp takes groups of U positions (keys and values of a group loaded at once), lane `l`
-// holding dimensions l, l + 32, ... of every head's query and accumulator, with a running max
-// and sum per head (online softmax). The warps' partials are merged in shared memory, the
-// block's partial (max, sum, weighted values) goes to scratch, and the last block of the KV
-// head to finish merges every split's partial into `out` and resets its counter. All loads of
-// a merge are issued before their sums, so each step costs one memory latency.
+// holding dimensions l * ME .. l * ME + ME - 1 of every head's query and accumulator (one
+// vector load per row), with a running max and sum per head (online softmax). The warps'
+// partials are merged in shared memory, the block's partial (max, sum, weighted values) goes
+// to scratch, and the last block of the KV head to finish merges every split's partial into
+// `out` and resets its counter. All loads of a merge are issued before their sums, so each
+// step costs one memory latency.
 // MG >= g and 32 * ME >= hd (compile-time bounds keep everything in registers).
 template <typename K, int MG, int ME, int U>
 __device__ void attend(const typename K::T* q, const typename K::T* k, const typename K::T* v,
@@ -335,13 +366,18 @@ __device__ void attend(const typename K::T* q, const typename K::T* k, const typ
     m[h] = -INFINITY; l[h] = 0.f;
 #pragma unroll
     for (int e = 0; e < ME; ++e) {
-      const int d = lane + 32 * e;
+      const int d = lane * ME + e;
       qr[h][e] = (h < g && d < hd) ? K::ld(q[((long long)kvh * g + h) * hd + d]) * scale : 0.f;
       acc[h][e] = 0.f;
     }
   }
   const T* kb = k + kvh * ks_h;
   const T* vb = v + kvh * vs_h;
+  // Rows in whole vectors when every row starts on the vector size.
+  const unsigned long long vb_bytes = ME * sizeof(T) < 16 ? ME * sizeof(T) : 16;
+  const bool vec = ((((unsigned long long)kb) | ((unsigned long long)vb) |
+                     (unsigned long long)(ks_p * sizeof(T)) |
+                     (unsigned long long)(vs_p * sizeof(T))) & (vb_bytes - 1)) == 0;
   for (int j0 = start + warp * U; j0 < end; j0 += nwarps * U) {
     float kx[U][ME], vx[U][ME], s[U][MG];
 #pragma unroll
@@ -349,10 +385,12 @@ __device__ void attend(const typename K::T* q, const typename K::T* k, const typ
       const bool ok = j0 + u < end;
 #pragma unroll
       for (int e = 0; e < ME; ++e) {
-        const int d = lane + 32 * e;
-        const bool in = ok && d < hd;
-        kx[u][e] = in ? K::ld(kb[(long long)(j0 + u) * ks_p + d]) : 0.f;
-        vx[u][e] = in ? K::ld(vb[(long long)(j0 + u) * vs_p + d]) : 0.f;
+        kx[u][e] = 0.f;
+        vx[u][e] = 0.f;
+      }
+      if (ok) {
+        load_dims<K, ME>(kb + (long long)(j0 + u) * ks_p, lane, hd, vec, kx[u]);
+        load_dims<K, ME>(vb + (long long)(j0 + u) * vs_p, lane, hd, vec, vx[u]);
       }
     }
 #pragma unroll
@@ -411,7 +449,7 @@ __device__ void attend(const typename K::T* q, const typename K::T* k, const typ
       if (lane == 0) atomicAdd(&bl[h], c * l[h]);
 #pragma unroll
       for (int e = 0; e < ME; ++e) {
-        const int d = lane + 32 * e;
+        const int d = lane * ME + e;
         if (d < hd) atomicAdd(&bacc[h * hd + d], c * acc[h][e]);
       }
     }
