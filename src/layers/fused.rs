@@ -213,13 +213,6 @@ mod gpu {
 
     /// Most position splits of one attention (blocks per KV head).
     const MAX_SPLITS: usize = 64;
-    /// Whether the 4 x 4 attention variant loads 4 positions per warp step instead of 8
-    /// (`SHARDWISE_ATTN_U=4`, to measure it: fewer registers, more blocks per SM).
-    fn attend_four() -> bool {
-        static FOUR: OnceLock<bool> = OnceLock::new();
-        *FOUR.get_or_init(|| std::env::var("SHARDWISE_ATTN_U").is_ok_and(|v| v == "4"))
-    }
-
     /// Positions per split below which fewer splits are used: 64 unless
     /// `SHARDWISE_ATTN_SPLIT` says otherwise (to measure others).
     fn split_positions() -> usize {
@@ -672,7 +665,7 @@ extern "C" __global__ void rope_store_##sfx(const K::T* q, const K::T* k, const 
 extern "C" __global__ void silu_mul_##sfx(const K::T* gu, K::T* y, long long rows, int half) { \
   silu_mul<K>(gu, y, rows, half); } \
 ATTEND(sfx, K, 4, 4, 8) ATTEND(sfx, K, 8, 4, 4) ATTEND(sfx, K, 16, 4, 2) \
-ATTEND(sfx, K, 4, 8, 4) ATTEND(sfx, K, 8, 8, 4) ATTEND_U4(sfx, K) \
+ATTEND(sfx, K, 4, 8, 4) ATTEND(sfx, K, 8, 8, 4) \
 GEMV(sfx, K, 1, 1) GEMV(sfx, K, 1, 2) GEMV(sfx, K, 1, 4) GEMV(sfx, K, 2, 4) \
 GEMV_SILU(sfx, K, 1, 2) GEMV_SILU(sfx, K, 1, 4) GEMV_SILU(sfx, K, 2, 4)
 #define GEMV(sfx, K, MR, R) \
@@ -684,13 +677,6 @@ GEMV1(sfx, K, MR, R, 1, true, norm_silu) GEMV1(sfx, K, MR, R, 2, true, addnorm_s
 extern "C" __global__ void __launch_bounds__(256) gemv##MR##x##R##_##tag##_##sfx(const K::T* x, \
     const K::T* a, const K::T* nw, const K::T* w, K::T* y, K::T* xo, int rows, int n, int kd, \
     float eps) { gemv<K, MR, MODE, SILU, R>(x, a, nw, w, y, xo, rows, n, kd, eps); }
-#define ATTEND_U4(sfx, K) \
-extern "C" __global__ void attend_4x4u4_##sfx(const K::T* q, const K::T* k, \
-    const K::T* v, K::T* out, float* scratch, unsigned* counters, const unsigned* pos_ptr, \
-    int len_host, int g, int hd, long long ks_h, long long ks_p, long long vs_h, long long vs_p, \
-    int span, int window, float scale) { \
-  attend<K, 4, 4, 4>(q, k, v, out, scratch, counters, pos_ptr, len_host, g, hd, ks_h, ks_p, vs_h, \
-                     vs_p, span, window, scale); }
 #define ATTEND(sfx, K, MG, ME, U) \
 extern "C" __global__ void attend_##MG##x##ME##_##sfx(const K::T* q, const K::T* k, \
     const K::T* v, K::T* out, float* scratch, unsigned* counters, const unsigned* pos_ptr, \
@@ -811,10 +797,7 @@ KERNELS(f16, F16)
         if let Some(k) = all.get(&dev.id()) {
             return Ok(k.clone());
         }
-        let attend = ATTEND_VARIANTS
-            .map(|(g, e)| format!("attend_{g}x{e}"))
-            .into_iter()
-            .chain(["attend_4x4u4".to_string()]);
+        let attend = ATTEND_VARIANTS.map(|(g, e)| format!("attend_{g}x{e}"));
         let gemv = GEMV_VARIANTS.iter().flat_map(|&(mr, r, silu)| {
             let tags: &[&str] = if silu {
                 &["norm_silu", "addnorm_silu"]
@@ -1320,12 +1303,7 @@ KERNELS(f16, F16)
             let (mg, me) = attend_variant(g, hd).ok_or_else(|| {
                 candle_core::Error::Msg(format!("fused attention: no kernel for {g} x {hd}"))
             })?;
-            let four = if (mg, me) == (4, 4) && attend_four() {
-                "u4"
-            } else {
-                ""
-            };
-            let f = kern.func(&format!("attend_{mg}x{me}{four}"), q.dtype())?;
+            let f = kern.func(&format!("attend_{mg}x{me}"), q.dtype())?;
             let splits = span.div_ceil(split_positions()).clamp(1, MAX_SPLITS);
             let scratch = kern.scratch(&dev, nkv * splits * g * (hd + 2))?;
             let warps = (ATTN_THREADS / 32) as usize;
