@@ -18,7 +18,7 @@
 #   FUSED_TOO 1 also times decode with SHARDWISE_FUSED=0 (candle's operations, batch 1) and
 #             with SHARDWISE_GEMV=0 (cuBLAS products, the other fused kernels on)
 #   SWEEP     space-separated VAR=value settings: decode (batch 1, 1 and 2 GPUs) is also timed
-#             under each, e.g. SWEEP="SHARDWISE_GEMV_ROWS=1 SHARDWISE_ATTN_SPLIT=256"
+#             under each, e.g. SWEEP="SHARDWISE_GEMV=0 SHARDWISE_ATTN_SPLIT=256"
 #   PROFILE   1 profiles one GPU's eager decode steps with Nsight Compute (when the machine has
 #             `ncu`): time per step of each kernel name, from $PROFILE_COUNT kernels
 #   SMOLLM2   a SmolLM2 GGUF on the GPU machine: greedy tokens of GPU ranks (f32, 1 and 2

@@ -11,11 +11,16 @@
 //! - [`add_rms_norm`]: residual add and RMSNorm in one kernel, both results out;
 //! - [`silu_mul`]: `silu(gate) * up` of a merged gate/up product in one kernel;
 //! - [`decode_attention`]: one query token against a KV cache (grouped heads share their
-//!   keys and values, no copies), split over the positions and combined in the same kernel.
+//!   keys and values, no copies), split over the positions and combined in the same kernel;
+//! - [`rope_store`]: rotary embedding of one token and its KV cache write;
+//! - [`linear`] and [`norm_linear`]: the products of a decode step's one or two rows as a
+//!   GEMV (no split-K reduction kernel), with the residual add, the norm before it and the
+//!   silu after it in the same kernel (`SHARDWISE_GEMV=0` leaves the products to cuBLAS).
 //!
 //! Each rounds where the operations it replaces round (the sum to the model's dtype before
 //! the norm, silu's result before the product), so fused and plain steps agree to float
-//! summation order.
+//! summation order; the GEMV with a norm applies the norm's scale to the finished dot product
+//! instead of rounding the normed input first, within the dtype's rounding of the result.
 
 use candle_core::{Tensor, D};
 
@@ -666,8 +671,7 @@ extern "C" __global__ void silu_mul_##sfx(const K::T* gu, K::T* y, long long row
   silu_mul<K>(gu, y, rows, half); } \
 ATTEND(sfx, K, 4, 4, 8) ATTEND(sfx, K, 8, 4, 4) ATTEND(sfx, K, 16, 4, 2) \
 ATTEND(sfx, K, 4, 8, 4) ATTEND(sfx, K, 8, 8, 4) \
-GEMV(sfx, K, 1, 1) GEMV(sfx, K, 1, 2) GEMV(sfx, K, 1, 4) GEMV(sfx, K, 2, 4) \
-GEMV_SILU(sfx, K, 1, 2) GEMV_SILU(sfx, K, 1, 4) GEMV_SILU(sfx, K, 2, 4)
+GEMV(sfx, K, 1, 4) GEMV(sfx, K, 2, 4) GEMV_SILU(sfx, K, 1, 4) GEMV_SILU(sfx, K, 2, 4)
 #define GEMV(sfx, K, MR, R) \
 GEMV1(sfx, K, MR, R, 0, false, plain) GEMV1(sfx, K, MR, R, 1, false, norm) \
 GEMV1(sfx, K, MR, R, 2, false, addnorm)
@@ -798,13 +802,9 @@ KERNELS(f16, F16)
             return Ok(k.clone());
         }
         let attend = ATTEND_VARIANTS.map(|(g, e)| format!("attend_{g}x{e}"));
-        let gemv = GEMV_VARIANTS.iter().flat_map(|&(mr, r, silu)| {
-            let tags: &[&str] = if silu {
-                &["norm_silu", "addnorm_silu"]
-            } else {
-                &["plain", "norm", "addnorm"]
-            };
-            tags.iter().map(move |tag| format!("gemv{mr}x{r}_{tag}"))
+        let gemv = (1..=GEMV_MAX_ROWS).flat_map(|mr| {
+            ["plain", "norm", "addnorm", "norm_silu", "addnorm_silu"]
+                .map(|tag| format!("gemv{mr}x{GEMV_ROWS_PER_WARP}_{tag}"))
         });
         let names: Vec<String> = OPS
             .iter()
@@ -1069,36 +1069,15 @@ KERNELS(f16, F16)
         eps: f32,
     }
 
-    /// Instantiated GEMV variants: (most rows of x, weight rows per warp, with silu).
-    const GEMV_VARIANTS: [(usize, usize, bool); 7] = [
-        (1, 1, false),
-        (1, 2, false),
-        (1, 4, false),
-        (2, 4, false),
-        (1, 2, true),
-        (1, 4, true),
-        (2, 4, true),
-    ];
-
-    /// Weight rows per warp of a one-row GEMV: 4 unless `SHARDWISE_GEMV_ROWS` says 1 or 2
-    /// (to measure them; silu takes at least 2, a gate row and an up row).
-    fn gemv_rows_per_warp(silu: bool) -> usize {
-        static ROWS: OnceLock<usize> = OnceLock::new();
-        let r = *ROWS.get_or_init(|| match std::env::var("SHARDWISE_GEMV_ROWS").as_deref() {
-            Ok("1") => 1,
-            Ok("2") => 2,
-            _ => 4,
-        });
-        if silu {
-            r.max(2)
-        } else {
-            r
-        }
-    }
+    /// Weight rows per warp of the GEMV kernels (`R`; with silu, two gate/up pairs). One row
+    /// per warp repeats the add and norm work on x for every row: the q/k/v product with its
+    /// norm took ~25 us for 12 us of weight bytes; with 4 rows, 17.5 us (H200). 1 and 2 rows
+    /// were also measured and lost at TP1 (BENCHMARKS.md, fourth round).
+    const GEMV_ROWS_PER_WARP: usize = 4;
 
     impl Gemv {
-        /// Kernel name and weight rows per warp for `rows` rows of x.
-        fn kernel(&self, rows: usize) -> (String, usize) {
+        /// Kernel name for `rows` rows of x.
+        fn kernel(&self, rows: usize) -> String {
             let tag = match (self.mode, self.silu) {
                 (0, _) => "plain",
                 (1, false) => "norm",
@@ -1106,12 +1085,8 @@ KERNELS(f16, F16)
                 (_, false) => "addnorm",
                 (_, true) => "addnorm_silu",
             };
-            let (mr, r) = if rows == 1 {
-                (1, gemv_rows_per_warp(self.silu))
-            } else {
-                (2, 4)
-            };
-            (format!("gemv{mr}x{r}_{tag}"), r)
+            let mr = if rows == 1 { 1 } else { 2 };
+            format!("gemv{mr}x{GEMV_ROWS_PER_WARP}_{tag}")
         }
     }
 
@@ -1145,10 +1120,9 @@ KERNELS(f16, F16)
             let (wrows, kd) = wl.shape().dims2()?;
             let rows = (xe - xs) / kd.max(1);
             let n = if self.silu { wrows / 2 } else { wrows };
-            let (name, r) = self.kernel(rows);
-            let f = kern.func(&name, x.dtype())?;
+            let f = kern.func(&self.kernel(rows), x.dtype())?;
             let sum_len = if self.mode == 2 { rows * kd } else { 0 };
-            let cols_per_warp = if self.silu { r / 2 } else { r };
+            let cols_per_warp = GEMV_ROWS_PER_WARP / if self.silu { 2 } else { 1 };
             let warps = n.div_ceil(cols_per_warp) as u32;
             let cfg = grid(warps.div_ceil(GEMV_WARPS), GEMV_WARPS * 32, 0);
             let stream = dev.cuda_stream();
