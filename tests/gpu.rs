@@ -608,3 +608,69 @@ fn gemv_kernels_match_float64_references() {
         assert!(linear(&x, &w).unwrap().is_none(), "width 6 took a GEMV");
     }
 }
+
+#[test]
+fn peer_all_gather_matches_host_concatenation_between_all_reduces() {
+    use shardwise::comm::Communicator;
+    if gpus() < 2 {
+        eprintln!("skipped: one GPU");
+        return;
+    }
+    let world = gpus().min(4);
+    let comms = shardwise::comm::nccl::group(world).unwrap();
+    assert!(comms.iter().all(|c| c.has_peer_path()));
+    let max = shardwise::comm::peer::MAX_BYTES;
+    for dtype in [DType::F32, DType::BF16] {
+        let most = max / dtype.size_in_bytes();
+        // Uneven widths per rank (padded to the widest inside), one and two rows.
+        for (rows, widths) in [
+            (1, vec![5usize, 3]),
+            (1, vec![64_128, 64_127]),
+            (2, vec![4097, 4096]),
+            (1, vec![most, most - 3]),
+        ] {
+            let sizes: Vec<usize> = (0..world).map(|r| widths[r % widths.len()]).collect();
+            let per_rank = shardwise::comm::each_rank(comms.iter().collect(), |r, c| {
+                let dev = c.cuda_device();
+                let mut got = Vec::new();
+                let mut sent = Vec::new();
+                for _ in 0..6 {
+                    let x = candle_core::Tensor::randn(
+                        0f32,
+                        1.0,
+                        (rows, sizes[r]),
+                        &candle_core::Device::Cpu,
+                    )?
+                    .to_dtype(dtype)?;
+                    let all = c.all_gather_sized(&x.to_device(dev)?, 1, &sizes)?;
+                    // An all-reduce in between: both share the peer buffers' epochs.
+                    let _ = c.all_reduce_sum(&x.narrow(1, 0, 1)?.to_device(dev)?)?;
+                    got.push(
+                        all.to_dtype(DType::F32)?
+                            .to_device(&candle_core::Device::Cpu)?,
+                    );
+                    sent.push(x.to_dtype(DType::F32)?);
+                }
+                Ok((sent, got))
+            })
+            .unwrap();
+            for call in 0..6 {
+                let pieces: Vec<&candle_core::Tensor> =
+                    per_rank.iter().map(|(sent, _)| &sent[call]).collect();
+                let want = candle_core::Tensor::cat(&pieces, 1)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap();
+                for (r, (_, got)) in per_rank.iter().enumerate() {
+                    let got = got[call].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                    assert!(
+                        got == want,
+                        "{dtype:?} {rows}x{sizes:?} call {call}: rank {r}'s gather differs"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -197,7 +197,17 @@ impl NcclComm {
         } else {
             t.clone()
         };
-        let flat = self.run(Kind::AllGather, &padded.flatten_all()?)?;
+        let flat = match &self.peer {
+            Some(p) if super::peer::PeerAllReduce::fits(&padded) => {
+                let _serial = self.comm.lock().map_err(|_| Error::Comm {
+                    rank: self.rank,
+                    op: "all_gather",
+                    reason: "a previous collective panicked".into(),
+                })?;
+                p.all_gather(&padded)?
+            }
+            _ => self.run(Kind::AllGather, &padded.flatten_all()?)?,
+        };
         let mut dims = padded.dims().to_vec();
         dims.insert(0, self.world);
         let all = flat.reshape(dims)?;

@@ -1,7 +1,11 @@
-//! One-shot all-reduce over peer memory for small messages between GPUs of one host (cargo
-//! feature `cuda`).
+//! One-shot all-reduce (and all-gather) over peer memory for small messages between GPUs of
+//! one host (cargo feature `cuda`).
 //!
 //! NCCL's small all-reduce costs tens of microseconds; a decode step makes two per layer.
+//! The all-gather of a vocabulary-parallel lm_head's logits takes the same path, so a
+//! captured decode step on one host holds no NCCL call (NCCL calls recorded by a capture
+//! that then fails on one rank are the suspected cause of an intermittent stall with graphs
+//! on).
 //! Here every rank owns a registered buffer (two halves, used alternately) and a flag area.
 //! Each call is one kernel, compiled by NVRTC at start-up: every block copies its elements of
 //! the input into this rank's buffer, raises its flag in every peer's flag area, waits for
@@ -59,10 +63,12 @@ __device__ __forceinline__ void st_release(unsigned* p, unsigned v) {
 // peer per chunk, all peers' loads in flight together); the tail past the last whole chunk
 // belongs to block 0. Copy-in and reduction use the same chunk-to-block assignment, so a
 // block only reads what the same block of every peer wrote before raising its flag.
+// With `gather`, every rank's n elements go to out[rank * n ..] instead of being summed
+// (an all-gather of equal pieces), under the same protocol.
 template <typename K>
 __device__ void all_reduce(const typename K::T* in, typename K::T* out, const u64* peers,
                            unsigned* counters, unsigned* err, int rank, int world, u64 n,
-                           u64 cap, u64 timeout) {
+                           u64 cap, u64 timeout, int gather) {
   typedef typename K::T T;
   const int V = 16 / sizeof(T);
   __shared__ unsigned epoch;
@@ -96,6 +102,28 @@ __device__ void all_reduce(const typename K::T* in, typename K::T* out, const u6
     }
   }
   __syncthreads();
+  if (gather) {
+    const bool vec = (n % V) == 0 && (((u64)out) & 15) == 0;
+    for (u64 c = first; c < chunks; c += stride) {
+#pragma unroll
+      for (int w = 0; w < MAXW; ++w) {
+        if (w < world) {
+          const V16 v = ((const V16*)((const T*)peers[w] + half))[c];
+          T* dst = out + (u64)w * n;
+          if (vec) {
+            ((V16*)dst)[c] = v;
+          } else {
+            const T* x = (const T*)&v;
+            for (int j = 0; j < V; ++j) dst[c * V + j] = x[j];
+          }
+        }
+      }
+    }
+    if (blockIdx.x == 0)
+      for (u64 i = chunks * V + threadIdx.x; i < n; i += blockDim.x)
+        for (int w = 0; w < world; ++w) out[(u64)w * n + i] = ((const T*)peers[w] + half)[i];
+    return;
+  }
   for (u64 c = first; c < chunks; c += stride) {
     V16 v[MAXW];
 #pragma unroll
@@ -128,8 +156,8 @@ __device__ void all_reduce(const typename K::T* in, typename K::T* out, const u6
 
 #define KERNEL(name, K) \
 extern "C" __global__ void name(const K::T* in, K::T* out, const u64* peers, unsigned* counters, \
-    unsigned* err, int rank, int world, u64 n, u64 cap, u64 timeout) { \
-  all_reduce<K>(in, out, peers, counters, err, rank, world, n, cap, timeout); }
+    unsigned* err, int rank, int world, u64 n, u64 cap, u64 timeout, int gather) { \
+  all_reduce<K>(in, out, peers, counters, err, rank, world, n, cap, timeout, gather); }
 KERNEL(peer_all_reduce_f32, F32)
 KERNEL(peer_all_reduce_bf16, BF16)
 KERNEL(peer_all_reduce_f16, F16)
@@ -537,35 +565,66 @@ impl PeerAllReduce {
         }
     }
 
-    /// Sum of `t` over every rank (the caller checked [`Self::fits`]).
-    ///
-    /// # Errors
-    /// A peer missed the deadline in this or an earlier call (named), or a kernel error.
-    pub fn all_reduce(&self, t: &Tensor) -> Result<Tensor> {
-        if let Some(p) = self.failed_peer() {
-            return Err(Error::Comm {
+    /// An error naming the peer that missed a deadline in an earlier call, if one did.
+    fn check_peers(&self, op: &'static str) -> Result<()> {
+        match self.failed_peer() {
+            None => Ok(()),
+            Some(p) => Err(Error::Comm {
                 rank: p,
-                op: "all_reduce_sum",
+                op,
                 reason: format!(
                     "rank {p} did not reach a peer-memory all-reduce within {} ms (seen by rank \
                      {})",
                     self.deadline.as_millis(),
                     self.rank
                 ),
-            });
+            }),
         }
+    }
+
+    /// Sum of `t` over every rank (the caller checked [`Self::fits`]).
+    ///
+    /// # Errors
+    /// A peer missed the deadline in this or an earlier call (named), or a kernel error.
+    pub fn all_reduce(&self, t: &Tensor) -> Result<Tensor> {
+        self.check_peers("all_reduce_sum")?;
         let t = t.contiguous()?;
-        Ok(t.apply_op1_no_bwd(&PeerOp { p: self })?)
+        Ok(t.apply_op1_no_bwd(&PeerOp {
+            p: self,
+            gather: false,
+        })?)
+    }
+
+    /// Every rank's `t` (flattened, the same length on every rank, the caller checked
+    /// [`Self::fits`]) side by side in rank order: `[world * n]`. Keeps all-gathers of small
+    /// pieces (a vocabulary-parallel lm_head's logits) off NCCL, so a captured decode step
+    /// holds no NCCL call on one host.
+    ///
+    /// # Errors
+    /// As [`Self::all_reduce`].
+    pub fn all_gather(&self, t: &Tensor) -> Result<Tensor> {
+        self.check_peers("all_gather")?;
+        let t = t.flatten_all()?.contiguous()?;
+        Ok(t.apply_op1_no_bwd(&PeerOp {
+            p: self,
+            gather: true,
+        })?)
     }
 }
 
 struct PeerOp<'a> {
     p: &'a PeerAllReduce,
+    /// All-gather instead of all-reduce.
+    gather: bool,
 }
 
 impl CustomOp1 for PeerOp<'_> {
     fn name(&self) -> &'static str {
-        "peer_all_reduce"
+        if self.gather {
+            "peer_all_gather"
+        } else {
+            "peer_all_reduce"
+        }
     }
 
     fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
@@ -590,14 +649,20 @@ impl CustomOp1 for PeerOp<'_> {
         };
         let (rank, world) = (p.rank as i32, p.world as i32);
         let (n64, timeout) = (n as u64, p.deadline.as_nanos() as u64);
+        let gather = i32::from(self.gather);
+        let (out_len, out_shape) = if self.gather {
+            (p.world * n, Shape::from(p.world * n))
+        } else {
+            (n, l.shape().clone())
+        };
         let err = |e: cudarc::driver::DriverError| {
             candle_core::Error::Msg(format!("peer all-reduce launch: {e:?}"))
         };
         macro_rules! run {
             ($t:ty, $k:expr) => {{
                 let src = s.as_cuda_slice::<$t>()?.slice(start..end);
-                // SAFETY: the kernel writes all n elements.
-                let mut dst = unsafe { dev.alloc::<$t>(n)? };
+                // SAFETY: the kernel writes all n (gather: world * n) elements.
+                let mut dst = unsafe { dev.alloc::<$t>(out_len)? };
                 let mut b = stream.launch_builder(&p.kernels[$k]);
                 b.arg(&src)
                     .arg(&mut dst)
@@ -608,10 +673,11 @@ impl CustomOp1 for PeerOp<'_> {
                     .arg(&world)
                     .arg(&n64)
                     .arg(&cap)
-                    .arg(&timeout);
+                    .arg(&timeout)
+                    .arg(&gather);
                 // SAFETY: arguments match the kernel's signature; buffers are live.
                 unsafe { b.launch(cfg) }.map_err(err)?;
-                Ok((CudaStorage::wrap_cuda_slice(dst, dev), l.shape().clone()))
+                Ok((CudaStorage::wrap_cuda_slice(dst, dev), out_shape))
             }};
         }
         match s.dtype() {
