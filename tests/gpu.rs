@@ -317,6 +317,19 @@ fn values(t: &candle_core::Tensor) -> Vec<f64> {
         .unwrap()
 }
 
+/// RMSNorm in f64 of `rows` rows of width `n` with weight `w`.
+fn rms_rows(x: &[f64], w: &[f64], rows: usize, n: usize, eps: f64) -> Vec<f64> {
+    let mut out = vec![0.0; rows * n];
+    for r in 0..rows {
+        let row = &x[r * n..(r + 1) * n];
+        let inv = 1.0 / (row.iter().map(|v| v * v).sum::<f64>() / n as f64 + eps).sqrt();
+        for i in 0..n {
+            out[r * n + i] = row[i] * inv * w[i];
+        }
+    }
+    out
+}
+
 /// Largest |got - want| relative to the largest |want|.
 fn rel_err(got: &[f64], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());
@@ -350,15 +363,7 @@ fn fused_kernels_match_float64_references() {
                     .zip(&dv)
                     .map(|(a, b)| if with_delta { a + b } else { *a })
                     .collect();
-                let mut want = vec![0.0; rows * n];
-                for r in 0..rows {
-                    let row = &sum[r * n..(r + 1) * n];
-                    let inv =
-                        1.0 / (row.iter().map(|v| v * v).sum::<f64>() / n as f64 + eps).sqrt();
-                    for i in 0..n {
-                        want[r * n + i] = row[i] * inv * wv[i];
-                    }
-                }
+                let want = rms_rows(&sum, &wv, rows, n, eps);
                 let what = format!("{dtype:?} add_rms_norm {rows}x{n} delta {with_delta}");
                 let e = rel_err(&values(&s), &sum);
                 assert!(e <= tol, "{what}: sum off by {e}");
@@ -569,15 +574,7 @@ fn gemv_kernels_match_float64_references() {
                     .zip(&dv)
                     .map(|(a, b)| if with_delta { a + b } else { *a })
                     .collect();
-                let mut h = vec![0.0; rows * kd];
-                for r in 0..rows {
-                    let row = &sum[r * kd..(r + 1) * kd];
-                    let inv =
-                        1.0 / (row.iter().map(|v| v * v).sum::<f64>() / kd as f64 + eps).sqrt();
-                    for k in 0..kd {
-                        h[r * kd + k] = row[k] * inv * nwv[k];
-                    }
-                }
+                let h = rms_rows(&sum, &nwv, rows, kd, eps);
                 let n = NormIn {
                     x: &x,
                     delta: with_delta.then_some(&d),

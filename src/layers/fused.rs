@@ -693,10 +693,30 @@ KERNELS(bf16, BF16)
 KERNELS(f16, F16)
 "#;
 
-    /// The CPU half of a three-input custom op, which only CUDA tensors reach (the callers
+    /// The CPU half of a custom op of `$n` inputs, which only CUDA tensors reach (the callers
     /// dispatch on the device first).
     macro_rules! cpu_refused {
-        ($what:literal) => {
+        (1, $what:literal) => {
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                candle_core::bail!(concat!("fused ", $what, " needs CUDA tensors"))
+            }
+        };
+        (2, $what:literal) => {
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                candle_core::bail!(concat!("fused ", $what, " needs CUDA tensors"))
+            }
+        };
+        (3, $what:literal) => {
             fn cpu_fwd(
                 &self,
                 _: &CpuStorage,
@@ -865,15 +885,7 @@ KERNELS(f16, F16)
             "fused_rms_norm"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!("fused rms_norm needs CUDA tensors")
-        }
+        cpu_refused!(2, "rms_norm");
 
         fn cuda_fwd(
             &self,
@@ -919,7 +931,7 @@ KERNELS(f16, F16)
             "fused_add_rms_norm"
         }
 
-        cpu_refused!("add_rms_norm");
+        cpu_refused!(3, "add_rms_norm");
 
         fn cuda_fwd(
             &self,
@@ -1006,9 +1018,7 @@ KERNELS(f16, F16)
             "fused_silu_mul"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!("fused silu_mul needs a CUDA tensor")
-        }
+        cpu_refused!(1, "silu_mul");
 
         fn cuda_fwd(
             &self,
@@ -1096,15 +1106,7 @@ KERNELS(f16, F16)
             "fused_gemv"
         }
 
-        fn cpu_fwd(
-            &self,
-            _: &CpuStorage,
-            _: &Layout,
-            _: &CpuStorage,
-            _: &Layout,
-        ) -> candle_core::Result<(CpuStorage, Shape)> {
-            candle_core::bail!("fused gemv needs CUDA tensors")
-        }
+        cpu_refused!(2, "gemv");
 
         fn cuda_fwd(
             &self,
@@ -1257,7 +1259,7 @@ KERNELS(f16, F16)
             "fused_decode_attention"
         }
 
-        cpu_refused!("decode attention");
+        cpu_refused!(3, "decode attention");
 
         fn cuda_fwd(
             &self,
@@ -1415,7 +1417,7 @@ KERNELS(f16, F16)
             "fused_rope_store"
         }
 
-        cpu_refused!("rope_store");
+        cpu_refused!(3, "rope_store");
 
         fn cuda_fwd(
             &self,
