@@ -2,11 +2,12 @@
 //! `scripts/gpu-run.sh`): the tiny transformers fixtures on GPUs at one and two ranks against
 //! the same references the CPU tests use (f32: logits within 1e-3, identical greedy tokens),
 //! and bf16 at two ranks against one within bf16 tolerance; the peer-memory all-reduce against
-//! host sums of fresh random inputs, and its deadline naming a rank that never arrives (a
-//! bounded wait on the stream seeing the work unfinished meanwhile); decode steps replayed as
-//! CUDA graphs against the same steps run eagerly; GGML blocks multiplied by the CUDA kernels
-//! against the same blocks on the CPU; the fused decode kernels against float64 references; an
-//! NCCL group that never fills named after its deadline.
+//! host sums of fresh random inputs, its all-gather against host concatenation, and its
+//! deadline naming a rank that never arrives (a bounded wait on the stream seeing the work
+//! unfinished meanwhile); decode steps replayed as CUDA graphs against the same steps run
+//! eagerly; GGML blocks multiplied by the CUDA kernels against the same blocks on the CPU; the
+//! fused decode kernels and the GEMV products (with their fused norm and silu) against float64
+//! references; an NCCL group that never fills named after its deadline.
 #![cfg(feature = "cuda")]
 
 mod common;
