@@ -351,6 +351,10 @@ fn fused_kernels_match_float64_references() {
     let dev = candle_core::Device::new_cuda(0).unwrap();
     let mut rng = rand::rng();
     for (dtype, tol) in [(DType::F32, 2e-5), (DType::BF16, 1.6e-2)] {
+        // A KV cache `[1, kv heads, capacity, head_dim]` of fresh normal draws.
+        let cache = |nkv: usize, cap: usize, hd: usize, rng: &mut rand::rngs::ThreadRng| {
+            put(&randn(nkv * cap * hd, rng), &[1, nkv, cap, hd], dtype, &dev)
+        };
         // Residual add + RMSNorm, and the norm alone, rows of uneven width.
         for (rows, n) in [(1, 4096), (3, 1000), (2, 7)] {
             let (x, xv) = put(&randn(rows * n, &mut rng), &[rows, 1, n], dtype, &dev);
@@ -424,18 +428,8 @@ fn fused_kernels_match_float64_references() {
             let want_q: Vec<f64> = (0..nq).flat_map(|h| rot(&qv, h)).collect();
             let devpos = candle_core::Tensor::new(&[pos as u32], &dev).unwrap();
             for how in [StorePos::Host(pos), StorePos::Device(&devpos)] {
-                let (kc, kcv) = put(
-                    &randn(nkv * cap * hd, &mut rng),
-                    &[1, nkv, cap, hd],
-                    dtype,
-                    &dev,
-                );
-                let (vc, vcv) = put(
-                    &randn(nkv * cap * hd, &mut rng),
-                    &[1, nkv, cap, hd],
-                    dtype,
-                    &dev,
-                );
+                let (kc, kcv) = cache(nkv, cap, hd, &mut rng);
+                let (vc, vcv) = cache(nkv, cap, hd, &mut rng);
                 let qo = rope_store(&q, &k, &v, &cos, &sin, interleaved, &kc, &vc, how)
                     .unwrap()
                     .expect("a fused kernel");
@@ -477,18 +471,8 @@ fn fused_kernels_match_float64_references() {
             (6, 2, 32, 4100, 4352, Some(4000)),
         ] {
             let (q, qv) = put(&randn(nq * hd, &mut rng), &[1, nq, 1, hd], dtype, &dev);
-            let (k, kv) = put(
-                &randn(nkv * cap * hd, &mut rng),
-                &[1, nkv, cap, hd],
-                dtype,
-                &dev,
-            );
-            let (v, vv) = put(
-                &randn(nkv * cap * hd, &mut rng),
-                &[1, nkv, cap, hd],
-                dtype,
-                &dev,
-            );
+            let (k, kv) = cache(nkv, cap, hd, &mut rng);
+            let (v, vv) = cache(nkv, cap, hd, &mut rng);
             let g = nq / nkv;
             let scale = 1.0 / (hd as f64).sqrt();
             let first = window.map_or(0, |w: usize| len.saturating_sub(w));
