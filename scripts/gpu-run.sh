@@ -21,6 +21,8 @@
 #             under each, e.g. SWEEP="SHARDWISE_GEMV=0 SHARDWISE_ATTN_SPLIT=256"
 #   PROFILE   1 profiles one GPU's eager decode steps with Nsight Compute (when the machine has
 #             `ncu`): time per step of each kernel name, from $PROFILE_COUNT kernels
+#   PROFILE_KERNEL  a kernel name (regex): one launch of it under ncu's stall sections
+#             (warp states, scheduler, occupancy, speed of light), eager TP1 decode
 #   SMOLLM2   a SmolLM2 GGUF on the GPU machine: greedy tokens of GPU ranks (f32, 1 and 2
 #             GPUs) against a CPU rank (f32) of the same binary, in the same call
 set -euo pipefail
@@ -100,6 +102,14 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
             --model synthetic:llama3-8b --local 1 --transport nccl --dtype bf16 --batch 1 \
             --context 512 --steps 20 > "$OUT/ncu.csv" 2>"$OUT/ncu.log"
         python3 "$HERE/bench/ncu_summary.py" "$OUT/ncu.csv" --layers 32
+    fi
+    if [[ -n "${PROFILE_KERNEL:-}" ]] && command -v ncu >/dev/null; then
+        echo "profile of $PROFILE_KERNEL, 1 GPU, eager decode step (ncu)"
+        SHARDWISE_CUDA_GRAPH=0 step ncu --kernel-name "regex:$PROFILE_KERNEL" --launch-skip 200 \
+            --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
+            --section SchedulerStats --section WarpStateStats "$BIN" bench decode \
+            --model synthetic:llama3-8b --local 1 --transport nccl --dtype bf16 --batch 1 \
+            --context 512 --steps 10 2>"$OUT/ncu-kernel.log" | grep -v "^==PROF==" | tail -n 90
     fi
     if [[ -n "${SMOLLM2:-}" ]] && want smollm2; then
         # Fidelity: greedy continuations of GPU ranks equal the CPU rank's, token for token.

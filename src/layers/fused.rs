@@ -333,14 +333,89 @@ __device__ __forceinline__ void load_dims(const typename K::T* row, int lane, in
   }
 }
 
+// A 16-byte chunk of T as floats.
+template <typename K>
+__device__ __forceinline__ void unpack16(const uint4& u, float* f) {
+  const typename K::T* t = reinterpret_cast<const typename K::T*>(&u);
+#pragma unroll
+  for (int i = 0; i < (int)(16 / sizeof(typename K::T)); ++i) f[i] = K::ld(t[i]);
+}
+template <typename T>
+__device__ __forceinline__ uint4 ld16(const T* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+
+// The end of an attention block: its partial (sums bacc [g * hd], maxima bm [g], sums of
+// weights bl [g], in shared memory) is the result when the block holds every position;
+// otherwise it goes to scratch, and the last block of the KV head to finish merges every
+// split's partial into `out` and resets its counter. All loads of a merge are issued before
+// their sums, so each step costs one memory latency. Reuses `sm` (after bacc is read).
+template <typename K>
+__device__ void finish_splits(const float* bacc, const float* bm, const float* bl, float* sm,
+                              typename K::T* out, float* scratch, unsigned* counters, int kvh,
+                              int split, int nsplit, int g, int hd) {
+  __shared__ unsigned last;
+  const int tid = threadIdx.x;
+  if (nsplit == 1) {
+    for (int i = tid; i < g * hd; i += blockDim.x) {
+      const int h = i / hd;
+      out[((long long)kvh * g + h) * hd + (i - h * hd)] = K::st(bacc[i] / bl[h]);
+    }
+    return;
+  }
+  const int rec = hd + 2;
+  float* mine = scratch + (long long)(kvh * nsplit + split) * g * rec;
+  for (int i = tid; i < g * hd; i += blockDim.x) {
+    const int h = i / hd, d = i - h * hd;
+    mine[h * rec + 2 + d] = bacc[i];
+    if (d == 0) { mine[h * rec] = bm[h]; mine[h * rec + 1] = bl[h]; }
+  }
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) last = atomicAdd(&counters[kvh], 1u) == (unsigned)(nsplit - 1);
+  __syncthreads();
+  if (!last) return;
+  if (tid == 0) counters[kvh] = 0u;
+  __threadfence();
+  const float* all = scratch + (long long)kvh * nsplit * g * rec;
+  float* sw = sm;               // [nsplit * g] split maxima, then weights
+  float* sl = sw + nsplit * g;  // [nsplit * g] split sums
+  float* fm = sl + nsplit * g;  // [g] maxima
+  float* fl = fm + g;           // [g] sums of weights
+  for (int i = tid; i < nsplit * g; i += blockDim.x) {
+    sw[i] = __ldcg(all + i * rec);
+    sl[i] = __ldcg(all + i * rec + 1);
+  }
+  __syncthreads();
+  for (int h = tid; h < g; h += blockDim.x) {
+    float mx = -INFINITY;
+    for (int sp = 0; sp < nsplit; ++sp) mx = fmaxf(mx, sw[sp * g + h]);
+    float lt = 0.f;
+    for (int sp = 0; sp < nsplit; ++sp) {
+      const float ms = sw[sp * g + h];
+      if (ms != -INFINITY) lt += __expf(ms - mx) * sl[sp * g + h];
+    }
+    fm[h] = mx;
+    fl[h] = lt;
+  }
+  __syncthreads();
+  for (int i = tid; i < nsplit * g; i += blockDim.x) {
+    const float ms = sw[i];
+    sw[i] = ms == -INFINITY ? 0.f : __expf(ms - fm[i % g]);
+  }
+  __syncthreads();
+  for (int i = tid; i < g * hd; i += blockDim.x) {
+    const int h = i / hd, d = i - h * hd;
+    float o = 0.f;
+#pragma unroll 8
+    for (int sp = 0; sp < nsplit; ++sp) o += sw[sp * g + h] * __ldcg(all + (sp * g + h) * rec + 2 + d);
+    out[((long long)kvh * g + h) * hd + d] = K::st(o / fl[h]);
+  }
+}
+
 // Block (kv head, split): the split's positions of the `g` query heads of one KV head. Each
 // warp takes groups of U positions (keys and values of a group loaded at once), lane `l`
 // holding dimensions l * ME .. l * ME + ME - 1 of every head's query and accumulator (one
 // vector load per row), with a running max and sum per head (online softmax). The warps'
-// partials are merged in shared memory, the block's partial (max, sum, weighted values) goes
-// to scratch, and the last block of the KV head to finish merges every split's partial into
-// `out` and resets its counter. All loads of a merge are issued before their sums, so each
-// step costs one memory latency.
+// partials are merged in shared memory and `finish_splits` takes the block's partial.
 // MG >= g and 32 * ME >= hd (compile-time bounds keep everything in registers).
 template <typename K, int MG, int ME, int U>
 __device__ void attend(const typename K::T* q, const typename K::T* k, const typename K::T* v,
@@ -350,7 +425,6 @@ __device__ void attend(const typename K::T* q, const typename K::T* k, const typ
                        int span, int window, float scale) {
   typedef typename K::T T;
   extern __shared__ float sm[];
-  __shared__ unsigned last;
   const int kvh = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
   const int len = pos_ptr ? (int)pos_ptr[0] + 1 : len_host;
@@ -460,81 +534,200 @@ __device__ void attend(const typename K::T* q, const typename K::T* k, const typ
     }
   }
   __syncthreads();
-  if (nsplit == 1) {
-    // One block holds every position: its merge is the result.
-    for (int i = tid; i < g * hd; i += blockDim.x) {
-      const int h = i / hd;
-      out[((long long)kvh * g + h) * hd + (i - h * hd)] = K::st(bacc[i] / bl[h]);
+  finish_splits<K>(bacc, bm, bl, sm, out, scratch, counters, kvh, split, nsplit, g, hd);
+}
+
+// Block (kv head, split) like `attend`, laid out so that no step needs a reduction across a
+// whole warp per position: positions are taken P = blockDim / 4 at a time (a pass).
+// - Scores: four threads per position, each holding every 4th 16-byte chunk of the key row
+//   and dotting it with the queries (in shared memory, scaled) of all g heads; two shuffles
+//   sum the four. The pass's scores go to shared memory.
+// - Softmax: one warp per head takes the pass's maximum, rescales the running sum and turns
+//   the scores into weights (online softmax across passes).
+// - Values: thread (group pg, chunk c) holds chunk c of the value rows of positions pg,
+//   pg + ng, ... (ng = blockDim / chunks per row) and accumulates every head's weighted sum of
+//   that chunk; at the end the groups are summed (shuffles inside a warp, then shared memory).
+// Every key and value load of a pass is issued a pass ahead. Needs rows of whole
+// 16-byte chunks starting on 16 bytes, 4 <= chunks per row <= 4 * MCH (a power of two), g <= MG
+// and g * hd <= 1024 (checked by the launch).
+#define APT 4
+template <typename K, int MG, int MCH>
+__device__ void attend_passes(const typename K::T* q, const typename K::T* k,
+                              const typename K::T* v, typename K::T* out, float* scratch,
+                              unsigned* counters, const unsigned* pos_ptr, int len_host, int g,
+                              int hd, long long ks_h, long long ks_p, long long vs_h,
+                              long long vs_p, int span, int window, float scale) {
+  typedef typename K::T T;
+  constexpr int V = 16 / sizeof(T);
+  extern __shared__ float sm[];
+  const int kvh = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
+  const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
+  const int nwarps = nt >> 5;
+  const int len = pos_ptr ? (int)pos_ptr[0] + 1 : len_host;
+  const int first = (window > 0 && len > window) ? len - window : 0;
+  const int chunk = (span + nsplit - 1) / nsplit;
+  const int start = max(split * chunk, first);
+  const int end = min(split * chunk + chunk, len);
+  const int ch = hd / V;              // chunks per row
+  const int P = nt / APT;             // positions per pass
+  const int ng = nt / ch;             // value groups
+  const int npv = P / ng;             // positions per value group and pass (<= MCH)
+  const int wide = ch > 32 ? ch : 32; // threads behind one partial sum set
+  const int sets = nt / wide;
+  // Shared: queries [g * hd], scores [MG * P], running max, sum, correction [MG] each, then
+  // the partial sums [sets * g * hd] (bacc: the first set, once summed).
+  float* qs = sm;
+  float* ps = qs + g * hd;
+  float* hm = ps + MG * P;
+  float* hl = hm + MG;
+  float* hc = hl + MG;
+  float* red = hc + MG;
+  const T* kb = k + kvh * ks_h;
+  const T* vb = v + kvh * vs_h;
+  const int sp = tid / APT, sr = tid % APT;  // score pass: position, quarter
+  const int pg = tid / ch, pc = tid % ch;    // value pass: group, chunk
+  float acc[MG][V];
+#pragma unroll
+  for (int h = 0; h < MG; ++h)
+#pragma unroll
+    for (int e = 0; e < V; ++e) acc[h][e] = 0.f;
+  // The next pass's key and value chunks, loaded a pass ahead (the first before the queries
+  // are staged).
+  uint4 kr[MCH], vr[MCH];
+  auto load = [&](int p0) {
+    const int j = p0 + sp;
+#pragma unroll
+    for (int c = 0; c < MCH; ++c) {
+      const int cc = sr + c * APT;
+      kr[c] = (j < end && cc < ch) ? __ldg(reinterpret_cast<const uint4*>(kb + j * ks_p + cc * V))
+                                   : make_uint4(0, 0, 0, 0);
+      const int jv = p0 + pg + c * ng;
+      vr[c] = (c < npv && jv < end)
+                  ? __ldg(reinterpret_cast<const uint4*>(vb + jv * vs_p + pc * V))
+                  : make_uint4(0, 0, 0, 0);
     }
-    return;
-  }
-  const int rec = hd + 2;
-  float* mine = scratch + (long long)(kvh * nsplit + split) * g * rec;
-  for (int i = tid; i < g * hd; i += blockDim.x) {
-    const int h = i / hd, d = i - h * hd;
-    mine[h * rec + 2 + d] = bacc[i];
-    if (d == 0) { mine[h * rec] = bm[h]; mine[h * rec + 1] = bl[h]; }
-  }
-  __threadfence();
+  };
+  if (start < end) load(start);
+  for (int i = tid; i < g * hd; i += nt) qs[i] = K::ld(q[(long long)kvh * g * hd + i]) * scale;
+  for (int h = tid; h < MG; h += nt) { hm[h] = -INFINITY; hl[h] = 0.f; }
   __syncthreads();
-  if (tid == 0) last = atomicAdd(&counters[kvh], 1u) == (unsigned)(nsplit - 1);
-  __syncthreads();
-  if (!last) return;
-  if (tid == 0) counters[kvh] = 0u;
-  __threadfence();
-  // Merge the splits: maxima and sums of every split into shared memory at once, then each
-  // output element's sum over the splits with its loads in flight together.
-  const float* all = scratch + (long long)kvh * nsplit * g * rec;
-  float* sw = sm;               // [nsplit * g] split maxima, then weights
-  float* sl = sw + nsplit * g;  // [nsplit * g] split sums
-  float* fm = sl + nsplit * g;  // [g] maxima
-  float* fl = fm + g;           // [g] sums of weights
-  for (int i = tid; i < nsplit * g; i += blockDim.x) {
-    sw[i] = __ldcg(all + i * rec);
-    sl[i] = __ldcg(all + i * rec + 1);
-  }
-  __syncthreads();
-  for (int h = tid; h < g; h += blockDim.x) {
-    float mx = -INFINITY;
-    for (int sp = 0; sp < nsplit; ++sp) mx = fmaxf(mx, sw[sp * g + h]);
-    float lt = 0.f;
-    for (int sp = 0; sp < nsplit; ++sp) {
-      const float ms = sw[sp * g + h];
-      if (ms != -INFINITY) lt += __expf(ms - mx) * sl[sp * g + h];
+  for (int p0 = start; p0 < end; p0 += P) {
+    const int j = p0 + sp;
+    float s[MG];
+#pragma unroll
+    for (int h = 0; h < MG; ++h) s[h] = 0.f;
+#pragma unroll
+    for (int c = 0; c < MCH; ++c) {
+      const int cc = sr + c * APT;
+      if (cc < ch) {
+        float kf[V];
+        unpack16<K>(kr[c], kf);
+#pragma unroll
+        for (int h = 0; h < MG; ++h) {
+          if (h < g) {
+            const float* qh = qs + h * hd + cc * V;
+#pragma unroll
+            for (int e = 0; e < V; ++e) s[h] += qh[e] * kf[e];
+          }
+        }
+      }
     }
-    fm[h] = mx;
-    fl[h] = lt;
+#pragma unroll
+    for (int h = 0; h < MG; ++h) {
+      s[h] += __shfl_xor_sync(0xffffffffu, s[h], 1);
+      s[h] += __shfl_xor_sync(0xffffffffu, s[h], 2);
+    }
+    if (sr == 0) {
+#pragma unroll
+      for (int h = 0; h < MG; ++h) if (h < g) ps[h * P + sp] = j < end ? s[h] : -INFINITY;
+    }
+    __syncthreads();
+    for (int h = warp; h < g; h += nwarps) {
+      float mx = -INFINITY;
+      for (int i = lane; i < P; i += 32) mx = fmaxf(mx, ps[h * P + i]);
+      mx = warp_max(mx);
+      const float mo = hm[h], mn = fmaxf(mo, mx);
+      float sum = 0.f;
+      for (int i = lane; i < P; i += 32) {
+        const float x = ps[h * P + i];
+        const float p = x == -INFINITY ? 0.f : __expf(x - mn);
+        ps[h * P + i] = p;
+        sum += p;
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) {
+        const float c = mo == -INFINITY ? 0.f : __expf(mo - mn);
+        hc[h] = c;
+        hl[h] = hl[h] * c + sum;
+        hm[h] = mn;
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < MG; ++h) {
+      if (h < g) {
+        const float c = hc[h];
+#pragma unroll
+        for (int e = 0; e < V; ++e) acc[h][e] *= c;
+      }
+    }
+#pragma unroll
+    for (int c = 0; c < MCH; ++c) {
+      if (c < npv) {
+        float vf[V];
+        unpack16<K>(vr[c], vf);
+        const int jl = pg + c * ng;
+#pragma unroll
+        for (int h = 0; h < MG; ++h) {
+          if (h < g) {
+            const float p = ps[h * P + jl];
+#pragma unroll
+            for (int e = 0; e < V; ++e) acc[h][e] += p * vf[e];
+          }
+        }
+      }
+    }
+    if (p0 + P < end) load(p0 + P);
+    __syncthreads();
+  }
+  // Sum the value groups: inside a warp by shuffles, then each warp's (or, for rows wider
+  // than a warp, each group's) set through shared memory.
+  for (int o = ch; o < 32; o <<= 1) {
+#pragma unroll
+    for (int h = 0; h < MG; ++h)
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[h][e] += __shfl_xor_sync(0xffffffffu, acc[h][e], o);
+  }
+  if (tid % wide < ch) {
+    float* mine = red + (tid / wide) * g * hd;
+#pragma unroll
+    for (int h = 0; h < MG; ++h)
+      if (h < g) {
+#pragma unroll
+        for (int e = 0; e < V; ++e) mine[h * hd + pc * V + e] = acc[h][e];
+      }
   }
   __syncthreads();
-  for (int i = tid; i < nsplit * g; i += blockDim.x) {
-    const float ms = sw[i];
-    sw[i] = ms == -INFINITY ? 0.f : __expf(ms - fm[i % g]);
+  for (int i = tid; i < g * hd; i += nt) {
+    float t = 0.f;
+    for (int st = 0; st < sets; ++st) t += red[st * g * hd + i];
+    qs[i] = t;
   }
   __syncthreads();
-  for (int i = tid; i < g * hd; i += blockDim.x) {
-    const int h = i / hd, d = i - h * hd;
-    float o = 0.f;
-#pragma unroll 8
-    for (int sp = 0; sp < nsplit; ++sp) o += sw[sp * g + h] * __ldcg(all + (sp * g + h) * rec + 2 + d);
-    out[((long long)kvh * g + h) * hd + d] = K::st(o / fl[h]);
-  }
+  finish_splits<K>(qs, hm, hl, red, out, scratch, counters, kvh, split, nsplit, g, hd);
 }
 
 // Products of a few rows of x ([rows, kd], rows <= MR) with a weight of output rows
-// [n, kd] (with SILU [2n, kd]: gate rows, then up rows), each warp taking R weight rows (R
+// [n, kd] (with SILU [2n, kd]: gate rows, then up rows), each block taking R weight rows (R
 // output columns, or R/2 gate/up pairs with SILU) so that the work on x is shared by R rows,
-// the weight streamed once in 16-byte loads. MODE 1 takes RMSNorm(x) with weight nw as the
-// input, MODE 2 RMSNorm(x + a) (the sum, rounded to T, also written to xo by the first warp):
-// the norm's scale is applied to the finished dot product, each warp summing the squares of
-// the input it reads anyway. SILU writes silu(gate) * up, rounded as silu_mul.
-template <typename K>
-__device__ __forceinline__ void unpack16(const uint4& u, float* f) {
-  const typename K::T* t = reinterpret_cast<const typename K::T*>(&u);
-#pragma unroll
-  for (int i = 0; i < (int)(16 / sizeof(typename K::T)); ++i) f[i] = K::ld(t[i]);
-}
-template <typename T>
-__device__ __forceinline__ uint4 ld16(const T* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
+// the weight streamed once in 16-byte loads. The block's threads split the width (every
+// thread keeps U loads of each row in flight), and the warps' sums meet in shared memory:
+// many short blocks keep every SM's loads in flight whatever n is, where one warp per R rows
+// left the SMs unevenly loaded (o_proj: 1024 warps for 132 SMs). MODE 1 takes RMSNorm(x)
+// with weight nw as the input, MODE 2 RMSNorm(x + a) (the sum, rounded to T, also written to
+// xo by the first block): the norm's scale is applied to the finished dot product, each
+// thread summing the squares of the input it reads anyway. SILU writes silu(gate) * up,
+// rounded as silu_mul. At most 8 warps per block.
 template <typename K, int MR, int MODE, bool SILU, int R>
 __device__ void gemv(const typename K::T* x, const typename K::T* a, const typename K::T* nw,
                      const typename K::T* w, typename K::T* y, typename K::T* xo, int rows,
@@ -543,9 +736,11 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
   constexpr int V = 16 / sizeof(T);
   constexpr int C = SILU ? R / 2 : R;
   constexpr int U = R >= 4 ? 2 : 4;
-  const int lane = threadIdx.x & 31;
-  const int warp = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-  const int c0 = warp * C;
+  constexpr int S = R * MR + MR;  // a warp's sums: dot products, then squares
+  __shared__ float red[8 * S];
+  const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
+  const int nwarps = (nt + 31) >> 5;
+  const int c0 = blockIdx.x * C;
   if (c0 >= n) return;
   const T* wr[R];
   bool ok[R];
@@ -562,12 +757,26 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
 #pragma unroll
     for (int j = 0; j < R; ++j) dot[j][m] = 0.f;
   }
-  const bool sum_out = MODE == 2 && warp == 0;
-  for (int k0 = lane * V; k0 < kd; k0 += 32 * V * U) {
-    uint4 wv[R][U];
+  const bool sum_out = MODE == 2 && blockIdx.x == 0;
+  for (int k0 = tid * V; k0 < kd; k0 += nt * V * U) {
+    // The input's chunks first (cache hits, shared by every block), then the weight's, all in
+    // flight together.
+    uint4 xv[U][MR], av[U][MR], nv[U], wv[R][U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int k = k0 + u * 32 * V;
+      const int k = k0 + u * nt * V;
+      const bool in = k < kd;
+      nv[u] = (MODE > 0 && in) ? ld16(nw + k) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int m = 0; m < MR; ++m) {
+        const bool row = in && m < rows;
+        xv[u][m] = row ? ld16(x + (long long)m * kd + k) : make_uint4(0, 0, 0, 0);
+        av[u][m] = (MODE == 2 && row) ? ld16(a + (long long)m * kd + k) : make_uint4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * nt * V;
 #pragma unroll
       for (int j = 0; j < R; ++j)
         wv[j][u] = (ok[j] && k < kd) ? __ldcs(reinterpret_cast<const uint4*>(wr[j] + k))
@@ -575,18 +784,18 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int k = k0 + u * 32 * V;
+      const int k = k0 + u * nt * V;
       if (k >= kd) break;
       float nf[V];
-      if (MODE > 0) unpack16<K>(ld16(nw + k), nf);
+      if (MODE > 0) unpack16<K>(nv[u], nf);
 #pragma unroll
       for (int m = 0; m < MR; ++m) {
         if (m >= rows) break;
         float xf[V];
-        unpack16<K>(ld16(x + (long long)m * kd + k), xf);
+        unpack16<K>(xv[u][m], xf);
         if (MODE == 2) {
           float af[V];
-          unpack16<K>(ld16(a + (long long)m * kd + k), af);
+          unpack16<K>(av[u][m], af);
           uint4 packed;
           T* s = reinterpret_cast<T*>(&packed);
 #pragma unroll
@@ -609,17 +818,34 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
   }
 #pragma unroll
   for (int m = 0; m < MR; ++m) {
-    if (m >= rows) break;
-    const float inv = MODE > 0 ? rsqrtf(warp_sum(ss[m]) / (float)kd + eps) : 1.f;
 #pragma unroll
-    for (int c = 0; c < C; ++c) {
-      const float d0 = warp_sum(dot[c][m]) * inv;
-      float out = d0;
+    for (int j = 0; j < R; ++j) {
+      const float d = warp_sum(dot[j][m]);
+      if (lane == 0) red[warp * S + j * MR + m] = d;
+    }
+    if (MODE > 0) {
+      const float q = warp_sum(ss[m]);
+      if (lane == 0) red[warp * S + R * MR + m] = q;
+    }
+  }
+  __syncthreads();
+  // Thread (m, c) finishes output column c0 + c of row m.
+  if (tid < MR * C) {
+    const int m = tid / C, c = tid - m * C;
+    if (m < rows && c0 + c < n) {
+      float d0 = 0.f, d1 = 0.f, q = 0.f;
+      for (int w2 = 0; w2 < nwarps; ++w2) {
+        d0 += red[w2 * S + c * MR + m];
+        if (SILU) d1 += red[w2 * S + (C + c) * MR + m];
+        if (MODE > 0) q += red[w2 * S + R * MR + m];
+      }
+      const float inv = MODE > 0 ? rsqrtf(q / (float)kd + eps) : 1.f;
+      float out = d0 * inv;
       if (SILU) {
-        const float g = K::ld(K::st(d0)), u = K::ld(K::st(warp_sum(dot[C + c][m]) * inv));
+        const float g = K::ld(K::st(out)), u = K::ld(K::st(d1 * inv));
         out = K::ld(K::st(g / (1.f + __expf(-g)))) * u;
       }
-      if (lane == 0 && c0 + c < n) y[(long long)m * n + c0 + c] = K::st(out);
+      y[(long long)m * n + c0 + c] = K::st(out);
     }
   }
 }
@@ -671,6 +897,8 @@ extern "C" __global__ void silu_mul_##sfx(const K::T* gu, K::T* y, long long row
   silu_mul<K>(gu, y, rows, half); } \
 ATTEND(sfx, K, 4, 4, 8) ATTEND(sfx, K, 8, 4, 4) ATTEND(sfx, K, 16, 4, 2) \
 ATTEND(sfx, K, 4, 8, 4) ATTEND(sfx, K, 8, 8, 4) \
+ATTEND_PASSES(sfx, K, 4, 4) ATTEND_PASSES(sfx, K, 8, 4) ATTEND_PASSES(sfx, K, 4, 8) \
+ATTEND_PASSES(sfx, K, 8, 8) \
 GEMV(sfx, K, 1, 4) GEMV(sfx, K, 2, 4) GEMV_SILU(sfx, K, 1, 4) GEMV_SILU(sfx, K, 2, 4)
 #define GEMV(sfx, K, MR, R) \
 GEMV1(sfx, K, MR, R, 0, false, plain) GEMV1(sfx, K, MR, R, 1, false, norm) \
@@ -688,6 +916,13 @@ extern "C" __global__ void attend_##MG##x##ME##_##sfx(const K::T* q, const K::T*
     int span, int window, float scale) { \
   attend<K, MG, ME, U>(q, k, v, out, scratch, counters, pos_ptr, len_host, g, hd, ks_h, ks_p, vs_h, \
                     vs_p, span, window, scale); }
+#define ATTEND_PASSES(sfx, K, MG, MCH) \
+extern "C" __global__ void __launch_bounds__(256) attend_passes_##MG##x##MCH##_##sfx( \
+    const K::T* q, const K::T* k, const K::T* v, K::T* out, float* scratch, unsigned* counters, \
+    const unsigned* pos_ptr, int len_host, int g, int hd, long long ks_h, long long ks_p, \
+    long long vs_h, long long vs_p, int span, int window, float scale) { \
+  attend_passes<K, MG, MCH>(q, k, v, out, scratch, counters, pos_ptr, len_host, g, hd, ks_h, \
+                            ks_p, vs_h, vs_p, span, window, scale); }
 KERNELS(f32, F32)
 KERNELS(bf16, BF16)
 KERNELS(f16, F16)
@@ -743,10 +978,11 @@ KERNELS(f16, F16)
         };
     }
 
-    /// Attention kernel variants (most query heads per KV head, head_dim / 32 rounded up).
+    /// Variants of the warp-per-positions attention kernel `attend` (most query heads per KV
+    /// head, head_dim / 32 rounded up): it serves every shape the launch takes.
     const ATTEND_VARIANTS: [(usize, usize); 5] = [(4, 4), (8, 4), (16, 4), (4, 8), (8, 8)];
 
-    /// The smallest variant serving `g` heads per KV head of width `hd`.
+    /// The smallest `attend` variant serving `g` heads per KV head of width `hd`.
     fn attend_variant(g: usize, hd: usize) -> Option<(usize, usize)> {
         let e = hd.div_ceil(32);
         ATTEND_VARIANTS
@@ -754,6 +990,61 @@ KERNELS(f16, F16)
             .copied()
             .filter(|&(mg, me)| g <= mg && e <= me)
             .min_by_key(|&(mg, me)| mg * me)
+    }
+
+    /// Variants of the pass-wise attention kernel `attend_passes` (most query heads per KV
+    /// head, most 16-byte chunks of a row per score thread).
+    const PASS_VARIANTS: [(usize, usize); 4] = [(4, 4), (8, 4), (4, 8), (8, 8)];
+    /// Score threads per position of `attend_passes` (`APT`), so positions per pass
+    /// `ATTN_THREADS / PASS_APT`.
+    const PASS_APT: usize = 4;
+    /// Most `g * head_dim` of `attend_passes` (its partial sums fit shared memory).
+    const PASS_MAX_WIDTH: usize = 1024;
+
+    /// The attention kernel for `g` heads per KV head of width `hd`, `elem` bytes per element,
+    /// with `aligned`: every cache row starts on 16 bytes. The pass-wise kernel where it
+    /// serves (rows of 4 to 32 whole 16-byte chunks, a power of two; at most 8 heads per KV
+    /// head), else the warp-per-positions one; `SHARDWISE_ATTN_KERNEL=warps` always takes the
+    /// latter (to measure it). Returns the kernel's name and its dynamic shared floats.
+    fn attend_kernel(
+        g: usize,
+        hd: usize,
+        elem: usize,
+        aligned: bool,
+        splits: usize,
+    ) -> Option<(String, usize)> {
+        static WARPS: OnceLock<bool> = OnceLock::new();
+        let warps_only = *WARPS
+            .get_or_init(|| std::env::var("SHARDWISE_ATTN_KERNEL").is_ok_and(|v| v == "warps"));
+        let merge = 2 * splits * g + 2 * g;
+        let chunks = hd * elem / 16;
+        let passes = PASS_VARIANTS
+            .iter()
+            .copied()
+            .filter(|&(mg, mch)| g <= mg && chunks <= PASS_APT * mch)
+            .min_by_key(|&(mg, mch)| mg * mch);
+        match passes {
+            Some((mg, mch))
+                if !warps_only
+                    && aligned
+                    && (hd * elem) % 16 == 0
+                    && chunks.is_power_of_two()
+                    && chunks >= PASS_APT
+                    && g * hd <= PASS_MAX_WIDTH =>
+            {
+                let threads = ATTN_THREADS as usize;
+                let sets = threads / chunks.max(32);
+                let floats =
+                    g * hd + mg * (threads / PASS_APT) + 3 * mg + (sets * g * hd).max(merge);
+                Some((format!("attend_passes_{mg}x{mch}"), floats))
+            }
+            _ => {
+                let (mg, me) = attend_variant(g, hd)?;
+                let warps = (ATTN_THREADS / 32) as usize;
+                let floats = (g * hd + g + warps * g + g).max(merge);
+                Some((format!("attend_{mg}x{me}"), floats))
+            }
+        }
     }
 
     const OPS: [&str; 4] = ["rms_norm", "add_rms_norm", "silu_mul", "rope_store"];
@@ -821,10 +1112,13 @@ KERNELS(f16, F16)
         if let Some(k) = all.get(&dev.id()) {
             return Ok(k.clone());
         }
-        let attend = ATTEND_VARIANTS.map(|(g, e)| format!("attend_{g}x{e}"));
+        let attend = ATTEND_VARIANTS
+            .map(|(g, e)| format!("attend_{g}x{e}"))
+            .into_iter()
+            .chain(PASS_VARIANTS.map(|(g, c)| format!("attend_passes_{g}x{c}")));
         let gemv = (1..=GEMV_MAX_ROWS).flat_map(|mr| {
             ["plain", "norm", "addnorm", "norm_silu", "addnorm_silu"]
-                .map(|tag| format!("gemv{mr}x{GEMV_ROWS_PER_WARP}_{tag}"))
+                .map(|tag| format!("gemv{mr}x{GEMV_ROWS_PER_BLOCK}_{tag}"))
         });
         let names: Vec<String> = OPS
             .iter()
@@ -1066,8 +1360,26 @@ KERNELS(f16, F16)
     /// Most rows of `x` a GEMV kernel takes (`MR` of its largest variant); more rows run as
     /// a matrix product, which reads the weight once for all of them.
     const GEMV_MAX_ROWS: usize = 2;
-    /// Warps (output columns) of a GEMV block.
-    const GEMV_WARPS: u32 = 8;
+    /// Threads of a GEMV block for rows `kd` wide of `elem`-byte elements: as few passes of
+    /// at most 256 threads (2 chunks of 16 bytes per thread and pass, `U`) as cover the row,
+    /// with as few threads as fill those passes (o_proj at TP2, 2048 wide in bf16: one pass
+    /// of 128 threads, where 256 left half of them without a load).
+    /// `SHARDWISE_GEMV_THREADS` fixes it (a multiple of 32 up to 256, to measure others).
+    fn gemv_threads(kd: usize, elem: usize) -> u32 {
+        static FIXED: OnceLock<Option<u32>> = OnceLock::new();
+        let fixed = FIXED.get_or_init(|| {
+            std::env::var("SHARDWISE_GEMV_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .filter(|&v: &u32| v > 0 && v <= 256 && v % 32 == 0)
+        });
+        if let Some(t) = fixed {
+            return *t;
+        }
+        let per_thread = 2 * 16 / elem.max(1);
+        let passes = kd.div_ceil(256 * per_thread).max(1);
+        (kd.div_ceil(passes * per_thread).div_ceil(32) * 32).clamp(32, 256) as u32
+    }
 
     struct Gemv {
         /// 0: plain, 1: norm, 2: add and norm (see the kernel).
@@ -1079,11 +1391,11 @@ KERNELS(f16, F16)
         eps: f32,
     }
 
-    /// Weight rows per warp of the GEMV kernels (`R`; with silu, two gate/up pairs). One row
-    /// per warp repeats the add and norm work on x for every row: the q/k/v product with its
+    /// Weight rows per block of the GEMV kernels (`R`; with silu, two gate/up pairs). One row
+    /// per warp repeated the add and norm work on x for every row: the q/k/v product with its
     /// norm took ~25 us for 12 us of weight bytes; with 4 rows, 17.5 us (H200). 1 and 2 rows
     /// were also measured and lost at TP1 (BENCHMARKS.md, fourth round).
-    const GEMV_ROWS_PER_WARP: usize = 4;
+    const GEMV_ROWS_PER_BLOCK: usize = 4;
 
     impl Gemv {
         /// Kernel name for `rows` rows of x.
@@ -1096,7 +1408,7 @@ KERNELS(f16, F16)
                 (_, true) => "addnorm_silu",
             };
             let mr = if rows == 1 { 1 } else { 2 };
-            format!("gemv{mr}x{GEMV_ROWS_PER_WARP}_{tag}")
+            format!("gemv{mr}x{GEMV_ROWS_PER_BLOCK}_{tag}")
         }
     }
 
@@ -1124,9 +1436,9 @@ KERNELS(f16, F16)
             let n = if self.silu { wrows / 2 } else { wrows };
             let f = kern.func(&self.kernel(rows), x.dtype())?;
             let sum_len = if self.mode == 2 { rows * kd } else { 0 };
-            let cols_per_warp = GEMV_ROWS_PER_WARP / if self.silu { 2 } else { 1 };
-            let warps = n.div_ceil(cols_per_warp) as u32;
-            let cfg = grid(warps.div_ceil(GEMV_WARPS), GEMV_WARPS * 32, 0);
+            let cols_per_block = GEMV_ROWS_PER_BLOCK / if self.silu { 2 } else { 1 };
+            let threads = gemv_threads(kd, x.dtype().size_in_bytes());
+            let cfg = grid(n.div_ceil(cols_per_block) as u32, threads, 0);
             let stream = dev.cuda_stream();
             let (rows32, n32, kd32) = (rows as i32, n as i32, kd as i32);
             macro_rules! run {
@@ -1276,14 +1588,24 @@ KERNELS(f16, F16)
             let (_, nkv, span, hd) = kl.shape().dims4()?;
             let nq = (qe - qs) / hd;
             let g = nq / nkv;
-            let (mg, me) = attend_variant(g, hd).ok_or_else(|| {
+            let splits = span.div_ceil(split_positions()).clamp(1, MAX_SPLITS);
+            let elem = q.dtype().size_in_bytes();
+            let (ks, vs) = (kl.stride(), vl.stride());
+            let aligned = [
+                kl.start_offset(),
+                vl.start_offset(),
+                ks[1],
+                ks[2],
+                vs[1],
+                vs[2],
+            ]
+            .iter()
+            .all(|&x| (x * elem) % 16 == 0);
+            let (name, floats) = attend_kernel(g, hd, elem, aligned, splits).ok_or_else(|| {
                 candle_core::Error::Msg(format!("fused attention: no kernel for {g} x {hd}"))
             })?;
-            let f = kern.func(&format!("attend_{mg}x{me}"), q.dtype())?;
-            let splits = span.div_ceil(split_positions()).clamp(1, MAX_SPLITS);
+            let f = kern.func(&name, q.dtype())?;
             let scratch = kern.scratch(&dev, nkv * splits * g * (hd + 2))?;
-            let warps = (ATTN_THREADS / 32) as usize;
-            let floats = (g * hd + g + warps * g + g).max(2 * splits * g + 2 * g);
             let shared = (floats * 4) as u32;
             let cfg = LaunchConfig {
                 grid_dim: (nkv as u32, splits as u32, 1),
@@ -1291,7 +1613,6 @@ KERNELS(f16, F16)
                 shared_mem_bytes: shared,
             };
             let stream = dev.cuda_stream();
-            let (ks, vs) = (kl.stride(), vl.stride());
             let args_i32 = [span as i32, g as i32, hd as i32, self.window];
             let strides = [ks[1] as i64, ks[2] as i64, vs[1] as i64, vs[2] as i64];
             let (pos_ptr, scale) = (self.pos_ptr, self.scale);
