@@ -109,7 +109,9 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
             --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
             --section SchedulerStats --section WarpStateStats "$BIN" bench decode \
             --model synthetic:llama3-8b --local 1 --transport nccl --dtype bf16 --batch 1 \
-            --context 512 --steps 10 2>"$OUT/ncu-kernel.log" | grep -v "^==PROF==" | tail -n 90
+            --context 512 --steps 10 2>"$OUT/ncu-kernel.log" > "$OUT/ncu-kernel.txt"
+        grep -E "Duration|Elapsed Cycles|SM Frequency|Executed Ipc|Issue Slots|Registers Per|Achieved Occ|No Eligible|Warp Cycles Per Issued|stall|Stall" \
+            "$OUT/ncu-kernel.txt" | head -n 40
     fi
     if [[ -n "${SMOLLM2:-}" ]] && want smollm2; then
         # Fidelity: greedy continuations of GPU ranks equal the CPU rank's, token for token.

@@ -6,8 +6,8 @@
 //! deadline naming a rank that never arrives (a bounded wait on the stream seeing the work
 //! unfinished meanwhile); decode steps replayed as CUDA graphs against the same steps run
 //! eagerly; GGML blocks multiplied by the CUDA kernels against the same blocks on the CPU; the
-//! fused decode kernels and the GEMV products (with their fused norm and silu) against float64
-//! references; an NCCL group that never fills named after its deadline.
+//! fused decode kernels and the GEMV products (with their fused norm and silu, and the q/k/v
+//! product with its rotary embedding and cache write) against float64 references; an NCCL group that never fills named after its deadline.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -332,6 +332,34 @@ fn rms_rows(x: &[f64], w: &[f64], rows: usize, n: usize, eps: f64) -> Vec<f64> {
 }
 
 /// Largest |got - want| relative to the largest |want|.
+/// Head `h` (width `hd`) of `x` rotated by the `[cos, sin]` rows: pairs `(p, p + hd / 2)`, or
+/// `(2p, 2p + 1)` when `interleaved`.
+fn rotate_head(x: &[f64], h: usize, hd: usize, [c, s]: [&[f64]; 2], interleaved: bool) -> Vec<f64> {
+    let half = hd / 2;
+    let mut y = x[h * hd..(h + 1) * hd].to_vec();
+    for p in 0..half {
+        let (i1, i2) = if interleaved {
+            (2 * p, 2 * p + 1)
+        } else {
+            (p, p + half)
+        };
+        let (a, b) = (x[h * hd + i1], x[h * hd + i2]);
+        y[i1] = a * c[p] - b * s[p];
+        y[i2] = a * s[p] + b * c[p];
+    }
+    y
+}
+
+/// `x @ w^T` of `rows` rows `kd` wide with a weight of `n` rows.
+fn product64(x: &[f64], w: &[f64], rows: usize, n: usize, kd: usize) -> Vec<f64> {
+    (0..rows * n)
+        .map(|i| {
+            let (r, c) = (i / n, i % n);
+            (0..kd).map(|k| x[r * kd + k] * w[c * kd + k]).sum()
+        })
+        .collect()
+}
+
 fn rel_err(got: &[f64], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(1e-30f64, |m, w| m.max(w.abs()));
@@ -411,20 +439,7 @@ fn fused_kernels_match_float64_references() {
             let sinf: Vec<f64> = angles.iter().map(|a| a.sin()).collect();
             let (cos, cv) = put(&cosf, &[1, half], dtype, &dev);
             let (sin, sv) = put(&sinf, &[1, half], dtype, &dev);
-            let rot = |x: &[f64], h: usize| -> Vec<f64> {
-                let mut y = x[h * hd..(h + 1) * hd].to_vec();
-                for p in 0..half {
-                    let (i1, i2) = if interleaved {
-                        (2 * p, 2 * p + 1)
-                    } else {
-                        (p, p + half)
-                    };
-                    let (a, b) = (x[h * hd + i1], x[h * hd + i2]);
-                    y[i1] = a * cv[p] - b * sv[p];
-                    y[i2] = a * sv[p] + b * cv[p];
-                }
-                y
-            };
+            let rot = |x: &[f64], h: usize| rotate_head(x, h, hd, [&cv, &sv], interleaved);
             let want_q: Vec<f64> = (0..nq).flat_map(|h| rot(&qv, h)).collect();
             let devpos = candle_core::Tensor::new(&[pos as u32], &dev).unwrap();
             for how in [StorePos::Host(pos), StorePos::Device(&devpos)] {
@@ -530,14 +545,7 @@ fn gemv_kernels_match_float64_references() {
             let (d, dv) = put(&randn(rows * kd, &mut rng), &[rows, 1, kd], dtype, &dev);
             let (nw, nwv) = put(&randn(kd, &mut rng), &[kd], dtype, &dev);
             let (w, wv) = put(&randn(wrows * kd, &mut rng), &[wrows, kd], dtype, &dev);
-            let product = |h: &[f64]| -> Vec<f64> {
-                (0..rows * wrows)
-                    .map(|i| {
-                        let (r, c) = (i / wrows, i % wrows);
-                        (0..kd).map(|k| h[r * kd + k] * wv[c * kd + k]).sum()
-                    })
-                    .collect()
-            };
+            let product = |h: &[f64]| product64(h, &wv, rows, wrows, kd);
             let silu_of = |y: &[f64]| -> Vec<f64> {
                 let half = wrows / 2;
                 (0..rows * half)
@@ -588,6 +596,128 @@ fn gemv_kernels_match_float64_references() {
         let (x, _) = put(&randn(6, &mut rng), &[1, 6], dtype, &dev);
         let (w, _) = put(&randn(8 * 6, &mut rng), &[8, 6], dtype, &dev);
         assert!(linear(&x, &w).unwrap().is_none(), "width 6 took a GEMV");
+    }
+}
+
+#[test]
+fn qkv_gemv_with_rotary_matches_float64_reference() {
+    use shardwise::layers::fused::{norm_linear_rope, NormIn, RopeIn, StorePos};
+    assert!(gpus() >= 1, "no CUDA device");
+    let dev = candle_core::Device::new_cuda(0).unwrap();
+    let mut rng = rand::rng();
+    let eps = 1e-5;
+    for (dtype, tol) in [(DType::F32, 2e-5), (DType::BF16, 1.6e-2)] {
+        // (q heads, kv heads, head_dim, width, capacity, position, interleaved)
+        for (nq, nkv, hd, kd, cap, pos, interleaved) in [
+            (
+                32usize, 8usize, 128usize, 4096usize, 256usize, 200usize, false,
+            ),
+            (9, 3, 64, 576, 64, 0, true),
+            (6, 2, 8, 64, 16, 15, false),
+        ] {
+            let (half, wrows) = (hd / 2, (nq + 2 * nkv) * hd);
+            let (x, xv) = put(&randn(kd, &mut rng), &[1, 1, kd], dtype, &dev);
+            let (d, dv) = put(&randn(kd, &mut rng), &[1, 1, kd], dtype, &dev);
+            let (nw, nwv) = put(&randn(kd, &mut rng), &[kd], dtype, &dev);
+            let (w, wv) = put(&randn(wrows * kd, &mut rng), &[wrows, kd], dtype, &dev);
+            let angles: Vec<f64> = (0..half)
+                .map(|i| (pos + 1) as f64 * 0.8f64.powi(i as i32))
+                .collect();
+            let cosf: Vec<f64> = angles.iter().map(|a| a.cos()).collect();
+            let sinf: Vec<f64> = angles.iter().map(|a| a.sin()).collect();
+            let (cos, cv) = put(&cosf, &[1, half], dtype, &dev);
+            let (sin, sv) = put(&sinf, &[1, half], dtype, &dev);
+            let devpos = candle_core::Tensor::new(&[pos as u32], &dev).unwrap();
+            for (with_delta, how) in [
+                (true, StorePos::Host(pos)),
+                (false, StorePos::Device(&devpos)),
+            ] {
+                let sum: Vec<f64> = xv
+                    .iter()
+                    .zip(&dv)
+                    .map(|(a, b)| if with_delta { a + b } else { *a })
+                    .collect();
+                let qkv = product64(&rms_rows(&sum, &nwv, 1, kd, eps), &wv, 1, wrows, kd);
+                let rot = |h: usize| rotate_head(&qkv, h, hd, [&cv, &sv], interleaved);
+                let kc = put(
+                    &randn(nkv * cap * hd, &mut rng),
+                    &[1, nkv, cap, hd],
+                    dtype,
+                    &dev,
+                );
+                let vc = put(
+                    &randn(nkv * cap * hd, &mut rng),
+                    &[1, nkv, cap, hd],
+                    dtype,
+                    &dev,
+                );
+                let n = NormIn {
+                    x: &x,
+                    delta: with_delta.then_some(&d),
+                    w: &nw,
+                    eps: eps as f32,
+                };
+                let rope = RopeIn {
+                    cos: &cos,
+                    sin: &sin,
+                    interleaved,
+                    kc: &kc.0,
+                    vc: &vc.0,
+                    pos: how,
+                    q_heads: nq,
+                };
+                let what = format!("{dtype:?} q/k/v {nq}/{nkv}x{hd} of {kd} at {pos} {how:?}");
+                let (s, q) = norm_linear_rope(n, &w, rope)
+                    .unwrap()
+                    .expect("a GEMV kernel with rotary");
+                let e = rel_err(&values(&s), &sum);
+                assert!(e <= tol, "{what}: sum off by {e}");
+                assert_eq!(q.dims(), &[1, nq, 1, hd], "{what}");
+                let want_q: Vec<f64> = (0..nq).flat_map(rot).collect();
+                let e = rel_err(&values(&q), &want_q);
+                assert!(e <= 2.0 * tol, "{what}: q off by {e}");
+                // The position holds the rotated key and the value; every other position
+                // what it held.
+                let (mut want_k, mut want_v) = (kc.1.clone(), vc.1.clone());
+                for h in 0..nkv {
+                    let at = (h * cap + pos) * hd;
+                    want_k[at..at + hd].copy_from_slice(&rot(nq + h));
+                    let v0 = (nq + nkv + h) * hd;
+                    want_v[at..at + hd].copy_from_slice(&qkv[v0..v0 + hd]);
+                }
+                let e = rel_err(&values(&kc.0), &want_k);
+                assert!(e <= 2.0 * tol, "{what}: key cache off by {e}");
+                let e = rel_err(&values(&vc.0), &want_v);
+                assert!(e <= 2.0 * tol, "{what}: value cache off by {e}");
+            }
+        }
+        // Heads not a multiple of 4 wide: no kernel, nothing written.
+        let (hd, kd) = (6, 64);
+        let (x, _) = put(&randn(kd, &mut rng), &[1, 1, kd], dtype, &dev);
+        let (nw, _) = put(&randn(kd, &mut rng), &[kd], dtype, &dev);
+        let (w, _) = put(&randn(3 * hd * kd, &mut rng), &[3 * hd, kd], dtype, &dev);
+        let (cos, _) = put(&randn(hd / 2, &mut rng), &[1, hd / 2], dtype, &dev);
+        let (kc, kcv) = put(&randn(4 * hd, &mut rng), &[1, 1, 4, hd], dtype, &dev);
+        let n = NormIn {
+            x: &x,
+            delta: None,
+            w: &nw,
+            eps: eps as f32,
+        };
+        let rope = RopeIn {
+            cos: &cos,
+            sin: &cos,
+            interleaved: false,
+            kc: &kc,
+            vc: &kc,
+            pos: StorePos::Host(1),
+            q_heads: 1,
+        };
+        assert!(
+            norm_linear_rope(n, &w, rope).unwrap().is_none(),
+            "head width 6 took a kernel"
+        );
+        assert_eq!(values(&kc), kcv, "head width 6: the cache changed");
     }
 }
 

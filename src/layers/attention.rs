@@ -209,6 +209,21 @@ impl AttentionProjections {
         Ok((x, self.split_qkv(&y)?))
     }
 
+    /// [`Self::qkv_normed`] of one token with the rotary embedding and KV cache write `rope`
+    /// in the same kernel: `(residual sum, rotated queries [1, q heads, 1, head_dim])`, or
+    /// `None` where that kernel does not serve (nothing computed or written then), see
+    /// [`crate::layers::fused::norm_linear_rope`].
+    ///
+    /// # Errors
+    /// A position outside the caches, kernel errors.
+    pub fn qkv_rotated(
+        &self,
+        n: NormIn<'_>,
+        rope: crate::layers::fused::RopeIn<'_>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        self.qkv.forward_normed_rope(n, rope)
+    }
+
     /// Output projection of this rank's attention output (`[.., local q heads * head_dim]`),
     /// all-reduced: the full `[.., hidden]` on every rank.
     ///

@@ -122,6 +122,47 @@ pub fn norm_linear(n: NormIn<'_>, w: &Tensor, silu: bool) -> Result<Option<(Tens
     Ok(None)
 }
 
+/// The rotary embedding and KV cache write that follow a q/k/v product of one token, done
+/// inside it by [`norm_linear_rope`] (what [`rope_store`] does after the product otherwise).
+#[derive(Debug, Clone, Copy)]
+pub struct RopeIn<'a> {
+    /// The position's cos row `[1, head_dim / 2]`.
+    pub cos: &'a Tensor,
+    /// The position's sin row `[1, head_dim / 2]`.
+    pub sin: &'a Tensor,
+    /// Pairs `(2p, 2p + 1)` instead of `(p, p + head_dim / 2)`.
+    pub interleaved: bool,
+    /// Key cache `[1, kv heads, capacity, head_dim]`.
+    pub kc: &'a Tensor,
+    /// Value cache, as `kc`.
+    pub vc: &'a Tensor,
+    /// Where the token's key and value go.
+    pub pos: StorePos<'a>,
+    /// Query heads of the product (its columns: q heads, then k heads, then v heads).
+    pub q_heads: usize,
+}
+
+/// [`norm_linear`] of a merged q/k/v weight for one token, with the rotary embedding and the
+/// KV cache write of [`rope_store`] in the same kernel: `(sum, rotated queries [1, q heads,
+/// 1, head_dim])`, the key and value written into the caches. `None` where it does not serve
+/// (as [`norm_linear`], or head widths not a multiple of 4, or a weight that is not q, k and
+/// v heads of the caches' width); nothing is written then.
+///
+/// # Errors
+/// A position outside the caches, kernel errors.
+pub fn norm_linear_rope(
+    n: NormIn<'_>,
+    w: &Tensor,
+    rope: RopeIn<'_>,
+) -> Result<Option<(Tensor, Tensor)>> {
+    #[cfg(feature = "cuda")]
+    if fused_on(n.x) {
+        return gpu::gemv_rope(n, w, rope);
+    }
+    let _ = (n, w, rope);
+    Ok(None)
+}
+
 /// How many positions of a KV cache a decode attention reads.
 #[derive(Debug, Clone, Copy)]
 pub enum CacheLen<'a> {
@@ -213,7 +254,7 @@ mod gpu {
     };
     use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
-    use super::{CacheLen, NormIn, StorePos};
+    use super::{CacheLen, NormIn, RopeIn, StorePos};
     use crate::error::{Error, Result};
 
     /// Most position splits of one attention (blocks per KV head).
@@ -728,15 +769,38 @@ __device__ void attend_passes(const typename K::T* q, const typename K::T* k,
 // xo by the first block): the norm's scale is applied to the finished dot product, each
 // thread summing the squares of the input it reads anyway. SILU writes silu(gate) * up,
 // rounded as silu_mul. At most 8 warps per block.
-template <typename K, int MR, int MODE, bool SILU, int R>
+// With ROPE (a q/k/v product of one token, R = 4, no SILU): rotary embedding and the KV
+// cache write in the same kernel (what `rope_store` does). A group then holds two rotary
+// pairs, columns i, i + 1, i + hd/2, i + hd/2 + 1 of a head (or 4 adjacent columns when the
+// pairs are interleaved); the rotated q heads go to y ([nq * hd]), the rotated k heads and
+// the v heads into the caches at the position (from the device when pos_ptr is set).
+template <typename K>
+struct RopeArgs {
+  const typename K::T* cosr;
+  const typename K::T* sinr;
+  typename K::T* kc;
+  typename K::T* vc;
+  const unsigned* pos_ptr;
+  int pos_host, nq, hd;
+  long long kc_h, kc_p, vc_h, vc_p;
+  int interleaved;
+};
+// Column j of group cg under rotary pairing (hd a multiple of 4).
+__device__ __forceinline__ int rope_col(int cg, int j, int hd, int interleaved) {
+  if (interleaved) return cg * 4 + j;
+  const int q4 = hd / 4, h = cg / q4, i = (cg - h * q4) * 2;
+  return h * hd + i + (j & 1) + (j >> 1) * (hd / 2);
+}
+template <typename K, int MR, int MODE, bool SILU, int R, bool ROPE>
 __device__ void gemv(const typename K::T* x, const typename K::T* a, const typename K::T* nw,
                      const typename K::T* w, typename K::T* y, typename K::T* xo, int rows,
-                     int n, int kd, float eps) {
+                     int n, int kd, float eps, RopeArgs<K> ro) {
   typedef typename K::T T;
   constexpr int V = 16 / sizeof(T);
   constexpr int C = SILU ? R / 2 : R;
   constexpr int U = R >= 4 ? 2 : 4;
   constexpr int S = R * MR + MR;  // a warp's sums: dot products, then squares
+  static_assert(!ROPE || (R == 4 && MR == 1 && !SILU), "rotary groups are 4 columns of one row");
   __shared__ float red[8 * S];
   const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
   const int nwarps = (nt + 31) >> 5;
@@ -746,7 +810,7 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
   bool ok[R];
 #pragma unroll
   for (int j = 0; j < R; ++j) {
-    const int col = c0 + j % C;
+    const int col = ROPE ? rope_col(blockIdx.x, j, ro.hd, ro.interleaved) : c0 + j % C;
     ok[j] = col < n;
     wr[j] = w + (long long)(ok[j] ? (j >= C ? col + n : col) : 0) * kd;
   }
@@ -829,6 +893,35 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
     }
   }
   __syncthreads();
+  if (ROPE) {
+    // Lanes 0-3 of the first warp hold the group's two pairs.
+    if (tid < 4) {
+      const int j = tid, col = rope_col(blockIdx.x, j, ro.hd, ro.interleaved);
+      float d0 = 0.f, q = 0.f;
+      for (int w2 = 0; w2 < nwarps; ++w2) {
+        d0 += red[w2 * S + j];
+        if (MODE > 0) q += red[w2 * S + R];
+      }
+      const float inv = MODE > 0 ? rsqrtf(q / (float)kd + eps) : 1.f;
+      const float o = K::ld(K::st(d0 * inv));
+      const float other = __shfl_xor_sync(0xfu, o, ro.interleaved ? 1 : 2);
+      const int hd = ro.hd, nkv = (n / hd - ro.nq) / 2;
+      const int h = col / hd, d = col - h * hd;
+      const long long pos = ro.pos_ptr ? (long long)ro.pos_ptr[0] : (long long)ro.pos_host;
+      if (h < ro.nq + nkv) {
+        const bool first = ro.interleaved ? (j & 1) == 0 : j < 2;
+        const int p = ro.interleaved ? d / 2 : (first ? d : d - hd / 2);
+        const float c = K::ld(ro.cosr[p]), sn = K::ld(ro.sinr[p]);
+        const float x1 = first ? o : other, x2 = first ? other : o;
+        const T r = K::st(first ? x1 * c - x2 * sn : x1 * sn + x2 * c);
+        if (h < ro.nq) y[(long long)h * hd + d] = r;
+        else ro.kc[(h - ro.nq) * ro.kc_h + pos * ro.kc_p + d] = r;
+      } else {
+        ro.vc[(h - ro.nq - nkv) * ro.vc_h + pos * ro.vc_p + d] = K::st(o);
+      }
+    }
+    return;
+  }
   // Thread (m, c) finishes output column c0 + c of row m.
   if (tid < MR * C) {
     const int m = tid / C, c = tid - m * C;
@@ -899,7 +992,8 @@ ATTEND(sfx, K, 4, 4, 8) ATTEND(sfx, K, 8, 4, 4) ATTEND(sfx, K, 16, 4, 2) \
 ATTEND(sfx, K, 4, 8, 4) ATTEND(sfx, K, 8, 8, 4) \
 ATTEND_PASSES(sfx, K, 4, 4) ATTEND_PASSES(sfx, K, 8, 4) ATTEND_PASSES(sfx, K, 4, 8) \
 ATTEND_PASSES(sfx, K, 8, 8) \
-GEMV(sfx, K, 1, 4) GEMV(sfx, K, 2, 4) GEMV_SILU(sfx, K, 1, 4) GEMV_SILU(sfx, K, 2, 4)
+GEMV(sfx, K, 1, 4) GEMV(sfx, K, 2, 4) GEMV_SILU(sfx, K, 1, 4) GEMV_SILU(sfx, K, 2, 4) \
+GEMV_ROPE(sfx, K, 1, norm) GEMV_ROPE(sfx, K, 2, addnorm)
 #define GEMV(sfx, K, MR, R) \
 GEMV1(sfx, K, MR, R, 0, false, plain) GEMV1(sfx, K, MR, R, 1, false, norm) \
 GEMV1(sfx, K, MR, R, 2, false, addnorm)
@@ -908,7 +1002,17 @@ GEMV1(sfx, K, MR, R, 1, true, norm_silu) GEMV1(sfx, K, MR, R, 2, true, addnorm_s
 #define GEMV1(sfx, K, MR, R, MODE, SILU, tag) \
 extern "C" __global__ void __launch_bounds__(256) gemv##MR##x##R##_##tag##_##sfx(const K::T* x, \
     const K::T* a, const K::T* nw, const K::T* w, K::T* y, K::T* xo, int rows, int n, int kd, \
-    float eps) { gemv<K, MR, MODE, SILU, R>(x, a, nw, w, y, xo, rows, n, kd, eps); }
+    float eps) { \
+  gemv<K, MR, MODE, SILU, R, false>(x, a, nw, w, y, xo, rows, n, kd, eps, RopeArgs<K>{}); }
+#define GEMV_ROPE(sfx, K, MODE, tag) \
+extern "C" __global__ void __launch_bounds__(256) gemv1x4_##tag##_rope_##sfx(const K::T* x, \
+    const K::T* a, const K::T* nw, const K::T* w, K::T* y, K::T* xo, int rows, int n, int kd, \
+    float eps, const K::T* cosr, const K::T* sinr, K::T* kc, K::T* vc, const unsigned* pos_ptr, \
+    int pos_host, int nq, int hd, long long kc_h, long long kc_p, long long vc_h, \
+    long long vc_p, int interleaved) { \
+  const RopeArgs<K> ro{cosr, sinr, kc, vc, pos_ptr, pos_host, nq, hd, kc_h, kc_p, vc_h, vc_p, \
+                       interleaved}; \
+  gemv<K, 1, MODE, false, 4, true>(x, a, nw, w, y, xo, rows, n, kd, eps, ro); }
 #define ATTEND(sfx, K, MG, ME, U) \
 extern "C" __global__ void attend_##MG##x##ME##_##sfx(const K::T* q, const K::T* k, \
     const K::T* v, K::T* out, float* scratch, unsigned* counters, const unsigned* pos_ptr, \
@@ -1116,10 +1220,14 @@ KERNELS(f16, F16)
             .map(|(g, e)| format!("attend_{g}x{e}"))
             .into_iter()
             .chain(PASS_VARIANTS.map(|(g, c)| format!("attend_passes_{g}x{c}")));
-        let gemv = (1..=GEMV_MAX_ROWS).flat_map(|mr| {
-            ["plain", "norm", "addnorm", "norm_silu", "addnorm_silu"]
-                .map(|tag| format!("gemv{mr}x{GEMV_ROWS_PER_BLOCK}_{tag}"))
-        });
+        let gemv = (1..=GEMV_MAX_ROWS)
+            .flat_map(|mr| {
+                ["plain", "norm", "addnorm", "norm_silu", "addnorm_silu"]
+                    .map(|tag| format!("gemv{mr}x{GEMV_ROWS_PER_BLOCK}_{tag}"))
+            })
+            .chain(
+                ["norm", "addnorm"].map(|tag| format!("gemv1x{GEMV_ROWS_PER_BLOCK}_{tag}_rope")),
+            );
         let names: Vec<String> = OPS
             .iter()
             .map(|op| op.to_string())
@@ -1389,6 +1497,9 @@ KERNELS(f16, F16)
         a_ptr: u64,
         nw_ptr: u64,
         eps: f32,
+        /// With a rotary target: the q/k/v product of one token, rotated and stored (query
+        /// heads alongside).
+        rope: Option<(RopeTarget, i32)>,
     }
 
     /// Weight rows per block of the GEMV kernels (`R`; with silu, two gate/up pairs). One row
@@ -1408,11 +1519,13 @@ KERNELS(f16, F16)
                 (_, true) => "addnorm_silu",
             };
             let mr = if rows == 1 { 1 } else { 2 };
-            format!("gemv{mr}x{GEMV_ROWS_PER_BLOCK}_{tag}")
+            let rope = if self.rope.is_some() { "_rope" } else { "" };
+            format!("gemv{mr}x{GEMV_ROWS_PER_BLOCK}_{tag}{rope}")
         }
     }
 
-    /// Output: (mode 2) the sum's rows, then the product's.
+    /// Output: (mode 2) the sum's rows, then the product's (with a rotary target, only the
+    /// rotated query heads).
     impl CustomOp2 for Gemv {
         fn name(&self) -> &'static str {
             "fused_gemv"
@@ -1436,6 +1549,10 @@ KERNELS(f16, F16)
             let n = if self.silu { wrows / 2 } else { wrows };
             let f = kern.func(&self.kernel(rows), x.dtype())?;
             let sum_len = if self.mode == 2 { rows * kd } else { 0 };
+            let out_len = match &self.rope {
+                Some((t, nq)) => (*nq * t.hd) as usize,
+                None => rows * n,
+            };
             let cols_per_block = GEMV_ROWS_PER_BLOCK / if self.silu { 2 } else { 1 };
             let threads = gemv_threads(kd, x.dtype().size_in_bytes());
             let cfg = grid(n.div_ceil(cols_per_block) as u32, threads, 0);
@@ -1447,7 +1564,7 @@ KERNELS(f16, F16)
                     let wv = w.as_cuda_slice::<$t>()?.slice(ws..we);
                     // SAFETY: the kernel writes every element of the product, and every
                     // element of the sum in mode 2.
-                    let mut out = unsafe { dev.alloc::<$t>(sum_len + rows * n)? };
+                    let mut out = unsafe { dev.alloc::<$t>(sum_len + out_len)? };
                     {
                         // The sum first: its 16-byte stores stay aligned.
                         let (mut xo, mut y) = out.split_at_mut(sum_len);
@@ -1462,13 +1579,29 @@ KERNELS(f16, F16)
                             .arg(&n32)
                             .arg(&kd32)
                             .arg(&self.eps);
+                        if let Some((t, nq)) = &self.rope {
+                            b.arg(&t.ptrs[0])
+                                .arg(&t.ptrs[1])
+                                .arg(&t.ptrs[2])
+                                .arg(&t.ptrs[3])
+                                .arg(&t.pos_ptr)
+                                .arg(&t.pos_host)
+                                .arg(nq)
+                                .arg(&t.hd)
+                                .arg(&t.strides[0])
+                                .arg(&t.strides[1])
+                                .arg(&t.strides[2])
+                                .arg(&t.strides[3])
+                                .arg(&t.interleaved);
+                        }
                         // SAFETY: arguments match the kernel's signature; the caller checked
-                        // shapes, dtypes and 16-byte alignment of every operand.
+                        // shapes, dtypes and 16-byte alignment of every operand (and, with a
+                        // rotary target, the caches and the position).
                         unsafe { b.launch(cfg) }.map_err(cerr)?;
                     }
                     Ok((
                         CudaStorage::wrap_cuda_slice(out, dev),
-                        Shape::from(sum_len + rows * n),
+                        Shape::from(sum_len + out_len),
                     ))
                 }};
             }
@@ -1484,6 +1617,43 @@ KERNELS(f16, F16)
         w: &Tensor,
         norm: Option<NormIn<'_>>,
         silu: bool,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        launch_gemv(x, w, norm, silu, None)
+    }
+
+    /// The GEMV with a rotary target behind [`super::norm_linear_rope`]: `(sum, rotated
+    /// queries [1, q heads, 1, head_dim])`.
+    pub(super) fn gemv_rope(
+        n: NormIn<'_>,
+        w: &Tensor,
+        r: RopeIn<'_>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let dt = n.x.dtype();
+        let Some((target, _cos_sin)) =
+            rope_target([r.cos, r.sin], r.interleaved, [r.kc, r.vc], r.pos, dt)?
+        else {
+            return Ok(None);
+        };
+        let (hd, nkv) = (target.hd as usize, target.nkv as usize);
+        let fits = hd % 4 == 0
+            && n.x.elem_count() == w.dim(1).unwrap_or(0)
+            && w.dim(0).ok() == Some((r.q_heads + 2 * nkv) * hd);
+        if !fits {
+            return Ok(None);
+        }
+        let rope = (target, r.q_heads as i32);
+        let Some((sum, q)) = launch_gemv(n.x, w, Some(n), false, Some(rope))? else {
+            return Ok(None);
+        };
+        Ok(Some((sum, q.reshape((1, r.q_heads, 1, hd))?)))
+    }
+
+    fn launch_gemv(
+        x: &Tensor,
+        w: &Tensor,
+        norm: Option<NormIn<'_>>,
+        silu: bool,
+        rope: Option<(RopeTarget, i32)>,
     ) -> Result<Option<(Tensor, Tensor)>> {
         static OFF: OnceLock<bool> = OnceLock::new();
         if *OFF.get_or_init(|| std::env::var("SHARDWISE_GEMV").is_ok_and(|v| v == "0")) {
@@ -1532,18 +1702,25 @@ KERNELS(f16, F16)
                 }
             }
         }
+        let mode = match (&nw, &delta) {
+            (None, _) => 0,
+            (Some(_), None) => 1,
+            (Some(_), Some(_)) => 2,
+        };
+        let out_len = match &rope {
+            // One row through norm (the kernels with a rotary target), no silu.
+            Some(_) if rows != 1 || mode == 0 || silu => return Ok(None),
+            Some((t, nq)) => (*nq * t.hd) as usize,
+            None => rows * if silu { wrows / 2 } else { wrows },
+        };
         let op = Gemv {
-            mode: match (&nw, &delta) {
-                (None, _) => 0,
-                (Some(_), None) => 1,
-                (Some(_), Some(_)) => 2,
-            },
+            mode,
             silu,
             a_ptr: ptrs[3],
             nw_ptr: ptrs[2],
             eps: norm.map_or(0.0, |n| n.eps),
+            rope,
         };
-        let n = if silu { wrows / 2 } else { wrows };
         let mut dims = x.dims().to_vec();
         let out = x.apply_op2_no_bwd(w, &op)?;
         let sum_len = if op.mode == 2 { rows * kd } else { 0 };
@@ -1553,9 +1730,9 @@ KERNELS(f16, F16)
             x.clone()
         };
         if let Some(last) = dims.last_mut() {
-            *last = n;
+            *last = out_len / rows;
         }
-        let y = out.narrow(0, sum_len, rows * n)?.reshape(dims)?;
+        let y = out.narrow(0, sum_len, out_len)?.reshape(dims)?;
         Ok(Some((sum, y)))
     }
 
@@ -1722,7 +1899,9 @@ KERNELS(f16, F16)
         }))
     }
 
-    struct RopeStore {
+    /// Where a rotary embedding reads its cos/sin rows and writes a token's key and value
+    /// (the `rope_store` kernel and the q/k/v GEMV with ROPE).
+    struct RopeTarget {
         /// cos, sin, k cache, v cache.
         ptrs: [u64; 4],
         /// k cache head and position strides, then v cache's.
@@ -1730,99 +1909,28 @@ KERNELS(f16, F16)
         pos_ptr: u64,
         pos_host: i32,
         nkv: i32,
+        hd: i32,
         interleaved: i32,
     }
 
-    impl CustomOp3 for RopeStore {
-        fn name(&self) -> &'static str {
-            "fused_rope_store"
-        }
-
-        cpu_refused!(3, "rope_store");
-
-        fn cuda_fwd(
-            &self,
-            q: &CudaStorage,
-            ql: &Layout,
-            k: &CudaStorage,
-            kl: &Layout,
-            v: &CudaStorage,
-            vl: &Layout,
-        ) -> candle_core::Result<(CudaStorage, Shape)> {
-            let dev = q.device().clone();
-            let kern = kernels(&dev)?;
-            let f = kern.func("rope_store", q.dtype())?;
-            let (qs, qe) = contiguous_range(ql, "rope_store")?;
-            let (ks, ke) = contiguous_range(kl, "rope_store")?;
-            let (vs, ve) = contiguous_range(vl, "rope_store")?;
-            let nkv = self.nkv as usize;
-            let hd = (ke - ks) / nkv.max(1);
-            let nq = (qe - qs) / hd.max(1);
-            let total = (nq + nkv) * hd / 2 + nkv * hd;
-            let cfg = grid(total.div_ceil(256).max(1) as u32, 256, 0);
-            let stream = dev.cuda_stream();
-            let (nq32, hd32) = (nq as i32, hd as i32);
-            macro_rules! run {
-                ($t:ty) => {{
-                    let qv = q.as_cuda_slice::<$t>()?.slice(qs..qe);
-                    let kv = k.as_cuda_slice::<$t>()?.slice(ks..ke);
-                    let vv = v.as_cuda_slice::<$t>()?.slice(vs..ve);
-                    // SAFETY: the kernel writes every element.
-                    let mut out = unsafe { dev.alloc::<$t>(nq * hd)? };
-                    let mut b = stream.launch_builder(f);
-                    b.arg(&qv)
-                        .arg(&kv)
-                        .arg(&vv)
-                        .arg(&self.ptrs[0])
-                        .arg(&self.ptrs[1])
-                        .arg(&mut out)
-                        .arg(&self.ptrs[2])
-                        .arg(&self.ptrs[3])
-                        .arg(&self.pos_ptr)
-                        .arg(&self.pos_host)
-                        .arg(&nq32)
-                        .arg(&self.nkv)
-                        .arg(&hd32)
-                        .arg(&self.strides[0])
-                        .arg(&self.strides[1])
-                        .arg(&self.strides[2])
-                        .arg(&self.strides[3])
-                        .arg(&self.interleaved);
-                    // SAFETY: arguments match the kernel's signature; the caller checked the
-                    // caches' shapes, dtypes and the position.
-                    unsafe { b.launch(cfg) }.map_err(cerr)?;
-                    Ok((
-                        CudaStorage::wrap_cuda_slice(out, dev),
-                        Shape::from((1, nq, 1, hd)),
-                    ))
-                }};
-            }
-            by_dtype!(q.dtype(), "rope_store", run)
-        }
-    }
-
-    pub(super) fn rope_store(
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
+    /// The target of `cos`/`sin` rows and caches `[1, kv heads, capacity, head_dim]` of dtype
+    /// `dt` at `pos`, with the contiguous cos and sin it points into (to keep alive until the
+    /// launch); `None` where a kernel does not serve them.
+    fn rope_target(
         [cos, sin]: [&Tensor; 2],
         interleaved: bool,
         [kc, vc]: [&Tensor; 2],
         pos: StorePos<'_>,
-    ) -> Result<Option<Tensor>> {
+        dt: DType,
+    ) -> Result<Option<(RopeTarget, [Tensor; 2])>> {
         let (_, nkv, cap, hd) = kc.dims4()?;
-        let dt = q.dtype();
-        let fits = q.dims().first() == Some(&1)
-            && q.elem_count() % hd.max(1) == 0
-            && hd % 2 == 0
-            && k.elem_count() == nkv * hd
-            && v.elem_count() == nkv * hd
+        let fits = hd % 2 == 0
             && vc.dims() == kc.dims()
             && kc.stride()[3] == 1
             && vc.stride()[3] == 1
             && cos.elem_count() == hd / 2
             && sin.elem_count() == hd / 2
-            && [k, v, cos, sin, kc, vc].iter().all(|t| t.dtype() == dt);
+            && [cos, sin, kc, vc].iter().all(|t| t.dtype() == dt);
         if !fits {
             return Ok(None);
         }
@@ -1849,15 +1957,113 @@ KERNELS(f16, F16)
             }
         }
         let (ks, vs) = (kc.stride(), vc.stride());
-        let op = RopeStore {
+        let target = RopeTarget {
             ptrs,
             strides: [ks[1] as i64, ks[2] as i64, vs[1] as i64, vs[2] as i64],
             pos_ptr,
             pos_host,
             nkv: nkv as i32,
+            hd: hd as i32,
             interleaved: i32::from(interleaved),
         };
+        Ok(Some((target, [cos, sin])))
+    }
+
+    struct RopeStore(RopeTarget);
+
+    impl CustomOp3 for RopeStore {
+        fn name(&self) -> &'static str {
+            "fused_rope_store"
+        }
+
+        cpu_refused!(3, "rope_store");
+
+        fn cuda_fwd(
+            &self,
+            q: &CudaStorage,
+            ql: &Layout,
+            k: &CudaStorage,
+            kl: &Layout,
+            v: &CudaStorage,
+            vl: &Layout,
+        ) -> candle_core::Result<(CudaStorage, Shape)> {
+            let dev = q.device().clone();
+            let kern = kernels(&dev)?;
+            let f = kern.func("rope_store", q.dtype())?;
+            let (qs, qe) = contiguous_range(ql, "rope_store")?;
+            let (ks, ke) = contiguous_range(kl, "rope_store")?;
+            let (vs, ve) = contiguous_range(vl, "rope_store")?;
+            let t = &self.0;
+            let nkv = t.nkv as usize;
+            let hd = (ke - ks) / nkv.max(1);
+            let nq = (qe - qs) / hd.max(1);
+            let total = (nq + nkv) * hd / 2 + nkv * hd;
+            let cfg = grid(total.div_ceil(256).max(1) as u32, 256, 0);
+            let stream = dev.cuda_stream();
+            let (nq32, hd32) = (nq as i32, hd as i32);
+            macro_rules! run {
+                ($t:ty) => {{
+                    let qv = q.as_cuda_slice::<$t>()?.slice(qs..qe);
+                    let kv = k.as_cuda_slice::<$t>()?.slice(ks..ke);
+                    let vv = v.as_cuda_slice::<$t>()?.slice(vs..ve);
+                    // SAFETY: the kernel writes every element.
+                    let mut out = unsafe { dev.alloc::<$t>(nq * hd)? };
+                    let mut b = stream.launch_builder(f);
+                    b.arg(&qv)
+                        .arg(&kv)
+                        .arg(&vv)
+                        .arg(&t.ptrs[0])
+                        .arg(&t.ptrs[1])
+                        .arg(&mut out)
+                        .arg(&t.ptrs[2])
+                        .arg(&t.ptrs[3])
+                        .arg(&t.pos_ptr)
+                        .arg(&t.pos_host)
+                        .arg(&nq32)
+                        .arg(&t.nkv)
+                        .arg(&hd32)
+                        .arg(&t.strides[0])
+                        .arg(&t.strides[1])
+                        .arg(&t.strides[2])
+                        .arg(&t.strides[3])
+                        .arg(&t.interleaved);
+                    // SAFETY: arguments match the kernel's signature; the caller checked the
+                    // caches' shapes, dtypes and the position.
+                    unsafe { b.launch(cfg) }.map_err(cerr)?;
+                    Ok((
+                        CudaStorage::wrap_cuda_slice(out, dev),
+                        Shape::from((1, nq, 1, hd)),
+                    ))
+                }};
+            }
+            by_dtype!(q.dtype(), "rope_store", run)
+        }
+    }
+
+    pub(super) fn rope_store(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cos_sin: [&Tensor; 2],
+        interleaved: bool,
+        caches: [&Tensor; 2],
+        pos: StorePos<'_>,
+    ) -> Result<Option<Tensor>> {
+        let Some((target, _cos_sin)) = rope_target(cos_sin, interleaved, caches, pos, q.dtype())?
+        else {
+            return Ok(None);
+        };
+        let (nkv, hd) = (target.nkv as usize, target.hd as usize);
+        let fits = q.dims().first() == Some(&1)
+            && q.elem_count() % hd.max(1) == 0
+            && k.elem_count() == nkv * hd
+            && v.elem_count() == nkv * hd
+            && k.dtype() == q.dtype()
+            && v.dtype() == q.dtype();
+        if !fits {
+            return Ok(None);
+        }
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        Ok(Some(q.apply_op3_no_bwd(&k, &v, &op)?))
+        Ok(Some(q.apply_op3_no_bwd(&k, &v, &RopeStore(target))?))
     }
 }

@@ -278,6 +278,27 @@ impl ParallelLinear {
         run().in_layer(&self.name)
     }
 
+    /// [`Self::forward_normed`] of a merged q/k/v layer for one token, with the rotary
+    /// embedding and KV cache write in the same kernel ([`fused::norm_linear_rope`]): `(sum,
+    /// rotated queries)`. `None` where that does not serve: outputs combined across ranks, a
+    /// bias, a weight that is not one dense matrix, or the kernel's own conditions.
+    ///
+    /// # Errors
+    /// A position outside the caches, kernel errors, naming the layer.
+    pub fn forward_normed_rope(
+        &self,
+        n: NormIn<'_>,
+        rope: fused::RopeIn<'_>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        if !matches!(self.reduce, Reduce::None) || self.bias_after.is_some() {
+            return Ok(None);
+        }
+        match self.dense_unbiased() {
+            Some(w) => fused::norm_linear_rope(n, w, rope).in_layer(&self.name),
+            None => Ok(None),
+        }
+    }
+
     /// This rank's whole weight as one dense matrix without a bias of its own, if it is one.
     fn dense_unbiased(&self) -> Option<&Tensor> {
         let part = match (&self.merged, self.parts.as_slice()) {

@@ -15,7 +15,7 @@ use super::rope::Rope;
 use crate::comm::Communicator;
 use crate::error::{Error, LayerContext, Result};
 use crate::layers::fused::{
-    add_rms_norm, decode_attention, rope_store, CacheLen, NormIn, StorePos,
+    add_rms_norm, decode_attention, rope_store, CacheLen, NormIn, RopeIn, StorePos,
 };
 use crate::layers::moe::{MoeBlock, MoeImpl};
 use crate::layers::{
@@ -486,8 +486,9 @@ impl Model {
             let mut per_seq: Vec<&mut LayerCache> =
                 caches.iter_mut().map(|c| &mut c.layers[i]).collect();
             let (nx, f) = layer
-                .forward_with(&x, pending.as_ref(), eps, |qkv| {
-                    layer.attention_batch(qkv, &ctxs, &mut per_seq)
+                .forward_with(&x, pending.as_ref(), eps, |n| {
+                    let (x, qkv) = layer.attn.qkv_normed(n)?;
+                    Ok((x, layer.attention_batch(&qkv, &ctxs, &mut per_seq)?))
                 })
                 .in_layer(&format!("model.layers.{i}"))?;
             (x, pending) = (nx, Some(f));
@@ -868,20 +869,29 @@ impl DecoderLayer {
         ctx: &StepCtx<'_>,
         cache: &mut LayerCache,
     ) -> Result<(Tensor, Tensor)> {
-        self.forward_with(x, pending, ctx.eps, |qkv| self.attention(qkv, ctx, cache))
+        self.forward_with(x, pending, ctx.eps, |n| {
+            if let Some((x, q)) = self.qkv_rotated(n, ctx, cache)? {
+                let (k, v) = cache.fixed_views(ctx.write, 1)?;
+                let y = self.attend_cached(&q, &k, &v, ctx)?;
+                return Ok((x, self.attn.o(&y)?));
+            }
+            let (x, qkv) = self.attn.qkv_normed(n)?;
+            Ok((x, self.attention(&qkv, ctx, cache)?))
+        })
     }
 
-    /// Residual `x` plus `pending` (the previous layer's feed-forward output), norm, q/k/v
-    /// product, `attention` (from q, k, v to the output projection), residual, norm,
-    /// feed-forward. Returns the residual stream and this layer's feed-forward output, which
-    /// the next norm adds (each add fused with the norm and the product that follow it, see
+    /// Residual `x` plus `pending` (the previous layer's feed-forward output) and the input
+    /// norm (as a [`NormIn`]) through `attention` (the q/k/v product to the output
+    /// projection; it returns the residual sum and its output), residual, norm, feed-forward.
+    /// Returns the residual stream and this layer's feed-forward output, which the next norm
+    /// adds (each add fused with the norm and the product that follow it, see
     /// [`ParallelLinear::forward_normed`]).
     fn forward_with(
         &self,
         x: &Tensor,
         pending: Option<&Tensor>,
         eps: f32,
-        attention: impl FnOnce(&(Tensor, Tensor, Tensor)) -> Result<Tensor>,
+        attention: impl FnOnce(NormIn<'_>) -> Result<(Tensor, Tensor)>,
     ) -> Result<(Tensor, Tensor)> {
         let n = NormIn {
             x,
@@ -889,8 +899,7 @@ impl DecoderLayer {
             w: &self.input_norm,
             eps,
         };
-        let (x, qkv) = self.attn.qkv_normed(n)?;
-        let a = attention(&qkv)?;
+        let (x, a) = attention(n)?;
         let n = NormIn {
             x: &x,
             delta: Some(&a),
@@ -898,6 +907,32 @@ impl DecoderLayer {
             eps,
         };
         self.ffn.forward_normed(n)
+    }
+
+    /// The q/k/v product of one token with its rotary embedding and KV cache write in the same
+    /// kernel (see [`crate::layers::fused::norm_linear_rope`]): `(residual sum, rotated
+    /// queries [1, q heads, 1, head_dim])`, or `None` where that does not serve (then nothing
+    /// was computed or written).
+    fn qkv_rotated(
+        &self,
+        n: NormIn<'_>,
+        ctx: &StepCtx<'_>,
+        cache: &LayerCache,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let one_token = n.x.dims().iter().rev().skip(1).all(|&d| d == 1);
+        let (Some((kc, vc)), true, None) = (cache.fixed_parts(), one_token, &self.q_norm) else {
+            return Ok(None);
+        };
+        let rope = RopeIn {
+            cos: &ctx.cos,
+            sin: &ctx.sin,
+            interleaved: ctx.rope.interleaved(),
+            kc,
+            vc,
+            pos: store_pos(ctx.write),
+            q_heads: self.attn.heads.q_heads.len(),
+        };
+        self.attn.qkv_rotated(n, rope)
     }
 
     fn attention(
@@ -948,10 +983,7 @@ impl DecoderLayer {
         // One token into a fixed cache: rotary and cache write as one kernel where it serves.
         let fused = match (b, t, &self.q_norm, cache.fixed_parts()) {
             (1, 1, None, Some((kc, vc))) => {
-                let pos = match ctx.write {
-                    KvWrite::At(p) => StorePos::Host(p),
-                    KvWrite::Indexed(idx) => StorePos::Device(idx),
-                };
+                let pos = store_pos(ctx.write);
                 let (cos, sin) = (&ctx.cos, &ctx.sin);
                 rope_store(q, k, v, cos, sin, ctx.rope.interleaved(), kc, vc, pos)?
             }
@@ -976,13 +1008,28 @@ impl DecoderLayer {
                 (q, k, v)
             }
         };
+        self.attend_cached(&q, &k, &v, ctx)
+    }
+
+    /// Attention of rotated queries `q` (`[b, q heads, t, head_dim]`) over the cached keys and
+    /// values `k`, `v` (this step's included): `[b, t, q heads * head_dim]`.
+    fn attend_cached(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &StepCtx<'_>,
+    ) -> Result<Tensor> {
+        let (b, _, t, hd) = q.dims4()?;
+        let nq = self.attn.heads.q_heads.len();
+        let nkv = self.attn.heads.kv_heads.len();
         let scale = 1.0 / (hd as f64).sqrt();
         if t == 1 && b == 1 && self.attn.heads.uniform_group().is_some() {
             let len = match ctx.write {
                 KvWrite::Indexed(idx) => CacheLen::Device(idx),
                 KvWrite::At(_) => CacheLen::Host,
             };
-            if let Some(y) = decode_attention(&q, &k, &v, len, ctx.window, scale as f32)? {
+            if let Some(y) = decode_attention(q, k, v, len, ctx.window, scale as f32)? {
                 return Ok(y.reshape((b, t, nq * hd))?);
             }
         }
@@ -1008,8 +1055,8 @@ impl DecoderLayer {
                 att.matmul(&v.contiguous()?)?.reshape((b, nq, t, hd))?
             }
             _ => {
-                let k = crate::layers::expand_kv(&k, &self.attn.heads)?;
-                let v = crate::layers::expand_kv(&v, &self.attn.heads)?;
+                let k = crate::layers::expand_kv(k, &self.attn.heads)?;
+                let v = crate::layers::expand_kv(v, &self.attn.heads)?;
                 let mut att = (q.matmul(&k.t()?)? * scale)?;
                 if let Some(m) = &ctx.mask {
                     att = att.broadcast_add(m)?;
@@ -1019,6 +1066,15 @@ impl DecoderLayer {
             }
         };
         Ok(y.transpose(1, 2)?.reshape((b, t, nq * hd))?)
+    }
+}
+
+/// Where a fused kernel writes a step's key and value: the position on the host, or in the
+/// device tensor of a step replayed as a CUDA graph.
+fn store_pos(write: KvWrite<'_>) -> StorePos<'_> {
+    match write {
+        KvWrite::At(p) => StorePos::Host(p),
+        KvWrite::Indexed(idx) => StorePos::Device(idx),
     }
 }
 
