@@ -15,7 +15,9 @@
 //! - [`rope_store`]: rotary embedding of one token and its KV cache write;
 //! - [`linear`] and [`norm_linear`]: the products of a decode step's one or two rows as a
 //!   GEMV (no split-K reduction kernel), with the residual add, the norm before it and the
-//!   silu after it in the same kernel (`SHARDWISE_GEMV=0` leaves the products to cuBLAS).
+//!   silu after it in the same kernel (`SHARDWISE_GEMV=0` leaves the products to cuBLAS);
+//! - [`norm_linear_rope`]: the q/k/v product of one token with the rotary embedding and KV
+//!   cache write of [`rope_store`] in its epilogue.
 //!
 //! Each rounds where the operations it replaces round (the sum to the model's dtype before
 //! the norm, silu's result before the product), so fused and plain steps agree to float
@@ -1106,10 +1108,11 @@ KERNELS(f16, F16)
     const PASS_MAX_WIDTH: usize = 1024;
 
     /// The attention kernel for `g` heads per KV head of width `hd`, `elem` bytes per element,
-    /// with `aligned`: every cache row starts on 16 bytes. The pass-wise kernel where it
-    /// serves (rows of 4 to 32 whole 16-byte chunks, a power of two; at most 8 heads per KV
-    /// head), else the warp-per-positions one; `SHARDWISE_ATTN_KERNEL=warps` always takes the
-    /// latter (to measure it). Returns the kernel's name and its dynamic shared floats.
+    /// `splits` blocks per KV head, with `aligned`: every cache row starts on 16 bytes. The
+    /// pass-wise kernel where it serves (rows of 4 to 32 whole 16-byte chunks, a power of
+    /// two; at most 8 heads per KV head; `g * hd` at most 1024), else the warp-per-positions
+    /// one; `SHARDWISE_ATTN_KERNEL=warps` always takes the latter (to measure it). Returns the
+    /// kernel's name and its dynamic shared floats.
     fn attend_kernel(
         g: usize,
         hd: usize,
