@@ -125,11 +125,12 @@ fn back_to_back(
     .unwrap()
 }
 
-#[test]
-fn peer_all_reduce_matches_host_sums_back_to_back() {
+/// An NCCL group over up to 4 GPUs with its peer-memory path up, or `None` (skipped) on one
+/// GPU.
+fn peer_group() -> Option<Vec<shardwise::comm::nccl::NcclComm>> {
     if gpus() < 2 {
         eprintln!("skipped: one GPU");
-        return;
+        return None;
     }
     let world = gpus().min(4);
     let comms = shardwise::comm::nccl::group(world).unwrap();
@@ -137,6 +138,14 @@ fn peer_all_reduce_matches_host_sums_back_to_back() {
         comms.iter().all(|c| c.has_peer_path()),
         "the peer-memory path did not come up on {world} GPUs"
     );
+    Some(comms)
+}
+
+#[test]
+fn peer_all_reduce_matches_host_sums_back_to_back() {
+    let Some(comms) = peer_group() else {
+        return;
+    };
     let max = shardwise::comm::peer::MAX_BYTES;
     for (dtype, tol) in [(DType::F32, 1e-6), (DType::BF16, 8e-3), (DType::F16, 1e-3)] {
         for n in [1, 7, 4096, 65_537, max / dtype.size_in_bytes()] {
@@ -724,13 +733,10 @@ fn qkv_gemv_with_rotary_matches_float64_reference() {
 #[test]
 fn peer_all_gather_matches_host_concatenation_between_all_reduces() {
     use shardwise::comm::Communicator;
-    if gpus() < 2 {
-        eprintln!("skipped: one GPU");
+    let Some(comms) = peer_group() else {
         return;
-    }
-    let world = gpus().min(4);
-    let comms = shardwise::comm::nccl::group(world).unwrap();
-    assert!(comms.iter().all(|c| c.has_peer_path()));
+    };
+    let world = comms.len();
     let max = shardwise::comm::peer::MAX_BYTES;
     for dtype in [DType::F32, DType::BF16] {
         let most = max / dtype.size_in_bytes();
