@@ -919,8 +919,8 @@ impl DecoderLayer {
         ctx: &StepCtx<'_>,
         cache: &LayerCache,
     ) -> Result<Option<(Tensor, Tensor)>> {
-        let one_token = n.x.dims().iter().rev().skip(1).all(|&d| d == 1);
-        let (Some((kc, vc)), true, None) = (cache.fixed_parts(), one_token, &self.q_norm) else {
+        let (b, t, _) = n.x.dims3()?;
+        let Some((kc, vc)) = self.rope_caches(b, t, cache) else {
             return Ok(None);
         };
         let rope = RopeIn {
@@ -933,6 +933,20 @@ impl DecoderLayer {
             q_heads: self.attn.heads.q_heads.len(),
         };
         self.attn.qkv_rotated(n, rope)
+    }
+
+    /// The fixed caches where the fused rotary kernels serve: one token of one sequence, no
+    /// q/k norms, a fixed cache.
+    fn rope_caches<'c>(
+        &self,
+        b: usize,
+        t: usize,
+        cache: &'c LayerCache,
+    ) -> Option<(&'c Tensor, &'c Tensor)> {
+        match (b, t, &self.q_norm) {
+            (1, 1, None) => cache.fixed_parts(),
+            _ => None,
+        }
     }
 
     fn attention(
@@ -981,13 +995,13 @@ impl DecoderLayer {
         let nq = self.attn.heads.q_heads.len();
         let nkv = self.attn.heads.kv_heads.len();
         // One token into a fixed cache: rotary and cache write as one kernel where it serves.
-        let fused = match (b, t, &self.q_norm, cache.fixed_parts()) {
-            (1, 1, None, Some((kc, vc))) => {
+        let fused = match self.rope_caches(b, t, cache) {
+            Some((kc, vc)) => {
                 let pos = store_pos(ctx.write);
                 let (cos, sin) = (&ctx.cos, &ctx.sin);
                 rope_store(q, k, v, cos, sin, ctx.rope.interleaved(), kc, vc, pos)?
             }
-            _ => None,
+            None => None,
         };
         let (q, k, v) = match fused {
             Some(q) => {
