@@ -1034,38 +1034,13 @@ KERNELS(bf16, BF16)
 KERNELS(f16, F16)
 "#;
 
-    /// The CPU half of a custom op of `$n` inputs, which only CUDA tensors reach (the callers
-    /// dispatch on the device first).
+    /// The CPU half of a custom op (one `storage: layout` pair of names per input), which
+    /// only CUDA tensors reach (the callers dispatch on the device first).
     macro_rules! cpu_refused {
-        (1, $what:literal) => {
+        ($what:literal, $($s:ident: $l:ident),+) => {
             fn cpu_fwd(
                 &self,
-                _: &CpuStorage,
-                _: &Layout,
-            ) -> candle_core::Result<(CpuStorage, Shape)> {
-                candle_core::bail!(concat!("fused ", $what, " needs CUDA tensors"))
-            }
-        };
-        (2, $what:literal) => {
-            fn cpu_fwd(
-                &self,
-                _: &CpuStorage,
-                _: &Layout,
-                _: &CpuStorage,
-                _: &Layout,
-            ) -> candle_core::Result<(CpuStorage, Shape)> {
-                candle_core::bail!(concat!("fused ", $what, " needs CUDA tensors"))
-            }
-        };
-        (3, $what:literal) => {
-            fn cpu_fwd(
-                &self,
-                _: &CpuStorage,
-                _: &Layout,
-                _: &CpuStorage,
-                _: &Layout,
-                _: &CpuStorage,
-                _: &Layout,
+                $($s: &CpuStorage, $l: &Layout),+
             ) -> candle_core::Result<(CpuStorage, Shape)> {
                 candle_core::bail!(concat!("fused ", $what, " needs CUDA tensors"))
             }
@@ -1290,7 +1265,7 @@ KERNELS(f16, F16)
             "fused_rms_norm"
         }
 
-        cpu_refused!(2, "rms_norm");
+        cpu_refused!("rms_norm", _x: _xl, _y: _yl);
 
         fn cuda_fwd(
             &self,
@@ -1336,7 +1311,7 @@ KERNELS(f16, F16)
             "fused_add_rms_norm"
         }
 
-        cpu_refused!(3, "add_rms_norm");
+        cpu_refused!("add_rms_norm", _x: _xl, _y: _yl, _z: _zl);
 
         fn cuda_fwd(
             &self,
@@ -1423,7 +1398,7 @@ KERNELS(f16, F16)
             "fused_silu_mul"
         }
 
-        cpu_refused!(1, "silu_mul");
+        cpu_refused!("silu_mul", _x: _xl);
 
         fn cuda_fwd(
             &self,
@@ -1534,7 +1509,7 @@ KERNELS(f16, F16)
             "fused_gemv"
         }
 
-        cpu_refused!(2, "gemv");
+        cpu_refused!("gemv", _x: _xl, _y: _yl);
 
         fn cuda_fwd(
             &self,
@@ -1751,7 +1726,7 @@ KERNELS(f16, F16)
             "fused_decode_attention"
         }
 
-        cpu_refused!(3, "decode attention");
+        cpu_refused!("decode attention", _x: _xl, _y: _yl, _z: _zl);
 
         fn cuda_fwd(
             &self,
@@ -1979,7 +1954,7 @@ KERNELS(f16, F16)
             "fused_rope_store"
         }
 
-        cpu_refused!(3, "rope_store");
+        cpu_refused!("rope_store", _x: _xl, _y: _yl, _z: _zl);
 
         fn cuda_fwd(
             &self,
