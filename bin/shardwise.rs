@@ -618,14 +618,19 @@ fn run(cli: Cli) -> shardwise::Result<()> {
             if let Some(bw) = bw {
                 println!("copy bandwidth (GPU 0): {bw:.0} GB/s");
             }
-            println!("| ranks | batch | ms/step | tok/s | weights/rank GiB | floor ms |");
-            println!("|---|---|---|---|---|---|");
+            println!(
+                "| ranks | batch | ms/step | tok/s | weights/rank GiB | floor ms | empty request us |"
+            );
+            println!("|---|---|---|---|---|---|---|");
             for r in rows {
                 let floor = bw.map_or("-".to_string(), |bw| {
                     format!("{:.2}", r.weight_bytes as f64 / (bw * 1e9) * 1e3)
                 });
+                let request = r
+                    .request_us
+                    .map_or("-".to_string(), |us| format!("{us:.0}"));
                 println!(
-                    "| {world} | {} | {:.2} | {:.1} | {:.2} | {floor} |",
+                    "| {world} | {} | {:.2} | {:.1} | {:.2} | {floor} | {request} |",
                     r.batch,
                     r.ms_per_step,
                     r.batch as f64 * 1e3 / r.ms_per_step,

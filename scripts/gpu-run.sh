@@ -23,6 +23,8 @@
 #             `ncu`): time per step of each kernel name, from $PROFILE_COUNT kernels
 #   PROFILE_KERNEL  a kernel name (regex): one launch of it under ncu's stall sections
 #             (warp states, scheduler, occupancy, speed of light), eager TP1 decode
+#   NSYS      1 records decode steps at 1 and 2 GPUs with Nsight Systems (when the machine has
+#             `nsys`) and prints idle time between kernels and steps (bench/nsys_gaps.py)
 #   SMOLLM2   a SmolLM2 GGUF on the GPU machine: greedy tokens of GPU ranks (f32, 1 and 2
 #             GPUs) against a CPU rank (f32) of the same binary, in the same call
 set -euo pipefail
@@ -112,6 +114,23 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
             --context 512 --steps 10 2>"$OUT/ncu-kernel.log" > "$OUT/ncu-kernel.txt"
         grep -E "Duration|Elapsed Cycles|SM Frequency|Executed Ipc|Issue Slots|Registers Per|Achieved Occ|No Eligible|Warp Cycles Per Issued|stall|Stall" \
             "$OUT/ncu-kernel.txt" | head -n 40
+    fi
+    NSYS_BIN="$(command -v nsys || ls /usr/local/cuda*/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -n 1 || true)"
+    if [[ "${NSYS:-0}" == 1 && -n "$NSYS_BIN" ]]; then
+        # Timeline of decode steps as they run (graphs as configured): idle time between
+        # kernels inside a step and between steps, per GPU.
+        for n in $(seq 1 "$(( WORLD < 2 ? WORLD : 2 ))"); do
+            echo "timeline, $n GPU(s), decode steps (nsys)"
+            step "$NSYS_BIN" profile --trace cuda --cuda-graph-trace node --sample none \
+                --cpuctxsw none --force-overwrite true --export sqlite -o "$OUT/decode-tp$n" \
+                "$BIN" bench decode --model synthetic:llama3-8b --local "$n" --transport nccl \
+                --dtype bf16 --batch 1 --context 512 --steps "${STEPS:-30}" > "$OUT/nsys-tp$n.log" 2>&1
+            for d in $(seq 0 $(( n - 1 ))); do
+                python3 "$HERE/bench/nsys_gaps.py" "$OUT/decode-tp$n.sqlite" --device "$d" --keep 0.5
+            done
+        done
+    elif [[ "${NSYS:-0}" == 1 ]]; then
+        echo "NSYS=1 but this machine has no nsys"
     fi
     if [[ -n "${SMOLLM2:-}" ]] && want smollm2; then
         # Fidelity: greedy continuations of GPU ranks equal the CPU rank's, token for token.

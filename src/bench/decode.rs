@@ -46,6 +46,10 @@ pub struct DecodeRow {
     pub ms_per_step: f64,
     /// Weight bytes of rank 0.
     pub weight_bytes: u64,
+    /// Mean microseconds of a request that does no work (a health check) through the
+    /// coordinator and every rank, timed right after the steps: the runtime's own share of a
+    /// step (`None` without the runtime).
+    pub request_us: Option<f64>,
 }
 
 /// The same measurement without the runtime: `world` threads of this process each load their
@@ -80,6 +84,7 @@ pub fn run_direct(opts: &DecodeOpts) -> Result<Vec<DecodeRow>> {
                 batch,
                 ms_per_step: t0.elapsed().as_secs_f64() * 1e3 / opts.steps.max(1) as f64,
                 weight_bytes,
+                request_us: None,
             });
             (0..batch as u64).for_each(|s| model.release(s));
         }
@@ -156,10 +161,17 @@ pub fn run(opts: &DecodeOpts) -> Result<Vec<DecodeRow>> {
                 .await?;
                 pos += 1;
             }
+            let ms_per_step = t0.elapsed().as_secs_f64() * 1e3 / opts.steps.max(1) as f64;
+            let requests = 4 * opts.steps.max(1);
+            let t0 = Instant::now();
+            for _ in 0..requests {
+                c.health().await?;
+            }
             rows.push(DecodeRow {
                 batch,
-                ms_per_step: t0.elapsed().as_secs_f64() * 1e3 / opts.steps.max(1) as f64,
+                ms_per_step,
                 weight_bytes,
+                request_us: Some(t0.elapsed().as_secs_f64() * 1e6 / requests as f64),
             });
             c.step(StepRequest {
                 seqs: vec![],

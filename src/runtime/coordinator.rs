@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use candle_core::Tensor;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
-use tokio::task::JoinSet;
 
 use super::handle::RankHandle;
 use super::messages::{HealthReport, LoadReport, LoadSpec, RankReply, RankRequest, StepRequest};
@@ -40,6 +41,8 @@ pub struct CoordinatorActor;
 pub struct CoordState {
     handles: Vec<RankHandle>,
     step_deadline: Duration,
+    /// Whether steps are waited for hot (see [`CoordArgs::hot_steps`]).
+    hot_steps: bool,
     /// Set by the first failure: (rank, reason).
     failed: Option<(usize, String)>,
 }
@@ -51,6 +54,11 @@ pub struct CoordArgs {
     pub handles: Vec<RankHandle>,
     /// Deadline of Step and Forward requests.
     pub step_deadline: Duration,
+    /// Wait for a step's replies without letting the coordinator's thread sleep (it polls,
+    /// yielding to other tasks): a GPU step takes a few milliseconds, and waking a thread
+    /// that slept that long costs about 0.15 ms on a virtual machine, every step. Only for
+    /// ranks whose steps run on GPUs, where a busy core is cheap; CPU ranks need every core.
+    pub hot_steps: bool,
 }
 
 impl Actor for CoordinatorActor {
@@ -66,6 +74,7 @@ impl Actor for CoordinatorActor {
         Ok(CoordState {
             handles: args.handles,
             step_deadline: args.step_deadline,
+            hot_steps: args.hot_steps,
             failed: None,
         })
     }
@@ -85,7 +94,8 @@ impl Actor for CoordinatorActor {
         }
         let shutdown = matches!(msg.req, RankRequest::Shutdown);
         let deadline = msg.req.deadline(state.step_deadline);
-        let result = broadcast(&state.handles, msg.req, deadline).await;
+        let hot = state.hot_steps && matches!(msg.req, RankRequest::Step(_));
+        let result = broadcast(&state.handles, msg.req, deadline, hot).await;
         if let Err(e) = &result {
             let (rank, why) = match e {
                 Error::Rank { rank, reason } => (*rank, reason.clone()),
@@ -105,40 +115,58 @@ impl Actor for CoordinatorActor {
 }
 
 /// Sends `req` to every rank concurrently; returns the replies in rank order, or the first
-/// failure (as it happens, without waiting for the other ranks).
+/// failure (as it happens, without waiting for the other ranks). The calls are polled by the
+/// coordinator's own task (no task per rank), so a reply reaches it without another hop;
+/// with `hot`, without its thread going to sleep either.
 async fn broadcast(
     handles: &[RankHandle],
     req: RankRequest,
     deadline: Duration,
+    hot: bool,
 ) -> Result<Vec<RankReply>> {
-    let mut set = JoinSet::new();
-    for h in handles {
-        let (h, req) = (h.clone(), req.clone());
-        set.spawn(async move {
-            let rank = h.rank();
-            let r = h.call(req, deadline).await.map_err(|e| match e {
-                e @ Error::Rank { .. } => e,
-                other => Error::Rank {
-                    rank,
-                    reason: other.to_string(),
-                },
-            });
-            (rank, r)
-        });
-    }
+    let mut calls: FuturesUnordered<_> = handles
+        .iter()
+        .map(|h| {
+            let req = req.clone();
+            async move {
+                let rank = h.rank();
+                let r = h.call(req, deadline).await.map_err(|e| match e {
+                    e @ Error::Rank { .. } => e,
+                    other => Error::Rank {
+                        rank,
+                        reason: other.to_string(),
+                    },
+                });
+                (rank, r)
+            }
+        })
+        .collect();
     let mut replies: Vec<Option<RankReply>> = vec![None; handles.len()];
-    while let Some(joined) = set.join_next().await {
-        let (rank, r) = joined.map_err(|e| Error::Rank {
-            rank: 0,
-            reason: format!("coordinator task failed: {e}"),
-        })?;
+    while let Some((rank, r)) = next_reply(&mut calls, hot).await {
         match r {
             Ok(reply) => replies[rank] = Some(reply),
-            // Dropping the set abandons the other calls; their ranks are stopped next.
-            Err(e) => return Err(root_cause(handles, e).await),
+            // Dropping the calls abandons the other ranks; they are stopped next.
+            Err(e) => {
+                drop(calls);
+                return Err(root_cause(handles, e).await);
+            }
         }
     }
     Ok(replies.into_iter().flatten().collect())
+}
+
+/// The next of `calls` to finish; with `hot`, polled in a loop that yields to other tasks
+/// instead of parking the thread (the calls' own deadlines still bound the wait).
+async fn next_reply<S: futures_util::Stream + Unpin>(calls: &mut S, hot: bool) -> Option<S::Item> {
+    if !hot {
+        return calls.next().await;
+    }
+    loop {
+        if let Some(item) = calls.next().now_or_never() {
+            return item;
+        }
+        tokio::task::yield_now().await;
+    }
 }
 
 /// When one rank process dies, a survivor's collective can report the broken link before the
@@ -201,6 +229,15 @@ pub enum LocalTransport {
 }
 
 impl LocalTransport {
+    /// Whether its ranks run on GPUs.
+    pub fn on_gpus(self) -> bool {
+        match self {
+            LocalTransport::InProcess | LocalTransport::Grpc | LocalTransport::Shm => false,
+            #[cfg(feature = "cuda")]
+            LocalTransport::Nccl => true,
+        }
+    }
+
     /// `world` communicators of this process over this transport, in rank order (blocking:
     /// links connect and NCCL initialises here).
     ///
@@ -257,7 +294,13 @@ impl Cluster {
             let (actor, _) = rank::spawn(RankWorker::new(comm)).await?;
             handles.push(RankHandle::Local { rank, actor });
         }
-        Self::start(handles, LOCAL_STEP_DEADLINE).await
+        // `SHARDWISE_HOT_STEPS=0|1` overrides the choice (to measure it).
+        let hot = match std::env::var("SHARDWISE_HOT_STEPS").as_deref() {
+            Ok("0") => false,
+            Ok("1") => true,
+            _ => transport.on_gpus(),
+        };
+        Self::start(handles, LOCAL_STEP_DEADLINE, hot).await
     }
 
     /// Connects to the rank servers `ranks.toml` lists (started by `shardwise launch` or
@@ -269,7 +312,7 @@ impl Cluster {
     pub async fn connect(cfg: &ClusterConfig) -> Result<Self> {
         let token = cfg.resolve_token()?;
         let world = cfg.world_size();
-        let mut set = JoinSet::new();
+        let mut set = tokio::task::JoinSet::new();
         for e in &cfg.ranks {
             let (addr, rank, token) = (e.control_addr(), e.rank, token.clone());
             let deadline = cfg.connect_timeout;
@@ -288,10 +331,14 @@ impl Cluster {
         let handles = remotes.into_iter().map(RankHandle::Remote).collect();
         // A step waits at most on a few collectives, each bounded by the collective timeout.
         let step = (cfg.collective_timeout * 2).max(Duration::from_secs(60));
-        Self::start(handles, step).await
+        Self::start(handles, step, false).await
     }
 
-    async fn start(handles: Vec<RankHandle>, step_deadline: Duration) -> Result<Self> {
+    async fn start(
+        handles: Vec<RankHandle>,
+        step_deadline: Duration,
+        hot_steps: bool,
+    ) -> Result<Self> {
         let world = handles.len();
         let (coord, _) = Actor::spawn(
             None,
@@ -299,6 +346,7 @@ impl Cluster {
             CoordArgs {
                 handles,
                 step_deadline,
+                hot_steps,
             },
         )
         .await
