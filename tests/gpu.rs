@@ -15,7 +15,7 @@ mod common;
 use candle_core::DType;
 use common::reference::{
     all_logits, check_reference_on, f32_spec, fixtures, greedy_step_logits, loaded, max_abs,
-    max_abs_diff, rt, with_env,
+    max_abs_diff, rt, three_sequences, with_env,
 };
 use shardwise::runtime::{LoadSpec, LocalTransport};
 
@@ -258,6 +258,34 @@ fn decode_steps_replayed_as_cuda_graphs_match_eager_steps() {
 }
 
 #[test]
+fn decoding_sequences_in_one_step_on_gpus_matches_one_at_a_time() {
+    let world = gpus().min(2);
+    assert!(world >= 1, "no CUDA device");
+    // Three sequences of different lengths decoded in one step (one attention launch for all
+    // three where the fused kernel serves) against one sequence per step (graphs off: every
+    // step eager, the single-sequence kernel).
+    for name in ["tiny-llama", "tiny-qwen3"] {
+        let dir = fixtures().join("models").join(name);
+        for w in 1..=world {
+            let (batched, single) = with_env("SHARDWISE_CUDA_GRAPH", None, || {
+                rt().block_on(async {
+                    let c = loaded(&f32_spec(&dir), w, LocalTransport::Nccl).await;
+                    let b = three_sequences(&c, 12, true).await;
+                    let s = three_sequences(&c, 12, false).await;
+                    c.shutdown().await.unwrap();
+                    (b, s)
+                })
+            });
+            for i in 0..3 {
+                let d = max_abs_diff(&batched[i], &single[i]);
+                assert!(d <= 1e-4, "{name} at {w} GPU(s), sequence {i}: {d}");
+                eprintln!("{name} at {w} GPU(s), sequence {i}: batched within {d} of single");
+            }
+        }
+    }
+}
+
+#[test]
 fn ggml_blocks_on_gpus_match_the_same_blocks_on_the_cpu() {
     use candle_core::quantized::GgmlDType;
     use shardwise::quant::IsqType;
@@ -383,10 +411,51 @@ fn rel_err(got: &[f64], want: &[f64]) -> f64 {
         / scale
 }
 
+/// Attention of one token's queries `q` (`[q heads, head_dim]`) over the first `len` of
+/// `cap` cached positions (`kv`: keys, values `[kv heads, cap, head_dim]`), within `window`,
+/// in float64: `[q heads * head_dim]`.
+fn attention_ref(
+    q: &[f64],
+    kv: [&[f64]; 2],
+    [nq, nkv, hd]: [usize; 3],
+    len: usize,
+    cap: usize,
+    window: Option<usize>,
+) -> Vec<f64> {
+    let g = nq / nkv;
+    let scale = 1.0 / (hd as f64).sqrt();
+    let first = window.map_or(0, |w| len.saturating_sub(w));
+    let mut want = vec![0.0; nq * hd];
+    for h in 0..nq {
+        let kvh = h / g;
+        let at = |buf: &[f64], j: usize, d: usize| buf[(kvh * cap + j) * hd + d];
+        let s: Vec<f64> = (first..len)
+            .map(|j| {
+                (0..hd)
+                    .map(|d| q[h * hd + d] * at(kv[0], j, d))
+                    .sum::<f64>()
+                    * scale
+            })
+            .collect();
+        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let p: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+        let l: f64 = p.iter().sum();
+        for d in 0..hd {
+            want[h * hd + d] = (first..len)
+                .zip(&p)
+                .map(|(j, p)| p * at(kv[1], j, d))
+                .sum::<f64>()
+                / l;
+        }
+    }
+    want
+}
+
 #[test]
 fn fused_kernels_match_float64_references() {
     use shardwise::layers::fused::{
-        add_rms_norm, decode_attention, rope_store, silu_mul, CacheLen, StorePos,
+        add_rms_norm, decode_attention, decode_attention_batch, rope_store, silu_mul, CacheLen,
+        StorePos,
     };
     assert!(gpus() >= 1, "no CUDA device");
     let dev = candle_core::Device::new_cuda(0).unwrap();
@@ -501,27 +570,8 @@ fn fused_kernels_match_float64_references() {
             let (q, qv) = put(&randn(nq * hd, &mut rng), &[1, nq, 1, hd], dtype, &dev);
             let (k, kv) = cache(nkv, cap, hd, &mut rng);
             let (v, vv) = cache(nkv, cap, hd, &mut rng);
-            let g = nq / nkv;
             let scale = 1.0 / (hd as f64).sqrt();
-            let first = window.map_or(0, |w: usize| len.saturating_sub(w));
-            let mut want = vec![0.0; nq * hd];
-            for h in 0..nq {
-                let kvh = h / g;
-                let at = |buf: &[f64], j: usize, d: usize| buf[(kvh * cap + j) * hd + d];
-                let s: Vec<f64> = (first..len)
-                    .map(|j| (0..hd).map(|d| qv[h * hd + d] * at(&kv, j, d)).sum::<f64>() * scale)
-                    .collect();
-                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let p: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
-                let l: f64 = p.iter().sum();
-                for d in 0..hd {
-                    want[h * hd + d] = (first..len)
-                        .zip(&p)
-                        .map(|(j, p)| p * at(&vv, j, d))
-                        .sum::<f64>()
-                        / l;
-                }
-            }
+            let want = attention_ref(&qv, [&kv, &vv], [nq, nkv, hd], len, cap, window);
             let pos = candle_core::Tensor::new(&[(len - 1) as u32], &dev).unwrap();
             let views = [
                 (
@@ -540,6 +590,54 @@ fn fused_kernels_match_float64_references() {
                 let what = format!("{dtype:?} attention {nq}/{nkv}x{hd}, {len} of {cap}, {how:?}");
                 assert!(e <= 2.0 * tol, "{what}: off by {e}");
             }
+        }
+        // Several sequences in one launch, each over its own cache (capacities and lengths
+        // differ, one sequence of a single position), against each sequence's reference.
+        for (nq, nkv, hd, window, seqs) in [
+            (
+                32,
+                8,
+                128,
+                None,
+                vec![(512usize, 768usize), (1, 256), (300, 512), (77, 256)],
+            ),
+            (
+                9,
+                3,
+                64,
+                Some(100),
+                vec![(250, 256), (40, 256), (1000, 1024)],
+            ),
+            (14, 2, 128, None, vec![(5, 256); 8]),
+        ] {
+            let b = seqs.len();
+            let (q, qv) = put(&randn(b * nq * hd, &mut rng), &[b, nq, 1, hd], dtype, &dev);
+            let scale = 1.0 / (hd as f64).sqrt();
+            let mut caches = Vec::new();
+            let mut want = Vec::new();
+            for (i, &(len, cap)) in seqs.iter().enumerate() {
+                let (k, kv) = cache(nkv, cap, hd, &mut rng);
+                let (v, vv) = cache(nkv, cap, hd, &mut rng);
+                let qi = &qv[i * nq * hd..(i + 1) * nq * hd];
+                want.extend(attention_ref(
+                    qi,
+                    [&kv, &vv],
+                    [nq, nkv, hd],
+                    len,
+                    cap,
+                    window,
+                ));
+                caches.push((k.narrow(2, 0, len).unwrap(), v.narrow(2, 0, len).unwrap()));
+            }
+            let views: Vec<(&candle_core::Tensor, &candle_core::Tensor)> =
+                caches.iter().map(|(k, v)| (k, v)).collect();
+            let y = decode_attention_batch(&q, &views, window, scale as f32)
+                .unwrap()
+                .expect("a fused kernel for this batch");
+            assert_eq!(y.dims(), &[b, nq, 1, hd]);
+            let e = rel_err(&values(&y), &want);
+            let what = format!("{dtype:?} attention of {b} sequences, {nq}/{nkv}x{hd}, {seqs:?}");
+            assert!(e <= 2.0 * tol, "{what}: off by {e}");
         }
     }
 }

@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Tensor};
 use common::reference::{
-    all_logits, argmax, check_reference, f32_spec, fixtures, floats, greedy, ids, json, loaded,
-    max_abs, max_abs_diff, rt,
+    all_logits, check_reference, f32_spec, fixtures, floats, greedy, ids, json, loaded, max_abs,
+    max_abs_diff, rt, three_sequences,
 };
 use shardwise::model::checkpoint::{encode, load_tokenizer};
 use shardwise::model::{SamplingParams, SeqStep};
@@ -266,70 +266,6 @@ fn bad_input_gives_clear_errors() {
         e.contains("600 tokens do not fit") && e.contains("context is 512"),
         "{e}"
     );
-}
-
-/// Prefills three sequences of different lengths, then decodes `steps` greedy tokens for
-/// each, either all three in one step (`batched`) or one sequence per step; every decode
-/// step's logits per sequence.
-async fn three_sequences(c: &Cluster, steps: usize, batched: bool) -> Vec<Vec<Vec<f32>>> {
-    let prompts: [&[u32]; 3] = [&[5, 80, 31], &[7, 7, 200, 45, 9, 12, 100], &[250]];
-    let mut next = Vec::new();
-    let mut pos = Vec::new();
-    for (id, p) in prompts.iter().enumerate() {
-        let l = c
-            .step(StepRequest {
-                seqs: vec![SeqStep {
-                    seq_id: id as u64 + 40,
-                    tokens: p.to_vec(),
-                    start_pos: 0,
-                    all_logits: false,
-                }],
-                release: vec![],
-            })
-            .await
-            .unwrap();
-        next.push(argmax(
-            &l[0].flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-        ));
-        pos.push(p.len());
-    }
-    let mut out = vec![Vec::new(); 3];
-    for _ in 0..steps {
-        let seq = |i: usize| SeqStep {
-            seq_id: i as u64 + 40,
-            tokens: vec![next[i]],
-            start_pos: pos[i],
-            all_logits: false,
-        };
-        let rows: Vec<Tensor> = if batched {
-            c.step(StepRequest {
-                seqs: (0..3).map(seq).collect(),
-                release: vec![],
-            })
-            .await
-            .unwrap()
-        } else {
-            let mut rows = Vec::new();
-            for i in 0..3 {
-                let mut l = c
-                    .step(StepRequest {
-                        seqs: vec![seq(i)],
-                        release: vec![],
-                    })
-                    .await
-                    .unwrap();
-                rows.push(l.remove(0));
-            }
-            rows
-        };
-        for (i, r) in rows.iter().enumerate() {
-            let r: Vec<f32> = r.flatten_all().unwrap().to_vec1().unwrap();
-            next[i] = argmax(&r);
-            pos[i] += 1;
-            out[i].push(r);
-        }
-    }
-    out
 }
 
 #[test]

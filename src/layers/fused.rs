@@ -202,6 +202,28 @@ pub fn decode_attention(
     Ok(None)
 }
 
+/// [`decode_attention`] of several sequences in one launch: query tokens `q` (`[b, q heads,
+/// 1, head_dim]`, rotated), sequence `i` over `caches[i]` (keys and values `[1, kv heads,
+/// positions_i, head_dim]`, lengths on the host, the same heads and width for all); `[b, q
+/// heads, 1, head_dim]` out. `None` where no fused kernel serves (as for one sequence, or more
+/// than 1024 KV heads in all): the caller attends sequence by sequence.
+///
+/// # Errors
+/// Kernel errors.
+pub fn decode_attention_batch(
+    q: &Tensor,
+    caches: &[(&Tensor, &Tensor)],
+    window: Option<usize>,
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if fused_on(q) {
+        return gpu::decode_attention_batch(q, caches, window, scale);
+    }
+    let _ = (q, caches, window, scale);
+    Ok(None)
+}
+
 /// Where [`rope_store`] writes a token's key and value.
 #[derive(Debug, Clone, Copy)]
 pub enum StorePos<'a> {
@@ -1015,18 +1037,34 @@ extern "C" __global__ void __launch_bounds__(256) gemv1x4_##tag##_rope_##sfx(con
   const RopeArgs<K> ro{cosr, sinr, kc, vc, pos_ptr, pos_host, nq, hd, kc_h, kc_p, vc_h, vc_p, \
                        interleaved}; \
   gemv<K, 1, MODE, false, 4, true>(x, a, nw, w, y, xo, rows, n, kd, eps, ro); }
+// Several sequences in one launch: with `seqs`, block z takes sequence z, whose descriptor
+// (SEQ_WORDS words) gives its key and value caches, length and strides; its queries, output,
+// scratch and counters follow the previous sequence's.
+#define SEQ_WORDS 7
+#define SEQ_SELECT(K) \
+  if (seqs) { \
+    const long long* s = seqs + SEQ_WORDS * blockIdx.z; \
+    k = (const K::T*)s[0]; v = (const K::T*)s[1]; len_host = (int)s[2]; \
+    ks_h = s[3]; ks_p = s[4]; vs_h = s[5]; vs_p = s[6]; pos_ptr = nullptr; \
+    const long long width = (long long)gridDim.x * g * hd; \
+    q += blockIdx.z * width; out += blockIdx.z * width; \
+    scratch += (long long)blockIdx.z * gridDim.x * gridDim.y * g * (hd + 2); \
+    counters += blockIdx.z * gridDim.x; \
+  }
 #define ATTEND(sfx, K, MG, ME, U) \
 extern "C" __global__ void attend_##MG##x##ME##_##sfx(const K::T* q, const K::T* k, \
     const K::T* v, K::T* out, float* scratch, unsigned* counters, const unsigned* pos_ptr, \
     int len_host, int g, int hd, long long ks_h, long long ks_p, long long vs_h, long long vs_p, \
-    int span, int window, float scale) { \
+    int span, int window, float scale, const long long* seqs) { \
+  SEQ_SELECT(K) \
   attend<K, MG, ME, U>(q, k, v, out, scratch, counters, pos_ptr, len_host, g, hd, ks_h, ks_p, vs_h, \
                     vs_p, span, window, scale); }
 #define ATTEND_PASSES(sfx, K, MG, MCH) \
 extern "C" __global__ void __launch_bounds__(256) attend_passes_##MG##x##MCH##_##sfx( \
     const K::T* q, const K::T* k, const K::T* v, K::T* out, float* scratch, unsigned* counters, \
     const unsigned* pos_ptr, int len_host, int g, int hd, long long ks_h, long long ks_p, \
-    long long vs_h, long long vs_p, int span, int window, float scale) { \
+    long long vs_h, long long vs_p, int span, int window, float scale, const long long* seqs) { \
+  SEQ_SELECT(K) \
   attend_passes<K, MG, MCH>(q, k, v, out, scratch, counters, pos_ptr, len_host, g, hd, ks_h, \
                             ks_p, vs_h, vs_p, span, window, scale); }
 KERNELS(f32, F32)
@@ -1714,74 +1752,155 @@ KERNELS(f16, F16)
         Ok(Some((sum, y)))
     }
 
+    /// One sequence's caches for an attention launch.
+    #[derive(Debug, Clone, Copy)]
+    struct SeqCaches {
+        /// Device addresses of the first key and value.
+        k: u64,
+        v: u64,
+        /// Positions held (the caches' length when the position is on the device).
+        len: usize,
+        /// Key strides (head, position) and value strides, in elements.
+        ks: [usize; 2],
+        vs: [usize; 2],
+    }
+
+    /// Words of a sequence's descriptor in the kernels' `seqs` table (`SEQ_WORDS`).
+    const SEQ_WORDS: usize = 7;
+
+    impl SeqCaches {
+        /// `k`, `v` (`[1, kv heads, positions, head_dim]`, unit stride along head_dim).
+        fn of(k: &Tensor, v: &Tensor) -> Result<Option<Self>> {
+            let (Some(kp), Some(vp)) = (device_ptr(k)?, device_ptr(v)?) else {
+                return Ok(None);
+            };
+            let (ks, vs) = (k.stride(), v.stride());
+            Ok(Some(Self {
+                k: kp,
+                v: vp,
+                len: k.dim(2)?,
+                ks: [ks[1], ks[2]],
+                vs: [vs[1], vs[2]],
+            }))
+        }
+
+        /// Every row starts on 16 bytes.
+        fn aligned(&self, elem: usize) -> bool {
+            self.k % 16 == 0
+                && self.v % 16 == 0
+                && [self.ks[0], self.ks[1], self.vs[0], self.vs[1]]
+                    .iter()
+                    .all(|&x| (x * elem) % 16 == 0)
+        }
+
+        fn words(&self) -> [i64; SEQ_WORDS] {
+            let [kh, kp] = self.ks;
+            let [vh, vp] = self.vs;
+            [
+                self.k,
+                self.v,
+                self.len as u64,
+                kh as u64,
+                kp as u64,
+                vh as u64,
+                vp as u64,
+            ]
+            .map(|w| w as i64)
+        }
+    }
+
+    /// Attention of `seqs.len()` sequences' query tokens (`q`: `[b, q heads, 1, head_dim]`)
+    /// over their caches, in one launch: grid (KV heads, splits, sequences). One sequence
+    /// passes its caches as arguments (a captured graph keeps them); several pass a table of
+    /// descriptors, written to the workspace before the launch.
     struct Attend {
-        /// Device pointer of the u32 position (0: the caches' length is the sequence).
+        seqs: Vec<SeqCaches>,
+        nkv: usize,
+        /// Device pointer of the u32 position (0: each sequence's length is `len`).
         pos_ptr: u64,
         window: i32,
         scale: f32,
     }
 
-    impl CustomOp3 for Attend {
+    impl CustomOp1 for Attend {
         fn name(&self) -> &'static str {
             "fused_decode_attention"
         }
 
-        cpu_refused!("decode attention", _x: _xl, _y: _yl, _z: _zl);
+        cpu_refused!("decode attention", _x: _xl);
 
         fn cuda_fwd(
             &self,
             q: &CudaStorage,
             ql: &Layout,
-            k: &CudaStorage,
-            kl: &Layout,
-            v: &CudaStorage,
-            vl: &Layout,
         ) -> candle_core::Result<(CudaStorage, Shape)> {
             let dev = q.device().clone();
             let kern = kernels(&dev)?;
             let (qs, qe) = contiguous_range(ql, "decode attention")?;
-            let (_, nkv, span, hd) = kl.shape().dims4()?;
-            let nq = (qe - qs) / hd;
+            let (b, nq, _, hd) = ql.shape().dims4()?;
+            let (nkv, first) = match self.seqs.first() {
+                Some(f) if self.seqs.len() == b => (self.nkv, *f),
+                _ => candle_core::bail!("fused attention: {b} queries, {} caches", self.seqs.len()),
+            };
             let g = nq / nkv;
+            let span = self.seqs.iter().map(|s| s.len).max().unwrap_or(0);
             let splits = span.div_ceil(split_positions()).clamp(1, MAX_SPLITS);
             let elem = q.dtype().size_in_bytes();
-            let (ks, vs) = (kl.stride(), vl.stride());
-            let aligned = [
-                kl.start_offset(),
-                vl.start_offset(),
-                ks[1],
-                ks[2],
-                vs[1],
-                vs[2],
-            ]
-            .iter()
-            .all(|&x| (x * elem) % 16 == 0);
+            let aligned = self.seqs.iter().all(|s| s.aligned(elem));
             let (name, floats) = attend_kernel(g, hd, elem, aligned, splits).ok_or_else(|| {
                 candle_core::Error::Msg(format!("fused attention: no kernel for {g} x {hd}"))
             })?;
             let f = kern.func(&name, q.dtype())?;
-            let scratch = kern.scratch(&dev, nkv * splits * g * (hd + 2))?;
-            let shared = (floats * 4) as u32;
-            let cfg = LaunchConfig {
-                grid_dim: (nkv as u32, splits as u32, 1),
-                block_dim: (ATTN_THREADS, 1, 1),
-                shared_mem_bytes: shared,
-            };
+            // Partials of every sequence, then (for several) the descriptor table, 8-aligned.
+            let partials = (b * nkv * splits * g * (hd + 2)).next_multiple_of(2);
+            let table_words = if b > 1 { b * SEQ_WORDS } else { 0 };
+            let scratch = kern.scratch(&dev, partials + 2 * table_words)?;
             let stream = dev.cuda_stream();
-            let args_i32 = [span as i32, g as i32, hd as i32, self.window];
-            let strides = [ks[1] as i64, ks[2] as i64, vs[1] as i64, vs[2] as i64];
+            let table = if b > 1 {
+                let words: Vec<i64> = self.seqs.iter().flat_map(SeqCaches::words).collect();
+                let at = scratch + (partials * 4) as u64;
+                // SAFETY: the table's words lie inside the scratch buffer; the copy is ordered
+                // on the stream before the launch that reads them (and after the last one).
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(at, &words, stream.cu_stream())
+                }
+                .map_err(cerr)?;
+                at
+            } else {
+                0
+            };
+            let cfg = LaunchConfig {
+                grid_dim: (nkv as u32, splits as u32, b as u32),
+                block_dim: (ATTN_THREADS, 1, 1),
+                shared_mem_bytes: (floats * 4) as u32,
+            };
+            let one = if b == 1 {
+                first
+            } else {
+                SeqCaches {
+                    k: 0,
+                    v: 0,
+                    ..first
+                }
+            };
+            let args_i32 = [
+                one.len as i32,
+                g as i32,
+                hd as i32,
+                span as i32,
+                self.window,
+            ];
+            let strides = [one.ks[0], one.ks[1], one.vs[0], one.vs[1]].map(|x| x as i64);
             let (pos_ptr, scale) = (self.pos_ptr, self.scale);
             macro_rules! run {
                 ($t:ty) => {{
                     let qv = q.as_cuda_slice::<$t>()?.slice(qs..qe);
-                    let kv = k.as_cuda_slice::<$t>()?.slice(kl.start_offset()..);
-                    let vv = v.as_cuda_slice::<$t>()?.slice(vl.start_offset()..);
-                    // SAFETY: the combining block writes every element.
-                    let mut out = unsafe { dev.alloc::<$t>(nq * hd)? };
-                    let mut b = stream.launch_builder(f);
-                    b.arg(&qv)
-                        .arg(&kv)
-                        .arg(&vv)
+                    // SAFETY: the combining blocks write every element.
+                    let mut out = unsafe { dev.alloc::<$t>(b * nq * hd)? };
+                    let mut lb = stream.launch_builder(f);
+                    lb.arg(&qv)
+                        .arg(&one.k)
+                        .arg(&one.v)
                         .arg(&mut out)
                         .arg(&scratch)
                         .arg(&kern.counters)
@@ -1793,20 +1912,39 @@ KERNELS(f16, F16)
                         .arg(&strides[1])
                         .arg(&strides[2])
                         .arg(&strides[3])
-                        .arg(&args_i32[0])
                         .arg(&args_i32[3])
-                        .arg(&scale);
+                        .arg(&args_i32[4])
+                        .arg(&scale)
+                        .arg(&table);
                     // SAFETY: arguments match the kernel's signature; the caller checked
-                    // shapes, group size and head width.
-                    unsafe { b.launch(cfg) }.map_err(cerr)?;
+                    // shapes, group size and head width, and holds the caches.
+                    unsafe { lb.launch(cfg) }.map_err(cerr)?;
                     Ok((
                         CudaStorage::wrap_cuda_slice(out, dev),
-                        Shape::from((1, nq, 1, hd)),
+                        Shape::from((b, nq, 1, hd)),
                     ))
                 }};
             }
             by_dtype!(q.dtype(), "decode attention", run)
         }
+    }
+
+    /// Whether the fused attention takes a query `[b, nq, 1, hd]` over caches `k`, `v`.
+    fn attention_fits(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<bool> {
+        let (_, nq, t, hd) = q.dims4()?;
+        let (kb, nkv, span, khd) = k.dims4()?;
+        Ok(t == 1
+            && kb == 1
+            && khd == hd
+            && v.dims() == k.dims()
+            && nkv > 0
+            && nq % nkv == 0
+            && attend_variant(nq / nkv, hd).is_some()
+            && span > 0
+            && k.stride()[3] == 1
+            && v.stride()[3] == 1
+            && k.dtype() == q.dtype()
+            && v.dtype() == q.dtype())
     }
 
     pub(super) fn decode_attention(
@@ -1817,23 +1955,8 @@ KERNELS(f16, F16)
         window: Option<usize>,
         scale: f32,
     ) -> Result<Option<Tensor>> {
-        let (b, nq, t, hd) = q.dims4()?;
-        let (kb, nkv, span, khd) = k.dims4()?;
-        let shapes_fit = b == 1
-            && t == 1
-            && kb == 1
-            && khd == hd
-            && v.dims() == k.dims()
-            && nkv > 0
-            && nkv <= MAX_KV_HEADS
-            && nq % nkv == 0
-            && attend_variant(nq / nkv, hd).is_some()
-            && span > 0
-            && k.stride()[3] == 1
-            && v.stride()[3] == 1
-            && k.dtype() == q.dtype()
-            && v.dtype() == q.dtype();
-        if !shapes_fit {
+        let nkv = k.dim(1)?;
+        if q.dim(0)? != 1 || nkv > MAX_KV_HEADS || !attention_fits(q, k, v)? {
             return Ok(None);
         }
         let pos_ptr = match len {
@@ -1844,13 +1967,52 @@ KERNELS(f16, F16)
             },
             CacheLen::Device(_) => return Ok(None),
         };
+        let Some(seq) = SeqCaches::of(k, v)? else {
+            return Ok(None);
+        };
         let q = q.contiguous()?;
         let op = Attend {
+            seqs: vec![seq],
+            nkv,
             pos_ptr,
             window: window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
             scale,
         };
-        Ok(Some(q.apply_op3_no_bwd(k, v, &op)?))
+        Ok(Some(q.apply_op1_no_bwd(&op)?))
+    }
+
+    pub(super) fn decode_attention_batch(
+        q: &Tensor,
+        caches: &[(&Tensor, &Tensor)],
+        window: Option<usize>,
+        scale: f32,
+    ) -> Result<Option<Tensor>> {
+        let Some((k0, _)) = caches.first() else {
+            return Ok(None);
+        };
+        let nkv = k0.dim(1)?;
+        if q.dim(0)? != caches.len() || caches.len() * nkv > MAX_KV_HEADS {
+            return Ok(None);
+        }
+        let mut seqs = Vec::with_capacity(caches.len());
+        for (k, v) in caches {
+            if k.dim(1)? != nkv || k.dim(3)? != k0.dim(3)? || !attention_fits(q, k, v)? {
+                return Ok(None);
+            }
+            match SeqCaches::of(k, v)? {
+                Some(s) => seqs.push(s),
+                None => return Ok(None),
+            }
+        }
+        let q = q.contiguous()?;
+        let op = Attend {
+            seqs,
+            nkv,
+            pos_ptr: 0,
+            window: window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
+            scale,
+        };
+        Ok(Some(q.apply_op1_no_bwd(&op)?))
     }
 
     /// The device address of `t`'s first element (`None` off CUDA or for other dtypes). The

@@ -15,7 +15,8 @@ use super::rope::Rope;
 use crate::comm::Communicator;
 use crate::error::{Error, LayerContext, Result};
 use crate::layers::fused::{
-    add_rms_norm, decode_attention, rope_store, CacheLen, NormIn, RopeIn, StorePos,
+    add_rms_norm, decode_attention, decode_attention_batch, rope_store, CacheLen, NormIn, RopeIn,
+    StorePos,
 };
 use crate::layers::moe::{MoeBlock, MoeImpl};
 use crate::layers::{
@@ -967,14 +968,35 @@ impl DecoderLayer {
         ctxs: &[StepCtx<'_>],
         caches: &mut [&mut LayerCache],
     ) -> Result<Tensor> {
-        let ys = ctxs
+        let rotated = ctxs
             .iter()
             .zip(caches.iter_mut())
             .enumerate()
             .map(|(b, (ctx, cache))| {
                 let row = |t: &Tensor| t.narrow(0, b, 1);
-                self.attend(&row(q)?, &row(k)?, &row(v)?, ctx, cache)
+                self.rotate_store(&row(q)?, &row(k)?, &row(v)?, ctx, cache)
             })
+            .collect::<Result<Vec<_>>>()?;
+        // Every sequence's one token in one attention launch where the fused kernel serves
+        // (lengths on the host), else one attention per sequence.
+        let hd = self.attn.dims.head_dim;
+        let nq = self.attn.heads.q_heads.len();
+        let host_lengths = ctxs.iter().all(|c| matches!(c.write, KvWrite::At(_)));
+        if let (Some(ctx), true) = (ctxs.first(), host_lengths && rotated.len() > 1) {
+            if self.attn.heads.uniform_group().is_some() {
+                let qs: Vec<Tensor> = rotated.iter().map(|(q, _, _)| q.clone()).collect();
+                let kvs: Vec<(&Tensor, &Tensor)> = rotated.iter().map(|(_, k, v)| (k, v)).collect();
+                let scale = 1.0 / (hd as f64).sqrt();
+                let q = Tensor::cat(&qs, 0)?;
+                if let Some(y) = decode_attention_batch(&q, &kvs, ctx.window, scale as f32)? {
+                    return self.attn.o(&y.reshape((rotated.len(), 1, nq * hd))?);
+                }
+            }
+        }
+        let ys = rotated
+            .iter()
+            .zip(ctxs)
+            .map(|((q, k, v), ctx)| self.attend_cached(q, k, v, ctx))
             .collect::<Result<Vec<_>>>()?;
         self.attn.o(&Tensor::cat(&ys, 0)?)
     }
@@ -989,6 +1011,20 @@ impl DecoderLayer {
         ctx: &StepCtx<'_>,
         cache: &mut LayerCache,
     ) -> Result<Tensor> {
+        let (q, k, v) = self.rotate_store(q, k, v, ctx, cache)?;
+        self.attend_cached(&q, &k, &v, ctx)
+    }
+
+    /// [`Self::attend`] up to the attention: the rotated queries `[b, q heads, t, head_dim]`
+    /// and the cached keys and values, this step's included.
+    fn rotate_store(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctx: &StepCtx<'_>,
+        cache: &mut LayerCache,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let eps = ctx.eps;
         let (b, t, _) = q.dims3()?;
         let hd = self.attn.dims.head_dim;
@@ -1022,7 +1058,7 @@ impl DecoderLayer {
                 (q, k, v)
             }
         };
-        self.attend_cached(&q, &k, &v, ctx)
+        Ok((q, k, v))
     }
 
     /// Attention of rotated queries `q` (`[b, q heads, t, head_dim]`) over the cached keys and
