@@ -454,8 +454,8 @@ fn attention_ref(
 #[test]
 fn fused_kernels_match_float64_references() {
     use shardwise::layers::fused::{
-        add_rms_norm, decode_attention, decode_attention_batch, rope_store, silu_mul, CacheLen,
-        StorePos,
+        add_rms_norm, decode_attention, decode_attention_batch, rope_store, rope_store_batch,
+        silu_mul, CacheLen, RopeSeq, StorePos,
     };
     assert!(gpus() >= 1, "no CUDA device");
     let dev = candle_core::Device::new_cuda(0).unwrap();
@@ -545,6 +545,79 @@ fn fused_kernels_match_float64_references() {
                 let e = rel_err(&values(&kc), &want_k);
                 assert!(e <= 2.0 * tol, "{what}: key cache off by {e}");
                 assert_eq!(values(&vc), want_v, "{what}: value cache");
+            }
+        }
+        // The same for one token of each of several sequences in one launch (positions and
+        // capacities differ), against each sequence's reference.
+        for (nq, nkv, hd, interleaved, seqs) in [
+            (
+                32usize,
+                8usize,
+                128usize,
+                false,
+                vec![(200usize, 256usize), (0, 512), (511, 512)],
+            ),
+            (9, 3, 64, true, vec![(3, 16); 8]),
+        ] {
+            let (b, half) = (seqs.len(), hd / 2);
+            let (q, qv) = put(&randn(b * nq * hd, &mut rng), &[b, 1, nq * hd], dtype, &dev);
+            let (k, kv) = put(
+                &randn(b * nkv * hd, &mut rng),
+                &[b, 1, nkv * hd],
+                dtype,
+                &dev,
+            );
+            let (v, vv) = put(
+                &randn(b * nkv * hd, &mut rng),
+                &[b, 1, nkv * hd],
+                dtype,
+                &dev,
+            );
+            let mut parts = Vec::new();
+            for &(pos, cap) in &seqs {
+                let angles: Vec<f64> = (0..half)
+                    .map(|i| (pos as f64 + 0.5) * 0.9f64.powi(i as i32))
+                    .collect();
+                let cosf: Vec<f64> = angles.iter().map(|a| a.cos()).collect();
+                let sinf: Vec<f64> = angles.iter().map(|a| a.sin()).collect();
+                let (cos, cv) = put(&cosf, &[1, half], dtype, &dev);
+                let (sin, sv) = put(&sinf, &[1, half], dtype, &dev);
+                let (kc, kcv) = cache(nkv, cap, hd, &mut rng);
+                let (vc, vcv) = cache(nkv, cap, hd, &mut rng);
+                parts.push(((cos, cv), (sin, sv), (kc, kcv), (vc, vcv), pos, cap));
+            }
+            let rows: Vec<RopeSeq> = parts
+                .iter()
+                .map(|((cos, _), (sin, _), (kc, _), (vc, _), pos, _)| RopeSeq {
+                    cos_sin: [cos, sin],
+                    caches: [kc, vc],
+                    pos: *pos,
+                })
+                .collect();
+            let qo = rope_store_batch(&q, &k, &v, &rows, interleaved)
+                .unwrap()
+                .expect("a fused kernel for this batch");
+            assert_eq!(qo.dims(), &[b, nq, 1, hd]);
+            let got_q = values(&qo);
+            for (i, ((_, cv), (_, sv), (kc, kcv), (vc, vcv), pos, cap)) in parts.iter().enumerate()
+            {
+                let what = format!("{dtype:?} rope_store of {b} sequences, sequence {i} at {pos}");
+                let cs = [cv.as_slice(), sv.as_slice()];
+                let rot = |x: &[f64], h: usize| rotate_head(x, h, hd, cs, interleaved);
+                let (qi, ki) = (&qv[i * nq * hd..], &kv[i * nkv * hd..]);
+                let want_q: Vec<f64> = (0..nq).flat_map(|h| rot(qi, h)).collect();
+                let e = rel_err(&got_q[i * nq * hd..(i + 1) * nq * hd], &want_q);
+                assert!(e <= 2.0 * tol, "{what}: q off by {e}");
+                let (mut want_k, mut want_v) = (kcv.clone(), vcv.clone());
+                for h in 0..nkv {
+                    let at = (h * cap + pos) * hd;
+                    want_k[at..at + hd].copy_from_slice(&rot(ki, h));
+                    let vi = (i * nkv + h) * hd;
+                    want_v[at..at + hd].copy_from_slice(&vv[vi..vi + hd]);
+                }
+                let e = rel_err(&values(kc), &want_k);
+                assert!(e <= 2.0 * tol, "{what}: key cache off by {e}");
+                assert_eq!(values(vc), want_v, "{what}: value cache");
             }
         }
         // A group too large for the kernels' registers is left to the plain path.

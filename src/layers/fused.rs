@@ -264,6 +264,39 @@ pub fn rope_store(
     Ok(None)
 }
 
+/// One sequence's part of [`rope_store_batch`].
+#[derive(Debug, Clone, Copy)]
+pub struct RopeSeq<'a> {
+    /// The position's cos and sin rows (`[1, head_dim / 2]`).
+    pub cos_sin: [&'a Tensor; 2],
+    /// The sequence's fixed key and value caches (`[1, kv heads, capacity, head_dim]`).
+    pub caches: [&'a Tensor; 2],
+    /// The position written.
+    pub pos: usize,
+}
+
+/// [`rope_store`] of one token of each of several sequences in one launch: `q`, `k`, `v`
+/// are `[b, 1, heads * head_dim]`, row `i` rotated with `seqs[i]`'s rows and written into its
+/// caches at its position (positions known on the host). Returns the rotated queries `[b, q
+/// heads, 1, head_dim]`, or `None` where no fused kernel serves (nothing is written then).
+///
+/// # Errors
+/// A position outside its caches, kernel errors.
+pub fn rope_store_batch(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seqs: &[RopeSeq<'_>],
+    interleaved: bool,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if fused_on(q) {
+        return gpu::rope_store_batch(q, k, v, seqs, interleaved);
+    }
+    let _ = (q, k, v, seqs, interleaved);
+    Ok(None)
+}
+
 #[cfg(feature = "cuda")]
 mod gpu {
     //! The kernels and their launches.
@@ -999,6 +1032,19 @@ __device__ void rope_store(const typename K::T* q, const typename K::T* k,
   }
 }
 
+// Several sequences' tokens in one launch: with `seqs`, blocks y take sequence y, whose
+// descriptor (ROPE_SEQ_WORDS words) gives its cos/sin rows, caches, position and cache
+// strides; its rows of q, k, v and qo follow the previous sequence's.
+#define ROPE_SEQ_WORDS 9
+#define ROPE_SEQ_SELECT(K) \
+  if (seqs) { \
+    const long long* s = seqs + ROPE_SEQ_WORDS * blockIdx.y; \
+    cosr = (const K::T*)s[0]; sinr = (const K::T*)s[1]; kc = (K::T*)s[2]; vc = (K::T*)s[3]; \
+    pos_ptr = nullptr; pos_host = (int)s[4]; \
+    kc_h = s[5]; kc_p = s[6]; vc_h = s[7]; vc_p = s[8]; \
+    q += (long long)blockIdx.y * nq * hd; qo += (long long)blockIdx.y * nq * hd; \
+    k += (long long)blockIdx.y * nkv * hd; v += (long long)blockIdx.y * nkv * hd; \
+  }
 #define KERNELS(sfx, K) \
 extern "C" __global__ void rms_norm_##sfx(const K::T* x, const K::T* w, K::T* y, int n, \
     float eps) { add_rms<K, false>(x, x, w, y, y, n, eps); } \
@@ -1007,7 +1053,8 @@ extern "C" __global__ void add_rms_norm_##sfx(const K::T* x, const K::T* a, cons
 extern "C" __global__ void rope_store_##sfx(const K::T* q, const K::T* k, const K::T* v, \
     const K::T* cosr, const K::T* sinr, K::T* qo, K::T* kc, K::T* vc, const unsigned* pos_ptr, \
     int pos_host, int nq, int nkv, int hd, long long kc_h, long long kc_p, long long vc_h, \
-    long long vc_p, int interleaved) { \
+    long long vc_p, int interleaved, const long long* seqs) { \
+  ROPE_SEQ_SELECT(K) \
   rope_store<K>(q, k, v, cosr, sinr, qo, kc, vc, pos_ptr, pos_host, nq, nkv, hd, kc_h, kc_p, \
                 vc_h, vc_p, interleaved); } \
 extern "C" __global__ void silu_mul_##sfx(const K::T* gu, K::T* y, long long rows, int half) { \
@@ -2109,7 +2156,14 @@ KERNELS(f16, F16)
         Ok(Some((target, [cos, sin])))
     }
 
-    struct RopeStore(RopeTarget);
+    /// Words of a sequence's descriptor in the `rope_store` kernel's `seqs` table
+    /// (`ROPE_SEQ_WORDS`).
+    const ROPE_SEQ_WORDS: usize = 9;
+
+    /// `rope_store` of `b` sequences' tokens (`q`, `k`, `v`: `[b, 1, width]`), sequence `i` at
+    /// `targets[i]`: one sequence passes its target as arguments (a captured graph keeps
+    /// them), several a table of descriptors written to the workspace before the launch.
+    struct RopeStore(Vec<RopeTarget>);
 
     impl CustomOp3 for RopeStore {
         fn name(&self) -> &'static str {
@@ -2133,13 +2187,41 @@ KERNELS(f16, F16)
             let (qs, qe) = contiguous_range(ql, "rope_store")?;
             let (ks, ke) = contiguous_range(kl, "rope_store")?;
             let (vs, ve) = contiguous_range(vl, "rope_store")?;
-            let t = &self.0;
+            let (b, t) = match self.0.first() {
+                Some(t) => (self.0.len(), t),
+                None => candle_core::bail!("fused rope_store: no sequences"),
+            };
             let nkv = t.nkv as usize;
-            let hd = (ke - ks) / nkv.max(1);
-            let nq = (qe - qs) / hd.max(1);
+            let hd = (ke - ks) / (b * nkv).max(1);
+            let nq = (qe - qs) / (b * hd).max(1);
             let total = (nq + nkv) * hd / 2 + nkv * hd;
-            let cfg = grid(total.div_ceil(256).max(1) as u32, 256, 0);
+            let cfg = LaunchConfig {
+                grid_dim: (total.div_ceil(256).max(1) as u32, b as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
             let stream = dev.cuda_stream();
+            let table = if b > 1 {
+                let words: Vec<i64> = self
+                    .0
+                    .iter()
+                    .flat_map(|t| -> [i64; ROPE_SEQ_WORDS] {
+                        let [cos, sin, kc, vc] = t.ptrs.map(|p| p as i64);
+                        let [kh, kp, vh, vp] = t.strides;
+                        [cos, sin, kc, vc, i64::from(t.pos_host), kh, kp, vh, vp]
+                    })
+                    .collect();
+                let at = kern.scratch(&dev, 2 * words.len())?;
+                // SAFETY: the words fit the scratch buffer; the copy is ordered on the stream
+                // before the launch that reads them (and after the last user of the buffer).
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(at, &words, stream.cu_stream())
+                }
+                .map_err(cerr)?;
+                at
+            } else {
+                0
+            };
             let (nq32, hd32) = (nq as i32, hd as i32);
             macro_rules! run {
                 ($t:ty) => {{
@@ -2147,9 +2229,9 @@ KERNELS(f16, F16)
                     let kv = k.as_cuda_slice::<$t>()?.slice(ks..ke);
                     let vv = v.as_cuda_slice::<$t>()?.slice(vs..ve);
                     // SAFETY: the kernel writes every element.
-                    let mut out = unsafe { dev.alloc::<$t>(nq * hd)? };
-                    let mut b = stream.launch_builder(f);
-                    b.arg(&qv)
+                    let mut out = unsafe { dev.alloc::<$t>(b * nq * hd)? };
+                    let mut lb = stream.launch_builder(f);
+                    lb.arg(&qv)
                         .arg(&kv)
                         .arg(&vv)
                         .arg(&t.ptrs[0])
@@ -2166,13 +2248,14 @@ KERNELS(f16, F16)
                         .arg(&t.strides[1])
                         .arg(&t.strides[2])
                         .arg(&t.strides[3])
-                        .arg(&t.interleaved);
+                        .arg(&t.interleaved)
+                        .arg(&table);
                     // SAFETY: arguments match the kernel's signature; the caller checked the
-                    // caches' shapes, dtypes and the position.
-                    unsafe { b.launch(cfg) }.map_err(cerr)?;
+                    // caches' shapes, dtypes and the positions.
+                    unsafe { lb.launch(cfg) }.map_err(cerr)?;
                     Ok((
                         CudaStorage::wrap_cuda_slice(out, dev),
-                        Shape::from((1, nq, 1, hd)),
+                        Shape::from((b, nq, 1, hd)),
                     ))
                 }};
             }
@@ -2189,21 +2272,59 @@ KERNELS(f16, F16)
         caches: [&Tensor; 2],
         pos: StorePos<'_>,
     ) -> Result<Option<Tensor>> {
-        let Some((target, _cos_sin)) = rope_target(cos_sin, interleaved, caches, pos, q.dtype())?
-        else {
+        let Some(target) = rope_target(cos_sin, interleaved, caches, pos, q.dtype())? else {
             return Ok(None);
         };
-        let (nkv, hd) = (target.nkv as usize, target.hd as usize);
-        let fits = q.dims().first() == Some(&1)
-            && q.elem_count() % hd.max(1) == 0
-            && k.elem_count() == nkv * hd
-            && v.elem_count() == nkv * hd
+        rope_store_seqs(q, k, v, vec![target])
+    }
+
+    pub(super) fn rope_store_batch(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        seqs: &[super::RopeSeq<'_>],
+        interleaved: bool,
+    ) -> Result<Option<Tensor>> {
+        let mut targets = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            let pos = StorePos::Host(s.pos);
+            match rope_target(s.cos_sin, interleaved, s.caches, pos, q.dtype())? {
+                Some(t) => targets.push(t),
+                None => return Ok(None),
+            }
+        }
+        let same = targets
+            .windows(2)
+            .all(|w| (w[0].0.nkv, w[0].0.hd) == (w[1].0.nkv, w[1].0.hd));
+        if targets.is_empty() || !same {
+            return Ok(None);
+        }
+        rope_store_seqs(q, k, v, targets)
+    }
+
+    /// `rope_store` of one token of each of `targets.len()` sequences (rows of `q`, `k`, `v`),
+    /// with the contiguous cos/sin rows each target points into kept alive until the launch.
+    fn rope_store_seqs(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        targets: Vec<(RopeTarget, [Tensor; 2])>,
+    ) -> Result<Option<Tensor>> {
+        let Some((first, _)) = targets.first() else {
+            return Ok(None);
+        };
+        let (b, nkv, hd) = (targets.len(), first.nkv as usize, first.hd as usize);
+        let fits = q.dims().first() == Some(&b)
+            && q.elem_count() % (b * hd).max(1) == 0
+            && k.elem_count() == b * nkv * hd
+            && v.elem_count() == b * nkv * hd
             && k.dtype() == q.dtype()
             && v.dtype() == q.dtype();
         if !fits {
             return Ok(None);
         }
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        Ok(Some(q.apply_op3_no_bwd(&k, &v, &RopeStore(target))?))
+        let (targets, _keep): (Vec<RopeTarget>, Vec<[Tensor; 2]>) = targets.into_iter().unzip();
+        Ok(Some(q.apply_op3_no_bwd(&k, &v, &RopeStore(targets))?))
     }
 }

@@ -15,8 +15,8 @@ use super::rope::Rope;
 use crate::comm::Communicator;
 use crate::error::{Error, LayerContext, Result};
 use crate::layers::fused::{
-    add_rms_norm, decode_attention, decode_attention_batch, rope_store, CacheLen, NormIn, RopeIn,
-    StorePos,
+    add_rms_norm, decode_attention, decode_attention_batch, rope_store, rope_store_batch, CacheLen,
+    NormIn, RopeIn, RopeSeq, StorePos,
 };
 use crate::layers::moe::{MoeBlock, MoeImpl};
 use crate::layers::{
@@ -968,6 +968,29 @@ impl DecoderLayer {
         ctxs: &[StepCtx<'_>],
         caches: &mut [&mut LayerCache],
     ) -> Result<Tensor> {
+        let hd = self.attn.dims.head_dim;
+        let nq = self.attn.heads.q_heads.len();
+        let b = ctxs.len();
+        // Every sequence's token rotated and stored in one launch, and attended in another,
+        // where the fused kernels serve (fixed caches, positions on the host); else sequence
+        // by sequence.
+        if let Some((q, kvs)) = self.rotate_store_batch(q, k, v, ctxs, caches)? {
+            let views: Vec<(&Tensor, &Tensor)> = kvs.iter().map(|(k, v)| (k, v)).collect();
+            let scale = 1.0 / (hd as f64).sqrt();
+            let window = ctxs.first().and_then(|c| c.window);
+            if self.attn.heads.uniform_group().is_some() {
+                if let Some(y) = decode_attention_batch(&q, &views, window, scale as f32)? {
+                    return self.attn.o(&y.reshape((b, 1, nq * hd))?);
+                }
+            }
+            let ys = ctxs
+                .iter()
+                .zip(kvs.iter())
+                .enumerate()
+                .map(|(i, (ctx, (k, v)))| self.attend_cached(&q.narrow(0, i, 1)?, k, v, ctx))
+                .collect::<Result<Vec<_>>>()?;
+            return self.attn.o(&Tensor::cat(&ys, 0)?);
+        }
         let rotated = ctxs
             .iter()
             .zip(caches.iter_mut())
@@ -977,28 +1000,52 @@ impl DecoderLayer {
                 self.rotate_store(&row(q)?, &row(k)?, &row(v)?, ctx, cache)
             })
             .collect::<Result<Vec<_>>>()?;
-        // Every sequence's one token in one attention launch where the fused kernel serves
-        // (lengths on the host), else one attention per sequence.
-        let hd = self.attn.dims.head_dim;
-        let nq = self.attn.heads.q_heads.len();
-        let host_lengths = ctxs.iter().all(|c| matches!(c.write, KvWrite::At(_)));
-        if let (Some(ctx), true) = (ctxs.first(), host_lengths && rotated.len() > 1) {
-            if self.attn.heads.uniform_group().is_some() {
-                let qs: Vec<Tensor> = rotated.iter().map(|(q, _, _)| q.clone()).collect();
-                let kvs: Vec<(&Tensor, &Tensor)> = rotated.iter().map(|(_, k, v)| (k, v)).collect();
-                let scale = 1.0 / (hd as f64).sqrt();
-                let q = Tensor::cat(&qs, 0)?;
-                if let Some(y) = decode_attention_batch(&q, &kvs, ctx.window, scale as f32)? {
-                    return self.attn.o(&y.reshape((rotated.len(), 1, nq * hd))?);
-                }
-            }
-        }
         let ys = rotated
             .iter()
             .zip(ctxs)
             .map(|((q, k, v), ctx)| self.attend_cached(q, k, v, ctx))
             .collect::<Result<Vec<_>>>()?;
         self.attn.o(&Tensor::cat(&ys, 0)?)
+    }
+
+    /// [`Self::rotate_store`] of one token of each of several sequences (`q`, `k`, `v`:
+    /// `[b, 1, width]`) in one launch: the rotated queries `[b, q heads, 1, head_dim]` and each
+    /// sequence's cached keys and values. `None` (nothing written) unless every sequence has
+    /// fixed caches written at a host-known position and the fused kernel serves them.
+    #[allow(clippy::type_complexity)]
+    fn rotate_store_batch(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        ctxs: &[StepCtx<'_>],
+        caches: &[&mut LayerCache],
+    ) -> Result<Option<(Tensor, Vec<(Tensor, Tensor)>)>> {
+        let mut seqs = Vec::with_capacity(ctxs.len());
+        for (ctx, cache) in ctxs.iter().zip(caches.iter()) {
+            let (KvWrite::At(pos), Some((kc, vc))) = (ctx.write, self.rope_caches(1, 1, cache))
+            else {
+                return Ok(None);
+            };
+            seqs.push(RopeSeq {
+                cos_sin: [&ctx.cos, &ctx.sin],
+                caches: [kc, vc],
+                pos,
+            });
+        }
+        if seqs.len() < 2 {
+            return Ok(None);
+        }
+        let interleaved = ctxs.first().is_some_and(|c| c.rope.interleaved());
+        let Some(q) = rope_store_batch(q, k, v, &seqs, interleaved)? else {
+            return Ok(None);
+        };
+        let kvs = ctxs
+            .iter()
+            .zip(caches.iter())
+            .map(|(ctx, cache)| cache.fixed_views(ctx.write, 1))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some((q, kvs)))
     }
 
     /// This rank's heads of one sequence: `q`, `k`, `v` (`[1 or b, t, width]`) through the
