@@ -14,8 +14,8 @@ mod common;
 
 use candle_core::DType;
 use common::reference::{
-    all_logits, check_reference_on, f32_spec, fixtures, greedy_step_logits, loaded, max_abs,
-    max_abs_diff, rt, three_sequences, with_env,
+    all_logits, batched_vs_single, check_reference_on, f32_spec, fixtures, greedy_step_logits,
+    loaded, max_abs, max_abs_diff, rt, with_env,
 };
 use shardwise::runtime::{LoadSpec, LocalTransport};
 
@@ -267,17 +267,10 @@ fn decoding_sequences_in_one_step_on_gpus_matches_one_at_a_time() {
     for name in ["tiny-llama", "tiny-qwen3"] {
         let dir = fixtures().join("models").join(name);
         for w in 1..=world {
-            let (batched, single) = with_env("SHARDWISE_CUDA_GRAPH", None, || {
-                rt().block_on(async {
-                    let c = loaded(&f32_spec(&dir), w, LocalTransport::Nccl).await;
-                    let b = three_sequences(&c, 12, true).await;
-                    let s = three_sequences(&c, 12, false).await;
-                    c.shutdown().await.unwrap();
-                    (b, s)
-                })
+            let diffs = with_env("SHARDWISE_CUDA_GRAPH", None, || {
+                batched_vs_single(&dir, w, LocalTransport::Nccl)
             });
-            for i in 0..3 {
-                let d = max_abs_diff(&batched[i], &single[i]);
+            for (i, d) in diffs.into_iter().enumerate() {
                 assert!(d <= 1e-4, "{name} at {w} GPU(s), sequence {i}: {d}");
                 eprintln!("{name} at {w} GPU(s), sequence {i}: batched within {d} of single");
             }

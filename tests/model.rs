@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Tensor};
 use common::reference::{
-    all_logits, check_reference, f32_spec, fixtures, floats, greedy, ids, json, loaded, max_abs,
-    max_abs_diff, rt, three_sequences,
+    all_logits, batched_vs_single, check_reference, fixtures, floats, greedy, ids, json, max_abs,
+    max_abs_diff, rt,
 };
 use shardwise::model::checkpoint::{encode, load_tokenizer};
 use shardwise::model::{SamplingParams, SeqStep};
@@ -274,15 +274,8 @@ fn decoding_sequences_in_one_step_matches_one_at_a_time() {
     for name in ["tiny-llama", "tiny-qwen3", "tiny-qwen3-moe"] {
         let dir = fixtures().join("models").join(name);
         for world in [1, 2] {
-            let (batched, single) = rt().block_on(async {
-                let c = loaded(&f32_spec(&dir), world, LocalTransport::InProcess).await;
-                let b = three_sequences(&c, 12, true).await;
-                let s = three_sequences(&c, 12, false).await;
-                c.shutdown().await.unwrap();
-                (b, s)
-            });
-            for i in 0..3 {
-                let d = max_abs_diff(&batched[i], &single[i]);
+            let diffs = batched_vs_single(&dir, world, LocalTransport::InProcess);
+            for (i, d) in diffs.into_iter().enumerate() {
                 assert!(d <= 1e-5, "{name} world {world} sequence {i}: {d}");
             }
         }

@@ -293,3 +293,16 @@ pub async fn three_sequences(c: &Cluster, steps: usize, batched: bool) -> Vec<Ve
     }
     out
 }
+
+/// Largest difference, per sequence, between [`three_sequences`] decoded in one step and one
+/// sequence per step, on a fresh cluster of `world` ranks over `transport` (f32 weights).
+pub fn batched_vs_single(dir: &Path, world: usize, transport: LocalTransport) -> [f32; 3] {
+    let (batched, single) = rt().block_on(async {
+        let c = loaded(&f32_spec(dir), world, transport).await;
+        let b = three_sequences(&c, 12, true).await;
+        let s = three_sequences(&c, 12, false).await;
+        c.shutdown().await.unwrap();
+        (b, s)
+    });
+    [0, 1, 2].map(|i| max_abs_diff(&batched[i], &single[i]))
+}
