@@ -6,15 +6,17 @@
 //! captured decode step on one host holds no NCCL call (NCCL calls recorded by a capture
 //! that then fails on one rank are the suspected cause of an intermittent stall with graphs
 //! on).
-//! Here every rank owns a registered buffer (two halves, used alternately) and a flag area.
-//! Each call is one kernel, compiled by NVRTC at start-up: every block copies its elements of
-//! the input into this rank's buffer, raises its flag in every peer's flag area, waits for
-//! every peer's flag, then reads the same elements from every peer's buffer and sums them in
-//! rank order (so every rank gets bit-identical results). Counters live in device memory, so
-//! the kernel can be captured in a CUDA graph.
+//! Here every rank owns a registered buffer (two halves, used alternately, each with one slot
+//! per rank) and a flag area. Each call is one kernel, compiled by NVRTC at start-up: every
+//! block pushes its elements of the input into this rank's slot of every rank's buffer (its
+//! own included), raises its flag in every peer's flag area, waits for every peer's flag in
+//! its own, then sums the same elements of every slot of its own buffer in rank order (so
+//! every rank gets bit-identical results). Pushing costs one-way stores over the link where
+//! reading the peers' buffers cost a round trip. Counters live in device memory, so the
+//! kernel can be captured in a CUDA graph.
 //!
-//! Why two halves are enough: a rank writes half `e % 2` in call `e` only after its call
-//! `e - 1` finished, which needed every peer's flag of call `e - 1`, which each peer raised
+//! Why two halves are enough: rank r writes its slot of half `e % 2` of peer p in call `e`
+//! only after its call `e - 1` finished, which needed p's flag of call `e - 1`, which p raised
 //! after its call `e - 2` (the last reader of that half) had finished.
 //!
 //! Peers in this process are reached through peer access between the contexts; peers in
@@ -58,11 +60,15 @@ __device__ __forceinline__ unsigned ld_acquire(const unsigned* p) {
 __device__ __forceinline__ void st_release(unsigned* p, unsigned v) {
   asm volatile("st.release.sys.global.u32 [%0], %1;" :: "l"(p), "r"(v) : "memory"); }
 
-// peers[0..MAXW): data buffers (two halves of `cap` elements); peers[MAXW..2*MAXW): flag
-// areas, one u32 per (block, source rank). Elements move in 16-byte chunks (one load per
-// peer per chunk, all peers' loads in flight together); the tail past the last whole chunk
-// belongs to block 0. Copy-in and reduction use the same chunk-to-block assignment, so a
-// block only reads what the same block of every peer wrote before raising its flag.
+// peers[0..MAXW): data buffers, each two halves of MAXW slots of `cap` elements (slot w of a
+// rank's buffer receives rank w's elements); peers[MAXW..2*MAXW): flag areas, one u32 per
+// (block, source rank). Each rank pushes its elements into its slot of every rank's buffer
+// (remote stores, which do not wait for a reply, where reading a peer's buffer costs a round
+// trip over the link), raises its flag in every peer's flag area, waits for every peer's flag
+// in its own, and then reads only its own memory. Elements move in 16-byte chunks; the tail
+// past the last whole chunk belongs to block 0. Push and reduction use the same
+// chunk-to-block assignment, so a block only reads what the same block of every peer wrote
+// before raising its flag.
 // With `gather`, every rank's n elements go to out[rank * n ..] instead of being summed
 // (an all-gather of equal pieces), under the same protocol.
 template <typename K>
@@ -75,21 +81,27 @@ __device__ void all_reduce(const typename K::T* in, typename K::T* out, const u6
   if (threadIdx.x == 0) { unsigned e = counters[blockIdx.x] + 1; counters[blockIdx.x] = e; epoch = e; }
   __syncthreads();
   const unsigned e = epoch;
-  const u64 half = (u64)(e & 1u) * cap;
+  // This call's half: slot w at half + w * cap.
+  const u64 half = (u64)(e & 1u) * MAXW * cap;
   const u64 stride = (u64)gridDim.x * blockDim.x;
   const u64 first = (u64)blockIdx.x * blockDim.x + threadIdx.x;
   const u64 chunks = n / V;
-  T* mine = (T*)peers[rank] + half;
   const bool aligned = (((u64)in) & 15) == 0;
   for (u64 c = first; c < chunks; c += stride) {
+    V16 x;
     if (aligned) {
-      ((V16*)mine)[c] = ((const V16*)in)[c];
+      x = ((const V16*)in)[c];
     } else {
-      for (int j = 0; j < V; ++j) mine[c * V + j] = in[c * V + j];
+      T* xe = (T*)&x;
+      for (int j = 0; j < V; ++j) xe[j] = in[c * V + j];
     }
+#pragma unroll
+    for (int w = 0; w < MAXW; ++w)
+      if (w < world) ((V16*)((T*)peers[w] + half + (u64)rank * cap))[c] = x;
   }
   if (blockIdx.x == 0)
-    for (u64 i = chunks * V + threadIdx.x; i < n; i += blockDim.x) mine[i] = in[i];
+    for (u64 i = chunks * V + threadIdx.x; i < n; i += blockDim.x)
+      for (int w = 0; w < world; ++w) ((T*)peers[w] + half + (u64)rank * cap)[i] = in[i];
   __syncthreads();
   if (threadIdx.x < (unsigned)world) {
     const int p = threadIdx.x;
@@ -102,13 +114,15 @@ __device__ void all_reduce(const typename K::T* in, typename K::T* out, const u6
     }
   }
   __syncthreads();
+  // Rank w's elements, in this rank's own buffer.
+  const T* mine = (const T*)peers[rank] + half;
   if (gather) {
     const bool vec = (n % V) == 0 && (((u64)out) & 15) == 0;
     for (u64 c = first; c < chunks; c += stride) {
 #pragma unroll
       for (int w = 0; w < MAXW; ++w) {
         if (w < world) {
-          const V16 v = ((const V16*)((const T*)peers[w] + half))[c];
+          const V16 v = ((const V16*)(mine + (u64)w * cap))[c];
           T* dst = out + (u64)w * n;
           if (vec) {
             ((V16*)dst)[c] = v;
@@ -121,14 +135,14 @@ __device__ void all_reduce(const typename K::T* in, typename K::T* out, const u6
     }
     if (blockIdx.x == 0)
       for (u64 i = chunks * V + threadIdx.x; i < n; i += blockDim.x)
-        for (int w = 0; w < world; ++w) out[(u64)w * n + i] = ((const T*)peers[w] + half)[i];
+        for (int w = 0; w < world; ++w) out[(u64)w * n + i] = (mine + (u64)w * cap)[i];
     return;
   }
   for (u64 c = first; c < chunks; c += stride) {
     V16 v[MAXW];
 #pragma unroll
     for (int w = 0; w < MAXW; ++w)
-      if (w < world) v[w] = ((const V16*)((const T*)peers[w] + half))[c];
+      if (w < world) v[w] = ((const V16*)(mine + (u64)w * cap))[c];
     float acc[16 / sizeof(T)];
 #pragma unroll
     for (int j = 0; j < V; ++j) acc[j] = 0.f;
@@ -149,7 +163,7 @@ __device__ void all_reduce(const typename K::T* in, typename K::T* out, const u6
   if (blockIdx.x == 0)
     for (u64 i = chunks * V + threadIdx.x; i < n; i += blockDim.x) {
       float acc = 0.f;
-      for (int w = 0; w < world; ++w) acc += K::ld(((const T*)peers[w] + half)[i]);
+      for (int w = 0; w < world; ++w) acc += K::ld((mine + (u64)w * cap)[i]);
       out[i] = K::st(acc);
     }
 }
@@ -265,7 +279,10 @@ impl PeerBuffers {
         let flag_bytes = MAX_BLOCKS * MAX_WORLD * 4;
         // SAFETY: plain driver allocations on the current context, freed in `Drop`.
         unsafe {
-            check("allocating", sys::cuMemAlloc_v2(&mut data, 2 * MAX_BYTES))?;
+            check(
+                "allocating",
+                sys::cuMemAlloc_v2(&mut data, 2 * MAX_WORLD * MAX_BYTES),
+            )?;
             let mut me = Self {
                 ctx: ctx.clone(),
                 data,
