@@ -255,10 +255,17 @@ mod tests {
                 other => panic!("health answered {other:?}"),
             }
         }
-        assert!(Arc::strong_count(&comm) > 1, "the rank holds its communicator");
+        assert!(
+            Arc::strong_count(&comm) > 1,
+            "the rank holds its communicator"
+        );
         let done = h.call(RankRequest::Shutdown, deadline).await.unwrap();
         assert!(matches!(done, RankReply::Done), "{done:?}");
-        assert_eq!(Arc::strong_count(&comm), 1, "the worker outlived its Shutdown");
+        assert_eq!(
+            Arc::strong_count(&comm),
+            1,
+            "the worker outlived its Shutdown"
+        );
         let err = h.call(RankRequest::Health, deadline).await.unwrap_err();
         assert!(err.to_string().contains("rank 0"), "{err}");
     }
