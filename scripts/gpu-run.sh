@@ -10,6 +10,8 @@
 # All-reduce lines: `<who> <bytes> <mean_us> <busbw_GBps>`; everything also goes to $OUT/.
 #
 #   GPU_BIN   packed binary (default gpu-bin/shardwise.gz)
+#   BASE_BIN  a second packed binary (e.g. the main branch's): `bench nccl` and every decode row
+#             of the first section also run with it, right after, for a same-call comparison
 #   SIZES     message sizes (default 8K,64K,1M,16M,256M,1G)
 #   CUDA_GRAPH  1 (default) captures decode steps as CUDA graphs, 0 runs them eagerly
 #   ONLY      sections to run, comma-separated: nccl, tests, decode, launch, smollm2 (default
@@ -44,6 +46,12 @@ export LD_LIBRARY_PATH="${NCCL_DIR:+$NCCL_DIR:}${CU13:+$CU13:}${LD_LIBRARY_PATH:
 BIN="$OUT/shardwise"
 gzip -dc "$GPU_BIN" > "$BIN"
 chmod +x "$BIN"
+BASE=""
+if [[ -n "${BASE_BIN:-}" ]]; then
+    BASE="$OUT/base-shardwise"
+    gzip -dc "$BASE_BIN" > "$BASE"
+    chmod +x "$BASE"
+fi
 WORLD="$(nvidia-smi -L | wc -l)"
 # Every step runs even when an earlier one fails; a failure is printed and fails the script.
 FAILED=0
@@ -56,6 +64,10 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
     echo "world $WORLD, sizes $SIZES"
     if want nccl; then
     step "$BIN" bench nccl --world "$WORLD" --sizes "$SIZES" --dtype bf16
+    if [[ -n "$BASE" ]]; then
+        echo "bench nccl, base binary"
+        step "$BASE" bench nccl --world "$WORLD" --sizes "$SIZES" --dtype bf16
+    fi
     step python3 "$HERE/bench/torch_nccl_allreduce.py" --world "$WORLD" --sizes "$SIZES" --dtype bf16
     fi
     TESTS="$(dirname "$GPU_BIN")/gpu-tests.gz"
@@ -70,9 +82,13 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
         modes=("")
         [[ "${DIRECT:-1}" == 0 ]] || modes+=(--direct)
         for mode in "${modes[@]}"; do
-            echo "decode, $n GPU(s) ${mode:-through the runtime}"
-            step "$BIN" bench decode --model synthetic:llama3-8b --local "$n" --transport nccl \
-                --dtype bf16 --batch "${BATCH:-1,8}" --context 512 --steps "${STEPS:-30}" $mode
+            for bin in "$BIN" $BASE; do
+                label="${mode:-through the runtime}"
+                [[ "$bin" == "$BIN" ]] || label="$label, base binary"
+                echo "decode, $n GPU(s) $label"
+                step "$bin" bench decode --model synthetic:llama3-8b --local "$n" --transport nccl \
+                    --dtype bf16 --batch "${BATCH:-1,8}" --context 512 --steps "${STEPS:-30}" $mode
+            done
         done
     done
     if [[ "${FUSED_TOO:-0}" == 1 ]] && want decode; then

@@ -178,6 +178,24 @@ fn local_actors_agree_with_one_rank() {
     }
 }
 
+#[test]
+fn hot_step_waits_agree_with_one_rank() {
+    // The coordinator's hot wait for step replies (the default for GPU ranks), forced on for
+    // CPU ranks: the same results, nothing lost between polls.
+    let x = common::rand_tensor(&[1, 6, 64], 1.0);
+    let want = reference(&x);
+    let dir = tempfile::tempdir().unwrap();
+    let got = common::reference::with_env("SHARDWISE_HOT_STEPS", Some("1"), || {
+        rt().block_on(async {
+            let c = Cluster::local(2, LocalTransport::InProcess).await.unwrap();
+            let o = exercise(&c, &x, &dir.path().join("out")).await;
+            c.shutdown().await.unwrap();
+            o
+        })
+    });
+    compare(&got, &want, "world 2, hot step waits");
+}
+
 /// `shardwise launch` running in the background; stopped on drop.
 struct Launch(Child);
 
