@@ -219,3 +219,109 @@ pub fn load_kernels(
         })
         .collect()
 }
+
+/// The device address of `t`'s first element (`None` off CUDA or for dtypes other than f32,
+/// bf16, f16 and u32). The address stays valid while `t`'s storage lives; work that takes it
+/// runs on the storage's own stream.
+///
+/// # Errors
+/// A storage that does not hold its dtype.
+pub fn device_ptr(t: &candle_core::Tensor) -> Result<Option<u64>> {
+    use candle_core::backend::BackendStorage;
+    use cudarc::driver::DevicePtr;
+    let (st, l) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(cs) = &*st else {
+        return Ok(None);
+    };
+    let stream = cs.device().cuda_stream();
+    macro_rules! addr {
+        ($t:ty) => {{
+            let (ptr, _) = cs.as_cuda_slice::<$t>()?.device_ptr(&stream);
+            ptr + (l.start_offset() * std::mem::size_of::<$t>()) as u64
+        }};
+    }
+    Ok(Some(match t.dtype() {
+        candle_core::DType::F32 => addr!(f32),
+        candle_core::DType::BF16 => addr!(half::bf16),
+        candle_core::DType::F16 => addr!(half::f16),
+        candle_core::DType::U32 => addr!(u32),
+        _ => return Ok(None),
+    }))
+}
+
+/// Copies `values` into the contiguous CUDA tensor `t` of the same element size, without a
+/// kernel or an allocation: one asynchronous host-to-device copy on `t`'s stream, ordered
+/// with the work around it.
+fn upload<T: cudarc::driver::DeviceRepr>(t: &candle_core::Tensor, values: &[T]) -> Result<()> {
+    let fits = t.is_contiguous()
+        && t.elem_count() == values.len()
+        && t.dtype().size_in_bytes() == std::mem::size_of::<T>();
+    let ptr = match device_ptr(t)? {
+        Some(p) if fits => p,
+        _ => {
+            return Err(Error::Config {
+                field: "upload".into(),
+                reason: format!(
+                    "{} values for a {:?} {:?} tensor (contiguous on a GPU needed)",
+                    values.len(),
+                    t.dtype(),
+                    t.dims()
+                ),
+            })
+        }
+    };
+    let candle_core::Device::Cuda(d) = t.device() else {
+        return Err(Error::Config {
+            field: "upload".into(),
+            reason: "not a CUDA tensor".into(),
+        });
+    };
+    let stream = d.cuda_stream();
+    // SAFETY: `ptr` addresses `values.len()` elements of `t`'s live storage (checked above);
+    // the copy is ordered on the storage's stream.
+    unsafe { cudarc::driver::result::memcpy_htod_async(ptr, values, stream.cu_stream()) }
+        .map_err(|e| driver_err("copying inputs to the GPU", e))
+}
+
+/// [`upload`] of f32 values into an f32, bf16 or f16 tensor (rounded to nearest even).
+///
+/// # Errors
+/// Another dtype, a size mismatch, or the driver's error.
+pub fn upload_f32(t: &candle_core::Tensor, values: &[f32]) -> Result<()> {
+    use candle_core::DType;
+    match t.dtype() {
+        DType::F32 => upload(t, values),
+        DType::BF16 => upload(
+            t,
+            &values
+                .iter()
+                .map(|&x| half::bf16::from_f32(x))
+                .collect::<Vec<_>>(),
+        ),
+        DType::F16 => upload(
+            t,
+            &values
+                .iter()
+                .map(|&x| half::f16::from_f32(x))
+                .collect::<Vec<_>>(),
+        ),
+        d => Err(Error::Config {
+            field: "upload".into(),
+            reason: format!("f32 values for a {d:?} tensor"),
+        }),
+    }
+}
+
+/// [`upload`] of u32 values into a u32 tensor.
+///
+/// # Errors
+/// Another dtype, a size mismatch, or the driver's error.
+pub fn upload_u32(t: &candle_core::Tensor, values: &[u32]) -> Result<()> {
+    if t.dtype() != candle_core::DType::U32 {
+        return Err(Error::Config {
+            field: "upload".into(),
+            reason: format!("u32 values for a {:?} tensor", t.dtype()),
+        });
+    }
+    upload(t, values)
+}

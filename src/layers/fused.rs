@@ -306,12 +306,11 @@ mod gpu {
 
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::{CudaDevice, CudaStorage};
-    use candle_core::{
-        CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor,
-    };
+    use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
     use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
     use super::{CacheLen, NormIn, RopeIn, StorePos};
+    use crate::cuda::device_ptr;
     use crate::error::{Error, Result};
 
     /// Most position splits of one attention (blocks per KV head).
@@ -2060,30 +2059,6 @@ KERNELS(f16, F16)
             scale,
         };
         Ok(Some(q.apply_op1_no_bwd(&op)?))
-    }
-
-    /// The device address of `t`'s first element (`None` off CUDA or for other dtypes). The
-    /// address stays valid while `t`'s storage lives; the kernels that take one run on the
-    /// storage's own stream.
-    fn device_ptr(t: &Tensor) -> Result<Option<u64>> {
-        let (st, l) = t.storage_and_layout();
-        let Storage::Cuda(cs) = &*st else {
-            return Ok(None);
-        };
-        let stream = cs.device().cuda_stream();
-        macro_rules! addr {
-            ($t:ty) => {{
-                let (ptr, _) = cs.as_cuda_slice::<$t>()?.device_ptr(&stream);
-                ptr + (l.start_offset() * std::mem::size_of::<$t>()) as u64
-            }};
-        }
-        Ok(Some(match t.dtype() {
-            DType::F32 => addr!(f32),
-            DType::BF16 => addr!(half::bf16),
-            DType::F16 => addr!(half::f16),
-            DType::U32 => addr!(u32),
-            _ => return Ok(None),
-        }))
     }
 
     /// Where a rotary embedding reads its cos/sin rows and writes a token's key and value

@@ -594,7 +594,7 @@ impl Model {
             Some(g) => g,
             None => super::graph::DecodeGraph::new(cache.capacity, shape, half, &self.device)?,
         };
-        let (cos, sin) = self.rope.tables(pos, 1, &self.device)?;
+        let (cos, sin) = self.rope.rows(pos, 1);
         let window = self.cfg.sliding_window;
         let mask = (0..cache.capacity)
             .map(|j| {

@@ -93,6 +93,16 @@ impl Rope {
     /// Tensor construction errors.
     pub fn tables(&self, start: usize, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
         let half = self.inv_freq.len();
+        let (cos, sin) = self.rows(start, len);
+        Ok((
+            Tensor::from_vec(cos, (len, half), device)?,
+            Tensor::from_vec(sin, (len, half), device)?,
+        ))
+    }
+
+    /// [`Self::tables`] on the host: `len * head_dim / 2` values each, row by row.
+    pub fn rows(&self, start: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.inv_freq.len();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
         for p in start..start + len {
@@ -102,10 +112,7 @@ impl Rope {
                 sin.push((a.sin() * self.scale) as f32);
             }
         }
-        Ok((
-            Tensor::from_vec(cos, (len, half), device)?,
-            Tensor::from_vec(sin, (len, half), device)?,
-        ))
+        (cos, sin)
     }
 
     /// Whether pairs are adjacent elements `(2i, 2i + 1)` rather than halves `(i, i + d/2)`.
