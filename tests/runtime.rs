@@ -67,6 +67,10 @@ async fn exercise(c: &Cluster, x: &Tensor, out_prefix: &Path) -> Outputs {
     // The same spec again (each `generate --config` sends one) reuses the loaded shards.
     let again = c.load(spec(None)).await.unwrap();
     assert_eq!(first, again, "a repeated Load reloaded");
+    assert!(
+        first.iter().all(|r| !r.on_gpu),
+        "CPU ranks reported a GPU: {first:?}"
+    );
     let logits_dense = logits(c).await;
     let forward = c.forward(0..2, x.clone()).await.unwrap();
     let files = c.serialize(out_prefix.to_path_buf()).await.unwrap();

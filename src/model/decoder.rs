@@ -326,6 +326,11 @@ impl Model {
         &self.cfg
     }
 
+    /// The device this rank's shard lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
     /// Runs one step for each sequence; returns per sequence `[n, vocab]` f32 logits (`n` = 1,
     /// or every new token when `all_logits`).
     ///

@@ -41,8 +41,10 @@ pub struct CoordinatorActor;
 pub struct CoordState {
     handles: Vec<RankHandle>,
     step_deadline: Duration,
-    /// Whether steps are waited for hot (see [`CoordArgs::hot_steps`]).
+    /// Whether steps are waited for hot: every rank's loaded shard is on a GPU, unless
+    /// [`CoordArgs::hot_override`] says otherwise.
     hot_steps: bool,
+    hot_override: Option<bool>,
     /// Set by the first failure: (rank, reason).
     failed: Option<(usize, String)>,
 }
@@ -54,11 +56,12 @@ pub struct CoordArgs {
     pub handles: Vec<RankHandle>,
     /// Deadline of Step and Forward requests.
     pub step_deadline: Duration,
-    /// Wait for a step's replies without letting the coordinator's thread sleep (it polls,
-    /// yielding to other tasks): a GPU step takes a few milliseconds, and waking a thread
-    /// that slept that long costs about 0.15 ms on a virtual machine, every step. Only for
-    /// ranks whose steps run on GPUs, where a busy core is cheap; CPU ranks need every core.
-    pub hot_steps: bool,
+    /// Whether to wait for a step's replies without letting the coordinator's thread sleep
+    /// (it polls, yielding to other tasks). A GPU step takes a few milliseconds, and waking
+    /// a thread that slept that long costs about 0.15 ms on a virtual machine, every step.
+    /// `None`: when every rank reported its shard on a GPU at the last load, where a busy
+    /// core is cheap (CPU ranks need every core). Set by `SHARDWISE_HOT_STEPS=0|1`.
+    pub hot_override: Option<bool>,
 }
 
 impl Actor for CoordinatorActor {
@@ -74,7 +77,8 @@ impl Actor for CoordinatorActor {
         Ok(CoordState {
             handles: args.handles,
             step_deadline: args.step_deadline,
-            hot_steps: args.hot_steps,
+            hot_steps: args.hot_override.unwrap_or(false),
+            hot_override: args.hot_override,
             failed: None,
         })
     }
@@ -95,7 +99,14 @@ impl Actor for CoordinatorActor {
         let shutdown = matches!(msg.req, RankRequest::Shutdown);
         let deadline = msg.req.deadline(state.step_deadline);
         let hot = state.hot_steps && matches!(msg.req, RankRequest::Step(_));
+        let load = matches!(msg.req, RankRequest::Load(_));
         let result = broadcast(&state.handles, msg.req, deadline, hot).await;
+        if let (true, Ok(replies)) = (load, &result) {
+            let on_gpus = replies
+                .iter()
+                .all(|r| matches!(r, RankReply::Loaded(l) if l.on_gpu));
+            state.hot_steps = state.hot_override.unwrap_or(on_gpus);
+        }
         if let Err(e) = &result {
             let (rank, why) = match e {
                 Error::Rank { rank, reason } => (*rank, reason.clone()),
@@ -229,15 +240,6 @@ pub enum LocalTransport {
 }
 
 impl LocalTransport {
-    /// Whether its ranks run on GPUs.
-    pub fn on_gpus(self) -> bool {
-        match self {
-            LocalTransport::InProcess | LocalTransport::Grpc | LocalTransport::Shm => false,
-            #[cfg(feature = "cuda")]
-            LocalTransport::Nccl => true,
-        }
-    }
-
     /// `world` communicators of this process over this transport, in rank order (blocking:
     /// links connect and NCCL initialises here).
     ///
@@ -294,13 +296,7 @@ impl Cluster {
             let (actor, _) = rank::spawn(RankWorker::new(comm)).await?;
             handles.push(RankHandle::Local { rank, actor });
         }
-        // `SHARDWISE_HOT_STEPS=0|1` overrides the choice (to measure it).
-        let hot = match std::env::var("SHARDWISE_HOT_STEPS").as_deref() {
-            Ok("0") => false,
-            Ok("1") => true,
-            _ => transport.on_gpus(),
-        };
-        Self::start(handles, LOCAL_STEP_DEADLINE, hot).await
+        Self::start(handles, LOCAL_STEP_DEADLINE).await
     }
 
     /// Connects to the rank servers `ranks.toml` lists (started by `shardwise launch` or
@@ -331,14 +327,16 @@ impl Cluster {
         let handles = remotes.into_iter().map(RankHandle::Remote).collect();
         // A step waits at most on a few collectives, each bounded by the collective timeout.
         let step = (cfg.collective_timeout * 2).max(Duration::from_secs(60));
-        Self::start(handles, step, false).await
+        Self::start(handles, step).await
     }
 
-    async fn start(
-        handles: Vec<RankHandle>,
-        step_deadline: Duration,
-        hot_steps: bool,
-    ) -> Result<Self> {
+    async fn start(handles: Vec<RankHandle>, step_deadline: Duration) -> Result<Self> {
+        // `SHARDWISE_HOT_STEPS=0|1` overrides the choice of hot step waits (to measure it).
+        let hot_override = match std::env::var("SHARDWISE_HOT_STEPS").as_deref() {
+            Ok("0") => Some(false),
+            Ok("1") => Some(true),
+            _ => None,
+        };
         let world = handles.len();
         let (coord, _) = Actor::spawn(
             None,
@@ -346,7 +344,7 @@ impl Cluster {
             CoordArgs {
                 handles,
                 step_deadline,
-                hot_steps,
+                hot_override,
             },
         )
         .await

@@ -104,6 +104,9 @@ pub struct LoadReport {
     pub weight_bytes: u64,
     /// Resident memory of the rank's process.
     pub rss_bytes: u64,
+    /// The shard lives on a GPU (its steps take a few milliseconds and leave the host's
+    /// cores idle; see [`super::coordinator::CoordArgs::hot_override`]).
+    pub on_gpu: bool,
 }
 
 /// A rank's state.

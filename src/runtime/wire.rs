@@ -194,6 +194,7 @@ pub fn reply_to_proto(reply: Result<RankReply>) -> control_reply::Body {
             seconds: l.seconds,
             weight_bytes: l.weight_bytes,
             rss_bytes: l.rss_bytes,
+            on_gpu: l.on_gpu,
         }),
         RankReply::Tensor(t) => match tensor_to_proto(&t) {
             Ok(t) => Body::Tensor(t),
@@ -235,6 +236,7 @@ pub fn reply_from_proto(body: control_reply::Body, rank: usize) -> Result<RankRe
             seconds: l.seconds,
             weight_bytes: l.weight_bytes,
             rss_bytes: l.rss_bytes,
+            on_gpu: l.on_gpu,
         }),
         Body::Tensor(t) => RankReply::Tensor(tensor_from_proto(&t)?),
         Body::Logits(l) => RankReply::Logits(
@@ -256,4 +258,27 @@ pub fn reply_from_proto(body: control_reply::Body, rank: usize) -> Result<RankRe
         Body::Done(_) => RankReply::Done,
         Body::Nothing(_) => RankReply::Nothing,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A load report crosses the wire whole, whichever device the rank reports.
+    #[test]
+    fn load_reports_round_trip() {
+        for on_gpu in [false, true] {
+            let sent = LoadReport {
+                seconds: 1.25,
+                weight_bytes: 123_456_789,
+                rss_bytes: 42,
+                on_gpu,
+            };
+            let body = reply_to_proto(Ok(RankReply::Loaded(sent.clone())));
+            match reply_from_proto(body, 3) {
+                Ok(RankReply::Loaded(got)) => assert_eq!(got, sent),
+                other => panic!("a load report came back as {other:?}"),
+            }
+        }
+    }
 }

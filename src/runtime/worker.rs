@@ -140,6 +140,7 @@ impl RankWorker {
             seconds: t0.elapsed().as_secs_f64(),
             weight_bytes: model.weight_bytes(),
             rss_bytes: rss_bytes(),
+            on_gpu: model.device().is_cuda(),
         };
         self.model = Some(model);
         self.model_path = Some(spec.model.clone());
