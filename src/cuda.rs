@@ -245,6 +245,7 @@ pub fn device_ptr(t: &candle_core::Tensor) -> Result<Option<u64>> {
         candle_core::DType::BF16 => addr!(half::bf16),
         candle_core::DType::F16 => addr!(half::f16),
         candle_core::DType::U32 => addr!(u32),
+        candle_core::DType::I64 => addr!(i64),
         _ => return Ok(None),
     }))
 }
@@ -310,6 +311,20 @@ pub fn upload_f32(t: &candle_core::Tensor, values: &[f32]) -> Result<()> {
             reason: format!("f32 values for a {d:?} tensor"),
         }),
     }
+}
+
+/// [`upload`] of i64 values into an i64 tensor.
+///
+/// # Errors
+/// Another dtype, a size mismatch, or the driver's error.
+pub fn upload_i64(t: &candle_core::Tensor, values: &[i64]) -> Result<()> {
+    if t.dtype() != candle_core::DType::I64 {
+        return Err(Error::Config {
+            field: "upload".into(),
+            reason: format!("i64 values for a {:?} tensor", t.dtype()),
+        });
+    }
+    upload(t, values)
 }
 
 /// [`upload`] of u32 values into a u32 tensor.

@@ -261,18 +261,33 @@ fn decode_steps_replayed_as_cuda_graphs_match_eager_steps() {
 fn decoding_sequences_in_one_step_on_gpus_matches_one_at_a_time() {
     let world = gpus().min(2);
     assert!(world >= 1, "no CUDA device");
-    // Three sequences of different lengths decoded in one step (one attention launch for all
-    // three where the fused kernel serves) against one sequence per step (graphs off: every
-    // step eager, the single-sequence kernel).
-    for name in ["tiny-llama", "tiny-qwen3"] {
+    // Three sequences of different lengths decoded in one step (one rotary and one attention
+    // launch for all three where the fused kernels serve) against one sequence per step
+    // (graphs off: every step eager, the single-sequence kernels). Then the batched steps
+    // replayed as CUDA graphs (positions from device tables; qwen3's q/k norms keep it
+    // eager): 260 steps cross the caches' first capacity (256), which captures anew.
+    for (name, graphs) in [
+        ("tiny-llama", false),
+        ("tiny-qwen3", false),
+        ("tiny-llama", true),
+        ("tiny-qwen2", true),
+        ("tiny-mistral", true),
+        ("tiny-qwen3", true),
+    ] {
         let dir = fixtures().join("models").join(name);
+        let (steps, env) = if graphs {
+            (260, Some(("SHARDWISE_CUDA_GRAPH", "1")))
+        } else {
+            (12, None)
+        };
         for w in 1..=world {
             let diffs = with_env("SHARDWISE_CUDA_GRAPH", None, || {
-                batched_vs_single(&dir, w, LocalTransport::Nccl)
+                batched_vs_single(&dir, w, LocalTransport::Nccl, steps, env)
             });
+            let how = if graphs { "graphed" } else { "eager" };
             for (i, d) in diffs.into_iter().enumerate() {
-                assert!(d <= 1e-4, "{name} at {w} GPU(s), sequence {i}: {d}");
-                eprintln!("{name} at {w} GPU(s), sequence {i}: batched within {d} of single");
+                assert!(d <= 1e-4, "{name} at {w} GPU(s), {how}, sequence {i}: {d}");
+                eprintln!("{name} at {w} GPU(s), sequence {i}: {how} batch within {d} of single");
             }
         }
     }
@@ -447,8 +462,28 @@ fn attention_ref(
 #[test]
 fn fused_kernels_match_float64_references() {
     use shardwise::layers::fused::{
-        add_rms_norm, decode_attention, decode_attention_batch, rope_store, rope_store_batch,
-        silu_mul, CacheLen, RopeSeq, StorePos,
+        add_rms_norm, batch_words, decode_attention, decode_attention_batch, device_address,
+        layer_table, layer_tables, rope_store, rope_store_batch, set_positions, silu_mul, CacheLen,
+        RopeSeq, SeqTable, StorePos,
+    };
+    // A batch's descriptors as a captured step keeps them: one layer's table on the device,
+    // built for position 0 and then given each sequence's position; (attention, rotary).
+    let device_tables = |seqs: &[RopeSeq], interleaved: bool, dev: &candle_core::Device| {
+        let words: Vec<_> = seqs
+            .iter()
+            .map(|s| {
+                let at0 = RopeSeq { pos: 0, ..*s };
+                batch_words(&at0, interleaved)
+                    .unwrap()
+                    .expect("descriptors for this batch")
+            })
+            .collect();
+        let mut table = layer_table(&words);
+        set_positions(&mut table, &seqs.iter().map(|s| s.pos).collect::<Vec<_>>());
+        let t = candle_core::Tensor::new(table.as_slice(), dev).unwrap();
+        let at = device_address(&t).unwrap().expect("a device table");
+        let (att, rope) = layer_tables(at, seqs.len());
+        (t, att, rope)
     };
     assert!(gpus() >= 1, "no CUDA device");
     let dev = candle_core::Device::new_cuda(0).unwrap();
@@ -552,65 +587,78 @@ fn fused_kernels_match_float64_references() {
             ),
             (9, 3, 64, true, vec![(3, 16); 8]),
         ] {
-            let (b, half) = (seqs.len(), hd / 2);
-            let (q, qv) = put(&randn(b * nq * hd, &mut rng), &[b, 1, nq * hd], dtype, &dev);
-            let (k, kv) = put(
-                &randn(b * nkv * hd, &mut rng),
-                &[b, 1, nkv * hd],
-                dtype,
-                &dev,
-            );
-            let (v, vv) = put(
-                &randn(b * nkv * hd, &mut rng),
-                &[b, 1, nkv * hd],
-                dtype,
-                &dev,
-            );
-            let mut parts = Vec::new();
-            for &(pos, cap) in &seqs {
-                let angles: Vec<f64> = (0..half)
-                    .map(|i| (pos as f64 + 0.5) * 0.9f64.powi(i as i32))
-                    .collect();
-                let cosf: Vec<f64> = angles.iter().map(|a| a.cos()).collect();
-                let sinf: Vec<f64> = angles.iter().map(|a| a.sin()).collect();
-                let (cos, cv) = put(&cosf, &[1, half], dtype, &dev);
-                let (sin, sv) = put(&sinf, &[1, half], dtype, &dev);
-                let (kc, kcv) = cache(nkv, cap, hd, &mut rng);
-                let (vc, vcv) = cache(nkv, cap, hd, &mut rng);
-                parts.push(((cos, cv), (sin, sv), (kc, kcv), (vc, vcv), pos, cap));
-            }
-            let rows: Vec<RopeSeq> = parts
-                .iter()
-                .map(|((cos, _), (sin, _), (kc, _), (vc, _), pos, _)| RopeSeq {
-                    cos_sin: [cos, sin],
-                    caches: [kc, vc],
-                    pos: *pos,
-                })
-                .collect();
-            let qo = rope_store_batch(&q, &k, &v, &rows, interleaved)
-                .unwrap()
-                .expect("a fused kernel for this batch");
-            assert_eq!(qo.dims(), &[b, nq, 1, hd]);
-            let got_q = values(&qo);
-            for (i, ((_, cv), (_, sv), (kc, kcv), (vc, vcv), pos, cap)) in parts.iter().enumerate()
-            {
-                let what = format!("{dtype:?} rope_store of {b} sequences, sequence {i} at {pos}");
-                let cs = [cv.as_slice(), sv.as_slice()];
-                let rot = |x: &[f64], h: usize| rotate_head(x, h, hd, cs, interleaved);
-                let (qi, ki) = (&qv[i * nq * hd..], &kv[i * nkv * hd..]);
-                let want_q: Vec<f64> = (0..nq).flat_map(|h| rot(qi, h)).collect();
-                let e = rel_err(&got_q[i * nq * hd..(i + 1) * nq * hd], &want_q);
-                assert!(e <= 2.0 * tol, "{what}: q off by {e}");
-                let (mut want_k, mut want_v) = (kcv.clone(), vcv.clone());
-                for h in 0..nkv {
-                    let at = (h * cap + pos) * hd;
-                    want_k[at..at + hd].copy_from_slice(&rot(ki, h));
-                    let vi = (i * nkv + h) * hd;
-                    want_v[at..at + hd].copy_from_slice(&vv[vi..vi + hd]);
+            for on_device in [false, true] {
+                let (b, half) = (seqs.len(), hd / 2);
+                let (q, qv) = put(&randn(b * nq * hd, &mut rng), &[b, 1, nq * hd], dtype, &dev);
+                let (k, kv) = put(
+                    &randn(b * nkv * hd, &mut rng),
+                    &[b, 1, nkv * hd],
+                    dtype,
+                    &dev,
+                );
+                let (v, vv) = put(
+                    &randn(b * nkv * hd, &mut rng),
+                    &[b, 1, nkv * hd],
+                    dtype,
+                    &dev,
+                );
+                let mut parts = Vec::new();
+                for &(pos, cap) in &seqs {
+                    let angles: Vec<f64> = (0..half)
+                        .map(|i| (pos as f64 + 0.5) * 0.9f64.powi(i as i32))
+                        .collect();
+                    let cosf: Vec<f64> = angles.iter().map(|a| a.cos()).collect();
+                    let sinf: Vec<f64> = angles.iter().map(|a| a.sin()).collect();
+                    let (cos, cv) = put(&cosf, &[1, half], dtype, &dev);
+                    let (sin, sv) = put(&sinf, &[1, half], dtype, &dev);
+                    let (kc, kcv) = cache(nkv, cap, hd, &mut rng);
+                    let (vc, vcv) = cache(nkv, cap, hd, &mut rng);
+                    parts.push(((cos, cv), (sin, sv), (kc, kcv), (vc, vcv), pos, cap));
                 }
-                let e = rel_err(&values(kc), &want_k);
-                assert!(e <= 2.0 * tol, "{what}: key cache off by {e}");
-                assert_eq!(values(vc), want_v, "{what}: value cache");
+                let rows: Vec<RopeSeq> = parts
+                    .iter()
+                    .map(|((cos, _), (sin, _), (kc, _), (vc, _), pos, _)| RopeSeq {
+                        cos_sin: [cos, sin],
+                        caches: [kc, vc],
+                        pos: *pos,
+                    })
+                    .collect();
+                // On the device, the table's positions (the rows' own serve for shapes only).
+                let (_table, _, rope_table) = device_tables(&rows, interleaved, &dev);
+                let (rows, table) = if on_device {
+                    let at0 = rows.iter().map(|r| RopeSeq { pos: 0, ..*r }).collect();
+                    (at0, rope_table)
+                } else {
+                    (rows, SeqTable::Host)
+                };
+                let qo = rope_store_batch(&q, &k, &v, &rows, interleaved, table)
+                    .unwrap()
+                    .expect("a fused kernel for this batch");
+                assert_eq!(qo.dims(), &[b, nq, 1, hd]);
+                let got_q = values(&qo);
+                for (i, ((_, cv), (_, sv), (kc, kcv), (vc, vcv), pos, cap)) in
+                    parts.iter().enumerate()
+                {
+                    let what = format!(
+                        "{dtype:?} rope_store of {b} sequences, sequence {i} at {pos}, {table:?}"
+                    );
+                    let cs = [cv.as_slice(), sv.as_slice()];
+                    let rot = |x: &[f64], h: usize| rotate_head(x, h, hd, cs, interleaved);
+                    let (qi, ki) = (&qv[i * nq * hd..], &kv[i * nkv * hd..]);
+                    let want_q: Vec<f64> = (0..nq).flat_map(|h| rot(qi, h)).collect();
+                    let e = rel_err(&got_q[i * nq * hd..(i + 1) * nq * hd], &want_q);
+                    assert!(e <= 2.0 * tol, "{what}: q off by {e}");
+                    let (mut want_k, mut want_v) = (kcv.clone(), vcv.clone());
+                    for h in 0..nkv {
+                        let at = (h * cap + pos) * hd;
+                        want_k[at..at + hd].copy_from_slice(&rot(ki, h));
+                        let vi = (i * nkv + h) * hd;
+                        want_v[at..at + hd].copy_from_slice(&vv[vi..vi + hd]);
+                    }
+                    let e = rel_err(&values(kc), &want_k);
+                    assert!(e <= 2.0 * tol, "{what}: key cache off by {e}");
+                    assert_eq!(values(vc), want_v, "{what}: value cache");
+                }
             }
         }
         // A group too large for the kernels' registers is left to the plain path.
@@ -693,17 +741,36 @@ fn fused_kernels_match_float64_references() {
                     cap,
                     window,
                 ));
-                caches.push((k.narrow(2, 0, len).unwrap(), v.narrow(2, 0, len).unwrap()));
+                let (kn, vn) = (k.narrow(2, 0, len).unwrap(), v.narrow(2, 0, len).unwrap());
+                caches.push((kn, vn, (k, v)));
             }
             let views: Vec<(&candle_core::Tensor, &candle_core::Tensor)> =
-                caches.iter().map(|(k, v)| (k, v)).collect();
-            let y = decode_attention_batch(&q, &views, window, scale as f32)
-                .unwrap()
-                .expect("a fused kernel for this batch");
-            assert_eq!(y.dims(), &[b, nq, 1, hd]);
-            let e = rel_err(&values(&y), &want);
-            let what = format!("{dtype:?} attention of {b} sequences, {nq}/{nkv}x{hd}, {seqs:?}");
-            assert!(e <= 2.0 * tol, "{what}: off by {e}");
+                caches.iter().map(|(k, v, _)| (k, v)).collect();
+            // And as a captured step reads them: whole caches, lengths from a device table.
+            let (rot, _) = put(&randn(hd / 2, &mut rng), &[1, hd / 2], dtype, &dev);
+            let full: Vec<RopeSeq> = caches
+                .iter()
+                .zip(&seqs)
+                .map(|((_, _, (k, v)), &(len, _))| RopeSeq {
+                    cos_sin: [&rot, &rot],
+                    caches: [k, v],
+                    pos: len - 1,
+                })
+                .collect();
+            let (_table, att_table, _) = device_tables(&full, false, &dev);
+            let full_views: Vec<(&candle_core::Tensor, &candle_core::Tensor)> =
+                full.iter().map(|s| (s.caches[0], s.caches[1])).collect();
+            for (views, table) in [(&views, SeqTable::Host), (&full_views, att_table)] {
+                let y = decode_attention_batch(&q, views, window, scale as f32, table)
+                    .unwrap()
+                    .expect("a fused kernel for this batch");
+                assert_eq!(y.dims(), &[b, nq, 1, hd]);
+                let e = rel_err(&values(&y), &want);
+                let what = format!(
+                    "{dtype:?} attention of {b} sequences, {nq}/{nkv}x{hd}, {seqs:?}, {table:?}"
+                );
+                assert!(e <= 2.0 * tol, "{what}: off by {e}");
+            }
         }
     }
 }

@@ -274,7 +274,7 @@ fn decoding_sequences_in_one_step_matches_one_at_a_time() {
     for name in ["tiny-llama", "tiny-qwen3", "tiny-qwen3-moe"] {
         let dir = fixtures().join("models").join(name);
         for world in [1, 2] {
-            let diffs = batched_vs_single(&dir, world, LocalTransport::InProcess);
+            let diffs = batched_vs_single(&dir, world, LocalTransport::InProcess, 12, None);
             for (i, d) in diffs.into_iter().enumerate() {
                 assert!(d <= 1e-5, "{name} world {world} sequence {i}: {d}");
             }

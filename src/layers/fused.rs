@@ -206,7 +206,8 @@ pub fn decode_attention(
 /// 1, head_dim]`, rotated), sequence `i` over `caches[i]` (keys and values `[1, kv heads,
 /// positions_i, head_dim]`, lengths on the host, the same heads and width for all); `[b, q
 /// heads, 1, head_dim]` out. `None` where no fused kernel serves (as for one sequence, or more
-/// than 1024 KV heads in all): the caller attends sequence by sequence.
+/// than 1024 KV heads in all): the caller attends sequence by sequence. With
+/// [`SeqTable::Device`], the caches span their capacity and the lengths are the table's.
 ///
 /// # Errors
 /// Kernel errors.
@@ -215,12 +216,13 @@ pub fn decode_attention_batch(
     caches: &[(&Tensor, &Tensor)],
     window: Option<usize>,
     scale: f32,
+    table: SeqTable,
 ) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     if fused_on(q) {
-        return gpu::decode_attention_batch(q, caches, window, scale);
+        return gpu::decode_attention_batch(q, caches, window, scale, table);
     }
-    let _ = (q, caches, window, scale);
+    let _ = (q, caches, window, scale, table);
     Ok(None)
 }
 
@@ -277,8 +279,10 @@ pub struct RopeSeq<'a> {
 
 /// [`rope_store`] of one token of each of several sequences in one launch: `q`, `k`, `v`
 /// are `[b, 1, heads * head_dim]`, row `i` rotated with `seqs[i]`'s rows and written into its
-/// caches at its position (positions known on the host). Returns the rotated queries `[b, q
-/// heads, 1, head_dim]`, or `None` where no fused kernel serves (nothing is written then).
+/// caches at its position (positions known on the host, or with [`SeqTable::Device`] rows,
+/// caches and positions the table's, `seqs` serving for shapes). Returns the rotated queries
+/// `[b, q heads, 1, head_dim]`, or `None` where no fused kernel serves (nothing is written
+/// then).
 ///
 /// # Errors
 /// A position outside its caches, kernel errors.
@@ -288,13 +292,95 @@ pub fn rope_store_batch(
     v: &Tensor,
     seqs: &[RopeSeq<'_>],
     interleaved: bool,
+    table: SeqTable,
 ) -> Result<Option<Tensor>> {
     #[cfg(feature = "cuda")]
     if fused_on(q) {
-        return gpu::rope_store_batch(q, k, v, seqs, interleaved);
+        return gpu::rope_store_batch(q, k, v, seqs, interleaved, table);
     }
-    let _ = (q, k, v, seqs, interleaved);
+    let _ = (q, k, v, seqs, interleaved, table);
     Ok(None)
+}
+
+/// Where a launch for several sequences finds their descriptors (caches, lengths, rotary
+/// rows, positions).
+#[derive(Debug, Clone, Copy)]
+pub enum SeqTable {
+    /// Written by the launch from what the host holds (an eager step).
+    Host,
+    /// Already on the device at this address, laid out by [`layer_table`] and written before
+    /// the launch (a captured batch step, whose positions change between replays). Only the
+    /// CUDA kernels read it; the caches given alongside serve for shapes.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    Device(u64),
+}
+
+/// Words of one sequence's descriptors of one layer ([`batch_words`]).
+pub const BATCH_WORDS: usize = 16;
+/// Of [`BATCH_WORDS`], those of the attention descriptor (the rest are rotary's).
+const ATTEND_WORDS: usize = 7;
+
+/// The descriptors of one sequence in one layer of a captured batch step, for
+/// [`rope_store_batch`] and [`decode_attention_batch`] with [`SeqTable::Device`]: rotary rows
+/// and caches of `s` (full capacity), the token written at `s.pos` and attention over the
+/// positions up to it. `None` where the fused kernels do not serve (not CUDA, other shapes).
+///
+/// # Errors
+/// A position outside the caches.
+pub fn batch_words(s: &RopeSeq<'_>, interleaved: bool) -> Result<Option<[i64; BATCH_WORDS]>> {
+    #[cfg(feature = "cuda")]
+    if fused_on(s.caches[0]) {
+        return gpu::batch_words(s, interleaved, s.caches[0].dtype());
+    }
+    let _ = (s, interleaved);
+    Ok(None)
+}
+
+/// One layer's device table from its sequences' [`batch_words`]: every attention descriptor,
+/// then every rotary one (the layout [`layer_tables`] addresses).
+pub fn layer_table(seqs: &[[i64; BATCH_WORDS]]) -> Vec<i64> {
+    let att = seqs.iter().flat_map(|w| w[..ATTEND_WORDS].iter().copied());
+    let rope = seqs.iter().flat_map(|w| w[ATTEND_WORDS..].iter().copied());
+    att.chain(rope).collect()
+}
+
+/// Writes each sequence's position (`positions[i]` for sequence `i`) into a [`layer_table`]:
+/// where its token's key and value go and how many positions its attention reads.
+pub fn set_positions(table: &mut [i64], positions: &[usize]) {
+    let b = positions.len();
+    for (i, &p) in positions.iter().enumerate() {
+        // Word 2 of an attention descriptor is its length, word 4 of a rotary one its position.
+        if let Some(w) = table.get_mut(i * ATTEND_WORDS + 2) {
+            *w = p as i64 + 1;
+        }
+        if let Some(w) = table.get_mut(b * ATTEND_WORDS + i * (BATCH_WORDS - ATTEND_WORDS) + 4) {
+            *w = p as i64;
+        }
+    }
+}
+
+/// Device address of `t`'s first element where the fused kernels could read it (a CUDA
+/// tensor of a float, u32 or i64 dtype); `None` elsewhere.
+///
+/// # Errors
+/// The storage's errors.
+pub fn device_address(t: &Tensor) -> Result<Option<u64>> {
+    #[cfg(feature = "cuda")]
+    return crate::cuda::device_ptr(t);
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = t;
+        Ok(None)
+    }
+}
+
+/// The attention and rotary tables of a [`layer_table`] of `b` sequences written at device
+/// address `at`.
+pub fn layer_tables(at: u64, b: usize) -> (SeqTable, SeqTable) {
+    (
+        SeqTable::Device(at),
+        SeqTable::Device(at + (b * ATTEND_WORDS * 8) as u64),
+    )
 }
 
 #[cfg(feature = "cuda")]
@@ -1861,6 +1947,8 @@ KERNELS(f16, F16)
     /// descriptors, written to the workspace before the launch.
     struct Attend {
         seqs: Vec<SeqCaches>,
+        /// Where several sequences' descriptors are (see [`super::SeqTable`]).
+        table: super::SeqTable,
         nkv: usize,
         /// Device pointer of the u32 position (0: each sequence's length is `len`).
         pos_ptr: u64,
@@ -1899,10 +1987,13 @@ KERNELS(f16, F16)
             let f = kern.func(&name, q.dtype())?;
             // Partials of every sequence, then (for several) the descriptor table, 8-aligned.
             let partials = (b * nkv * splits * g * (hd + 2)).next_multiple_of(2);
-            let table_words = if b > 1 { b * SEQ_WORDS } else { 0 };
+            let on_host = matches!(self.table, super::SeqTable::Host);
+            let table_words = if b > 1 && on_host { b * SEQ_WORDS } else { 0 };
             let scratch = kern.scratch(&dev, partials + 2 * table_words)?;
             let stream = dev.cuda_stream();
-            let table = if b > 1 {
+            let table = if let (true, super::SeqTable::Device(at)) = (b > 1, self.table) {
+                at
+            } else if b > 1 {
                 let words: Vec<i64> = self.seqs.iter().flat_map(SeqCaches::words).collect();
                 let at = scratch + (partials * 4) as u64;
                 // SAFETY: the table's words lie inside the scratch buffer; the copy is ordered
@@ -2019,6 +2110,7 @@ KERNELS(f16, F16)
         let q = q.contiguous()?;
         let op = Attend {
             seqs: vec![seq],
+            table: super::SeqTable::Host,
             nkv,
             pos_ptr,
             window: window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
@@ -2032,6 +2124,7 @@ KERNELS(f16, F16)
         caches: &[(&Tensor, &Tensor)],
         window: Option<usize>,
         scale: f32,
+        table: super::SeqTable,
     ) -> Result<Option<Tensor>> {
         let Some((k0, _)) = caches.first() else {
             return Ok(None);
@@ -2053,6 +2146,7 @@ KERNELS(f16, F16)
         let q = q.contiguous()?;
         let op = Attend {
             seqs,
+            table,
             nkv,
             pos_ptr: 0,
             window: window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
@@ -2135,10 +2229,45 @@ KERNELS(f16, F16)
     /// (`ROPE_SEQ_WORDS`).
     const ROPE_SEQ_WORDS: usize = 9;
 
+    const _: () = assert!(
+        super::BATCH_WORDS == SEQ_WORDS + ROPE_SEQ_WORDS && super::ATTEND_WORDS == SEQ_WORDS
+    );
+
+    impl RopeTarget {
+        fn words(&self) -> [i64; ROPE_SEQ_WORDS] {
+            let [cos, sin, kc, vc] = self.ptrs.map(|p| p as i64);
+            let [kh, kp, vh, vp] = self.strides;
+            [cos, sin, kc, vc, i64::from(self.pos_host), kh, kp, vh, vp]
+        }
+    }
+
+    /// Words of one sequence's descriptors for one layer of a batch step (see
+    /// [`super::batch_words`]): attention over `pos + 1` positions, then rotary and cache
+    /// write at `pos`.
+    pub(super) fn batch_words(
+        s: &super::RopeSeq<'_>,
+        interleaved: bool,
+        dt: DType,
+    ) -> Result<Option<[i64; super::BATCH_WORDS]>> {
+        let [kc, vc] = s.caches;
+        let pos = StorePos::Host(s.pos);
+        let (Some((rope, _)), Some(mut att)) = (
+            rope_target(s.cos_sin, interleaved, s.caches, pos, dt)?,
+            SeqCaches::of(kc, vc)?,
+        ) else {
+            return Ok(None);
+        };
+        att.len = s.pos + 1;
+        let mut out = [0i64; super::BATCH_WORDS];
+        out[..SEQ_WORDS].copy_from_slice(&att.words());
+        out[SEQ_WORDS..].copy_from_slice(&rope.words());
+        Ok(Some(out))
+    }
+
     /// `rope_store` of `b` sequences' tokens (`q`, `k`, `v`: `[b, 1, width]`), sequence `i` at
     /// `targets[i]`: one sequence passes its target as arguments (a captured graph keeps
     /// them), several a table of descriptors written to the workspace before the launch.
-    struct RopeStore(Vec<RopeTarget>);
+    struct RopeStore(Vec<RopeTarget>, super::SeqTable);
 
     impl CustomOp3 for RopeStore {
         fn name(&self) -> &'static str {
@@ -2176,16 +2305,10 @@ KERNELS(f16, F16)
                 shared_mem_bytes: 0,
             };
             let stream = dev.cuda_stream();
-            let table = if b > 1 {
-                let words: Vec<i64> = self
-                    .0
-                    .iter()
-                    .flat_map(|t| -> [i64; ROPE_SEQ_WORDS] {
-                        let [cos, sin, kc, vc] = t.ptrs.map(|p| p as i64);
-                        let [kh, kp, vh, vp] = t.strides;
-                        [cos, sin, kc, vc, i64::from(t.pos_host), kh, kp, vh, vp]
-                    })
-                    .collect();
+            let table = if let (true, super::SeqTable::Device(at)) = (b > 1, self.1) {
+                at
+            } else if b > 1 {
+                let words: Vec<i64> = self.0.iter().flat_map(RopeTarget::words).collect();
                 let at = kern.scratch(&dev, 2 * words.len())?;
                 // SAFETY: the words fit the scratch buffer; the copy is ordered on the stream
                 // before the launch that reads them (and after the last user of the buffer).
@@ -2250,7 +2373,7 @@ KERNELS(f16, F16)
         let Some(target) = rope_target(cos_sin, interleaved, caches, pos, q.dtype())? else {
             return Ok(None);
         };
-        rope_store_seqs(q, k, v, vec![target])
+        rope_store_seqs(q, k, v, vec![target], super::SeqTable::Host)
     }
 
     pub(super) fn rope_store_batch(
@@ -2259,6 +2382,7 @@ KERNELS(f16, F16)
         v: &Tensor,
         seqs: &[super::RopeSeq<'_>],
         interleaved: bool,
+        table: super::SeqTable,
     ) -> Result<Option<Tensor>> {
         let mut targets = Vec::with_capacity(seqs.len());
         for s in seqs {
@@ -2274,7 +2398,7 @@ KERNELS(f16, F16)
         if targets.is_empty() || !same {
             return Ok(None);
         }
-        rope_store_seqs(q, k, v, targets)
+        rope_store_seqs(q, k, v, targets, table)
     }
 
     /// `rope_store` of one token of each of `targets.len()` sequences (rows of `q`, `k`, `v`),
@@ -2284,6 +2408,7 @@ KERNELS(f16, F16)
         k: &Tensor,
         v: &Tensor,
         targets: Vec<(RopeTarget, [Tensor; 2])>,
+        table: super::SeqTable,
     ) -> Result<Option<Tensor>> {
         let Some((first, _)) = targets.first() else {
             return Ok(None);
@@ -2300,6 +2425,10 @@ KERNELS(f16, F16)
         }
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
         let (targets, _keep): (Vec<RopeTarget>, Vec<[Tensor; 2]>) = targets.into_iter().unzip();
-        Ok(Some(q.apply_op3_no_bwd(&k, &v, &RopeStore(targets))?))
+        Ok(Some(q.apply_op3_no_bwd(
+            &k,
+            &v,
+            &RopeStore(targets, table),
+        )?))
     }
 }

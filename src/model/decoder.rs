@@ -15,8 +15,9 @@ use super::rope::Rope;
 use crate::comm::Communicator;
 use crate::error::{Error, LayerContext, Result};
 use crate::layers::fused::{
-    add_rms_norm, decode_attention, decode_attention_batch, rope_store, rope_store_batch, CacheLen,
-    NormIn, RopeIn, RopeSeq, StorePos,
+    add_rms_norm, batch_words, decode_attention, decode_attention_batch, device_address,
+    layer_table, layer_tables, rope_store, rope_store_batch, set_positions, CacheLen, NormIn,
+    RopeIn, RopeSeq, SeqTable, StorePos, BATCH_WORDS,
 };
 use crate::layers::moe::{MoeBlock, MoeImpl};
 use crate::layers::{
@@ -121,6 +122,19 @@ pub struct Model {
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     rank: usize,
     caches: HashMap<u64, SeqCache>,
+    /// The captured step of the last batch of sequences decoded together (CUDA graphs on).
+    batch_graph: Option<BatchGraph>,
+}
+
+/// A captured decode step of several sequences, one token each, with what it was captured
+/// for: the sequences, their caches' capacities and addresses (a batch of other sequences,
+/// or a cache reallocated, needs a new capture) and the descriptor tables it reads, of which
+/// only the positions change between steps.
+#[derive(Debug)]
+struct BatchGraph {
+    key: Vec<(u64, usize, Option<u64>)>,
+    graph: super::graph::DecodeGraph<super::graph::BatchInputs>,
+    tables: Vec<i64>,
 }
 
 /// The lm_head's vocabulary rows on `rank` (uneven when ranks do not divide the vocabulary).
@@ -318,6 +332,7 @@ impl Model {
             device,
             rank: comm.rank(),
             caches: HashMap::new(),
+            batch_graph: None,
         })
     }
 
@@ -348,6 +363,13 @@ impl Model {
     /// Drops a sequence's KV cache.
     pub fn release(&mut self, seq_id: u64) {
         self.caches.remove(&seq_id);
+        if self
+            .batch_graph
+            .as_ref()
+            .is_some_and(|g| g.key.iter().any(|k| k.0 == seq_id))
+        {
+            self.batch_graph = None;
+        }
     }
 
     /// Checks `s` against the model and its sequence's cache, and takes that cache out of
@@ -457,7 +479,11 @@ impl Model {
             }
         }
         let mut caches: Vec<SeqCache> = taken.into_iter().map(|(_, c)| c).collect();
-        let out = self.run_batch(seqs, &mut caches);
+        let out = match self.run_batch_graphed(seqs, &mut caches) {
+            Ok(Some(out)) => Ok(out),
+            Ok(None) => self.run_batch(seqs, &mut caches),
+            Err(e) => Err(e),
+        };
         for (s, mut c) in seqs.iter().zip(caches) {
             if out.is_ok() {
                 c.len += 1;
@@ -495,6 +521,131 @@ impl Model {
                 .forward_with(&x, pending.as_ref(), eps, |n| {
                     let (x, qkv) = layer.attn.qkv_normed(n)?;
                     Ok((x, layer.attention_batch(&qkv, &ctxs, &mut per_seq)?))
+                })
+                .in_layer(&format!("model.layers.{i}"))?;
+            (x, pending) = (nx, Some(f));
+        }
+        let (x, pending) = (x.squeeze(1)?, pending.map(|p| p.squeeze(1)).transpose()?);
+        self.head(&x, pending.as_ref(), eps)
+    }
+
+    /// [`Self::decode_batch`]'s forward replayed as a CUDA graph of this batch of sequences
+    /// (see [`super::graph`]): with graphs on, where every sequence has fixed caches and the
+    /// fused rotary and attention kernels serve them, reading each sequence's position, rows
+    /// and caches from device tables written before each replay. `None` (nothing done) where
+    /// that does not serve: the eager batch runs. A batch of other sequences than the last
+    /// one's is captured anew (after one eager warm-up step).
+    fn run_batch_graphed(
+        &mut self,
+        seqs: &[SeqStep],
+        caches: &mut [SeqCache],
+    ) -> Result<Option<Tensor>> {
+        let serves = super::graph::enabled()
+            && self.device.is_cuda()
+            && self.graphable()
+            && self.layers.iter().all(|l| l.q_norm.is_none());
+        if !serves {
+            return Ok(None);
+        }
+        let (b, n_layers, shape) = (seqs.len(), self.layers.len(), self.kv_shape());
+        for c in caches.iter_mut() {
+            c.reserve(n_layers, 1, shape, &self.device)?;
+        }
+        let key: Vec<(u64, usize, Option<u64>)> = seqs
+            .iter()
+            .zip(caches.iter())
+            .map(|(s, c)| {
+                let first = c.layers.first().and_then(LayerCache::fixed_parts);
+                let addr = first.map(|(k, _)| device_address(k));
+                Ok((s.seq_id, c.capacity, addr.transpose()?.flatten()))
+            })
+            .collect::<Result<_>>()?;
+        if key.iter().any(|k| k.1 == 0 || k.2.is_none()) {
+            return Ok(None);
+        }
+        let mut bg = match self.batch_graph.take() {
+            Some(g) if g.key == key => g,
+            _ => match self.new_batch_graph(key, caches)? {
+                Some(g) => g,
+                None => return Ok(None),
+            },
+        };
+        let half = self.cfg.head_dim / 2;
+        let (mut cos, mut sin) = (Vec::with_capacity(b * half), Vec::with_capacity(b * half));
+        for s in seqs {
+            let (c, sn) = self.rope.rows(s.start_pos, 1);
+            cos.extend(c);
+            sin.extend(sn);
+        }
+        let positions: Vec<usize> = seqs.iter().map(|s| s.start_pos).collect();
+        for table in bg.tables.chunks_mut(b * BATCH_WORDS) {
+            set_positions(table, &positions);
+        }
+        let ids: Vec<u32> = seqs.iter().map(|s| s.tokens[0]).collect();
+        bg.graph.set_batch_inputs(&ids, &cos, &sin, &bg.tables)?;
+        let out = bg.graph.run(|inputs| self.batch_body(inputs, caches));
+        self.batch_graph = Some(bg);
+        out.map(Some)
+    }
+
+    /// A batch graph for the sequences of `caches` (reserved), with their descriptor tables;
+    /// `None` where the fused kernels do not serve them.
+    fn new_batch_graph(
+        &self,
+        key: Vec<(u64, usize, Option<u64>)>,
+        caches: &[SeqCache],
+    ) -> Result<Option<BatchGraph>> {
+        let (b, half) = (caches.len(), self.cfg.head_dim / 2);
+        let graph =
+            super::graph::DecodeGraph::batch(b, self.layers.len(), half, self.dtype, &self.device)?;
+        let rows = batch_rows(graph.inputs())?;
+        let interleaved = self.rope.interleaved();
+        let mut tables = Vec::with_capacity(self.layers.len() * b * BATCH_WORDS);
+        for l in 0..self.layers.len() {
+            let mut words = Vec::with_capacity(b);
+            for (c, (cos, sin)) in caches.iter().zip(&rows) {
+                let Some((kc, vc)) = c.layers.get(l).and_then(LayerCache::fixed_parts) else {
+                    return Ok(None);
+                };
+                let seq = RopeSeq {
+                    cos_sin: [cos, sin],
+                    caches: [kc, vc],
+                    pos: 0,
+                };
+                match batch_words(&seq, interleaved)? {
+                    Some(w) => words.push(w),
+                    None => return Ok(None),
+                }
+            }
+            tables.extend(layer_table(&words));
+        }
+        Ok(Some(BatchGraph { key, graph, tables }))
+    }
+
+    /// A captured batch step's forward from its input buffers: `[batch, vocab]` f32 logits.
+    fn batch_body(
+        &self,
+        inputs: &super::graph::BatchInputs,
+        caches: &mut [SeqCache],
+    ) -> Result<Tensor> {
+        let b = caches.len();
+        let rows = batch_rows(inputs)?;
+        let base = device_address(&inputs.tables)?.ok_or_else(|| Error::Unsupported {
+            what: "a captured batch step".into(),
+            by: "a device without CUDA".into(),
+        })?;
+        let eps = self.cfg.rms_norm_eps as f32;
+        let rope = (self.rope.interleaved(), self.cfg.sliding_window);
+        let mut x = self.embed.index_select(&inputs.ids, 0)?.unsqueeze(1)?;
+        let mut pending = None;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let per_seq: Vec<&LayerCache> = caches.iter().map(|c| &c.layers[i]).collect();
+            let at = base + (i * b * BATCH_WORDS * 8) as u64;
+            let (nx, f) = layer
+                .forward_with(&x, pending.as_ref(), eps, |n| {
+                    let (x, qkv) = layer.attn.qkv_normed(n)?;
+                    let y = layer.attention_table(&qkv, &per_seq, &rows, at, rope)?;
+                    Ok((x, y))
                 })
                 .in_layer(&format!("model.layers.{i}"))?;
             (x, pending) = (nx, Some(f));
@@ -984,7 +1135,9 @@ impl DecoderLayer {
             let scale = 1.0 / (hd as f64).sqrt();
             let window = ctxs.first().and_then(|c| c.window);
             if self.attn.heads.uniform_group().is_some() {
-                if let Some(y) = decode_attention_batch(&q, &views, window, scale as f32)? {
+                if let Some(y) =
+                    decode_attention_batch(&q, &views, window, scale as f32, SeqTable::Host)?
+                {
                     return self.attn.o(&y.reshape((b, 1, nq * hd))?);
                 }
             }
@@ -1011,6 +1164,45 @@ impl DecoderLayer {
             .map(|((q, k, v), ctx)| self.attend_cached(q, k, v, ctx))
             .collect::<Result<Vec<_>>>()?;
         self.attn.o(&Tensor::cat(&ys, 0)?)
+    }
+
+    /// [`Self::attention_batch`] of a captured batch step: every sequence's token rotated and
+    /// stored, and attended over its whole cache, at the positions of the layer's device
+    /// tables at `at` ([`crate::layers::fused::layer_table`]); `rows` are each sequence's
+    /// rotary input rows.
+    fn attention_table(
+        &self,
+        (q, k, v): &(Tensor, Tensor, Tensor),
+        caches: &[&LayerCache],
+        rows: &[(Tensor, Tensor)],
+        at: u64,
+        (interleaved, window): (bool, Option<usize>),
+    ) -> Result<Tensor> {
+        let (hd, nq, b) = (
+            self.attn.dims.head_dim,
+            self.attn.heads.q_heads.len(),
+            caches.len(),
+        );
+        let unserved = || Error::Unsupported {
+            what: "a captured batch step".into(),
+            by: "the fused rotary and attention kernels (these caches or heads)".into(),
+        };
+        let mut seqs = Vec::with_capacity(b);
+        for (c, (cos, sin)) in caches.iter().zip(rows) {
+            let (kc, vc) = c.fixed_parts().ok_or_else(unserved)?;
+            seqs.push(RopeSeq {
+                cos_sin: [cos, sin],
+                caches: [kc, vc],
+                pos: 0,
+            });
+        }
+        let (att, rope) = layer_tables(at, b);
+        let q = rope_store_batch(q, k, v, &seqs, interleaved, rope)?.ok_or_else(unserved)?;
+        let views: Vec<(&Tensor, &Tensor)> =
+            seqs.iter().map(|s| (s.caches[0], s.caches[1])).collect();
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
+        let y = decode_attention_batch(&q, &views, window, scale, att)?.ok_or_else(unserved)?;
+        self.attn.o(&y.reshape((b, 1, nq * hd))?)
     }
 
     /// [`Self::rotate_store`] of one token of each of several sequences (`q`, `k`, `v`:
@@ -1042,7 +1234,7 @@ impl DecoderLayer {
             return Ok(None);
         }
         let interleaved = ctxs.first().is_some_and(|c| c.rope.interleaved());
-        let Some(q) = rope_store_batch(q, k, v, &seqs, interleaved)? else {
+        let Some(q) = rope_store_batch(q, k, v, &seqs, interleaved, SeqTable::Host)? else {
             return Ok(None);
         };
         let kvs = ctxs
@@ -1169,6 +1361,13 @@ impl DecoderLayer {
         };
         Ok(y.transpose(1, 2)?.reshape((b, t, nq * hd))?)
     }
+}
+
+/// Each sequence's rotary rows (`[1, head_dim / 2]` views) of a captured batch step's inputs.
+fn batch_rows(inputs: &super::graph::BatchInputs) -> Result<Vec<(Tensor, Tensor)>> {
+    (0..inputs.ids.dim(0)?)
+        .map(|i| Ok((inputs.cos.narrow(0, i, 1)?, inputs.sin.narrow(0, i, 1)?)))
+        .collect()
 }
 
 /// Where a fused kernel writes a step's key and value: the position on the host, or in the

@@ -47,9 +47,26 @@ unsafe impl Send for OwnedGraph {}
 #[cfg(feature = "cuda")]
 unsafe impl Sync for OwnedGraph {}
 
-/// One sequence's captured decode step.
-pub(crate) struct DecodeGraph {
-    inputs: GraphInputs,
+/// Device buffers a captured step of several sequences (one token each) reads its inputs
+/// from.
+#[derive(Debug)]
+pub(crate) struct BatchInputs {
+    /// Token ids, `[b]` u32.
+    pub ids: Tensor,
+    /// Rotary rows of each sequence's position, `[b, head_dim / 2]` each, in the model's dtype.
+    pub cos: Tensor,
+    /// See `cos`.
+    pub sin: Tensor,
+    /// Every layer's descriptor tables (caches, positions, rotary rows of each sequence;
+    /// [`crate::layers::fused::layer_table`]), `[layers, b * BATCH_WORDS]` i64.
+    pub tables: Tensor,
+}
+
+/// One sequence's (or one batch's) captured decode step, reading inputs `I`.
+pub(crate) struct DecodeGraph<I = GraphInputs> {
+    inputs: I,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    device: Device,
     /// The device's stream (CUDA devices only).
     #[cfg(feature = "cuda")]
     stream: Option<std::sync::Arc<cudarc::driver::CudaStream>>,
@@ -61,7 +78,7 @@ pub(crate) struct DecodeGraph {
     eager_only: bool,
 }
 
-impl std::fmt::Debug for DecodeGraph {
+impl<I> std::fmt::Debug for DecodeGraph<I> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
@@ -80,7 +97,7 @@ pub(crate) fn enabled() -> bool {
     std::env::var("SHARDWISE_CUDA_GRAPH").is_ok_and(|v| v == "1")
 }
 
-impl DecodeGraph {
+impl DecodeGraph<GraphInputs> {
     /// Input buffers for caches of `capacity` positions of `shape`, rotary rows of `half`.
     pub(crate) fn new(
         capacity: usize,
@@ -88,29 +105,14 @@ impl DecodeGraph {
         half: usize,
         device: &Device,
     ) -> Result<Self> {
-        #[cfg(feature = "cuda")]
-        let stream = match device {
-            Device::Cuda(d) => Some(d.cuda_stream()),
-            _ => None,
+        let inputs = GraphInputs {
+            ids: Tensor::zeros(1, DType::U32, device)?,
+            cos: Tensor::zeros((1, half), shape.dtype, device)?,
+            sin: Tensor::zeros((1, half), shape.dtype, device)?,
+            mask: Tensor::zeros((1, capacity), shape.dtype, device)?,
+            idx: Tensor::zeros((1, shape.kv_heads, 1, shape.head_dim), DType::U32, device)?,
         };
-        Ok(Self {
-            inputs: GraphInputs {
-                ids: Tensor::zeros(1, DType::U32, device)?,
-                cos: Tensor::zeros((1, half), shape.dtype, device)?,
-                sin: Tensor::zeros((1, half), shape.dtype, device)?,
-                mask: Tensor::zeros((1, capacity), shape.dtype, device)?,
-                idx: Tensor::zeros((1, shape.kv_heads, 1, shape.head_dim), DType::U32, device)?,
-            },
-            #[cfg(feature = "cuda")]
-            eager_only: stream.is_none() || !enabled(),
-            #[cfg(not(feature = "cuda"))]
-            eager_only: true,
-            #[cfg(feature = "cuda")]
-            stream,
-            eager_runs: 0,
-            #[cfg(feature = "cuda")]
-            captured: None,
-        })
+        Ok(Self::with_inputs(inputs, device))
     }
 
     /// Writes one step's inputs: `token` at `pos`, its rotary rows (`half` values each) and
@@ -147,16 +149,93 @@ impl DecodeGraph {
         put(&i.idx, Tensor::new(idx, dev)?)?;
         Ok(())
     }
+}
+
+impl DecodeGraph<BatchInputs> {
+    /// Input buffers for `b` sequences over `layers` layers, rotary rows of `half` values
+    /// in `dtype`.
+    pub(crate) fn batch(
+        b: usize,
+        layers: usize,
+        half: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let words = b * crate::layers::fused::BATCH_WORDS;
+        let inputs = BatchInputs {
+            ids: Tensor::zeros(b, DType::U32, device)?,
+            cos: Tensor::zeros((b, half), dtype, device)?,
+            sin: Tensor::zeros((b, half), dtype, device)?,
+            tables: Tensor::zeros((layers, words), DType::I64, device)?,
+        };
+        Ok(Self::with_inputs(inputs, device))
+    }
+
+    /// Writes one step's inputs: each sequence's token and rotary rows (`b * half` values,
+    /// row by row) and every layer's tables (`layers * b * BATCH_WORDS` words), each in one
+    /// asynchronous copy from the host.
+    ///
+    /// # Errors
+    /// Sizes that do not match the buffers, the driver's errors.
+    pub(crate) fn set_batch_inputs(
+        &self,
+        tokens: &[u32],
+        cos: &[f32],
+        sin: &[f32],
+        tables: &[i64],
+    ) -> Result<()> {
+        let i = &self.inputs;
+        #[cfg(feature = "cuda")]
+        {
+            crate::cuda::upload_u32(&i.ids, tokens)?;
+            crate::cuda::upload_f32(&i.cos, cos)?;
+            crate::cuda::upload_f32(&i.sin, sin)?;
+            crate::cuda::upload_i64(&i.tables, tables)
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = (i, tokens, cos, sin, tables);
+            Err(crate::error::Error::Unsupported {
+                what: "a captured batch step".into(),
+                by: "a build without cargo feature `cuda`".into(),
+            })
+        }
+    }
+}
+
+impl<I> DecodeGraph<I> {
+    /// The buffers the step reads.
+    pub(crate) fn inputs(&self) -> &I {
+        &self.inputs
+    }
+
+    fn with_inputs(inputs: I, device: &Device) -> Self {
+        #[cfg(feature = "cuda")]
+        let stream = match device {
+            Device::Cuda(d) => Some(d.cuda_stream()),
+            _ => None,
+        };
+        Self {
+            inputs,
+            device: device.clone(),
+            #[cfg(feature = "cuda")]
+            eager_only: stream.is_none() || !enabled(),
+            #[cfg(not(feature = "cuda"))]
+            eager_only: true,
+            #[cfg(feature = "cuda")]
+            stream,
+            eager_runs: 0,
+            #[cfg(feature = "cuda")]
+            captured: None,
+        }
+    }
 
     /// Runs the step `body` computes from the inputs: eagerly the first time, captured and
     /// launched the second, replayed after. Returns the logits on the device.
     ///
     /// # Errors
     /// The body's errors, or the driver's when launching.
-    pub(crate) fn run(
-        &mut self,
-        mut body: impl FnMut(&GraphInputs) -> Result<Tensor>,
-    ) -> Result<Tensor> {
+    pub(crate) fn run(&mut self, mut body: impl FnMut(&I) -> Result<Tensor>) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let Some((g, out)) = &self.captured {
             g.0.launch()
@@ -172,7 +251,7 @@ impl DecodeGraph {
         // those buffers once (kept for the process), and the capture reuses them; a launch
         // that would still upload fails the capture (the step then runs eagerly).
         #[cfg(feature = "cuda")]
-        let _params = match self.inputs.ids.device() {
+        let _params = match &self.device {
             Device::Cuda(d) => Some(d.enable_cuda_graph_htod_cache()),
             _ => None,
         };
@@ -193,7 +272,7 @@ impl DecodeGraph {
 
     /// Captures `body` on the device's stream and launches the graph once.
     #[cfg(feature = "cuda")]
-    fn capture(&mut self, mut body: impl FnMut(&GraphInputs) -> Result<Tensor>) -> Result<Tensor> {
+    fn capture(&mut self, mut body: impl FnMut(&I) -> Result<Tensor>) -> Result<Tensor> {
         let Some(stream) = self.stream.clone() else {
             return body(&self.inputs);
         };

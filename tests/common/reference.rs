@@ -295,12 +295,27 @@ pub async fn three_sequences(c: &Cluster, steps: usize, batched: bool) -> Vec<Ve
 }
 
 /// Largest difference, per sequence, between [`three_sequences`] decoded in one step and one
-/// sequence per step, on a fresh cluster of `world` ranks over `transport` (f32 weights).
-pub fn batched_vs_single(dir: &Path, world: usize, transport: LocalTransport) -> [f32; 3] {
+/// sequence per step (`steps` steps each), on a fresh cluster of `world` ranks over
+/// `transport` (f32 weights); the environment variable `batched_env` is set for the batched
+/// steps only.
+pub fn batched_vs_single(
+    dir: &Path,
+    world: usize,
+    transport: LocalTransport,
+    steps: usize,
+    batched_env: Option<(&str, &str)>,
+) -> [f32; 3] {
     let (batched, single) = rt().block_on(async {
         let c = loaded(&f32_spec(dir), world, transport).await;
-        let b = three_sequences(&c, 12, true).await;
-        let s = three_sequences(&c, 12, false).await;
+        // Ranks read these settings at each step: only the batched steps see them.
+        if let Some((k, v)) = batched_env {
+            std::env::set_var(k, v);
+        }
+        let b = three_sequences(&c, steps, true).await;
+        if let Some((k, _)) = batched_env {
+            std::env::remove_var(k);
+        }
+        let s = three_sequences(&c, steps, false).await;
         c.shutdown().await.unwrap();
         (b, s)
     });
