@@ -234,7 +234,7 @@ fn nccl_init_names_a_group_that_never_fills() {
 fn decode_steps_replayed_as_cuda_graphs_match_eager_steps() {
     let world = gpus().min(2);
     assert!(world >= 1, "no CUDA device");
-    // Eager steps (the default: fixed caches written at host-known positions, attention over
+    // Eager steps (`SHARDWISE_CUDA_GRAPH=0`: fixed caches written at host-known positions, attention over
     // the sequence) against steps replayed from CUDA graphs (positions and lengths read on the
     // device, attention over the capacity). 300 steps cross the caches' first capacity (256
     // positions): they grow and the step is captured again.
@@ -246,7 +246,7 @@ fn decode_steps_replayed_as_cuda_graphs_match_eager_steps() {
                     greedy_step_logits(&dir, w, LocalTransport::Nccl, 300)
                 })
             };
-            let (eager, graphed) = (run(None), run(Some("1")));
+            let (eager, graphed) = (run(Some("0")), run(Some("1")));
             let d = max_abs_diff(&eager, &graphed);
             assert!(
                 d <= 1e-4,
@@ -281,7 +281,7 @@ fn decoding_sequences_in_one_step_on_gpus_matches_one_at_a_time() {
             (12, None)
         };
         for w in 1..=world {
-            let diffs = with_env("SHARDWISE_CUDA_GRAPH", None, || {
+            let diffs = with_env("SHARDWISE_CUDA_GRAPH", Some("0"), || {
                 batched_vs_single(&dir, w, LocalTransport::Nccl, steps, env)
             });
             let how = if graphs { "graphed" } else { "eager" };

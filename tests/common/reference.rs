@@ -308,12 +308,16 @@ pub fn batched_vs_single(
     let (batched, single) = rt().block_on(async {
         let c = loaded(&f32_spec(dir), world, transport).await;
         // Ranks read these settings at each step: only the batched steps see them.
-        if let Some((k, v)) = batched_env {
+        let before = batched_env.map(|(k, v)| {
+            let was = std::env::var(k).ok();
             std::env::set_var(k, v);
-        }
+            (k, was)
+        });
         let b = three_sequences(&c, steps, true).await;
-        if let Some((k, _)) = batched_env {
-            std::env::remove_var(k);
+        match before {
+            Some((k, Some(was))) => std::env::set_var(k, was),
+            Some((k, None)) => std::env::remove_var(k),
+            None => {}
         }
         let s = three_sequences(&c, steps, false).await;
         c.shutdown().await.unwrap();
