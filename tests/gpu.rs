@@ -234,9 +234,9 @@ fn nccl_init_names_a_group_that_never_fills() {
 fn decode_steps_replayed_as_cuda_graphs_match_eager_steps() {
     let world = gpus().min(2);
     assert!(world >= 1, "no CUDA device");
-    // Eager steps (`SHARDWISE_CUDA_GRAPH=0`: fixed caches written at host-known positions, attention over
-    // the sequence) against steps replayed from CUDA graphs (positions and lengths read on the
-    // device, attention over the capacity). 300 steps cross the caches' first capacity (256
+    // Eager steps (`SHARDWISE_CUDA_GRAPH=0`: fixed caches written at host-known positions,
+    // attention over the sequence) against steps replayed from CUDA graphs (positions and
+    // lengths read on the device, attention over the capacity). 300 steps cross the caches' first capacity (256
     // positions): they grow and the step is captured again.
     for name in ["tiny-llama", "tiny-qwen3", "tiny-qwen2", "tiny-mistral"] {
         let dir = fixtures().join("models").join(name);
