@@ -9,8 +9,8 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Tensor};
 use common::reference::{
-    all_logits, batched_vs_single, check_reference, fixtures, floats, greedy, ids, json, max_abs,
-    max_abs_diff, rt,
+    all_logits, batched_vs_single, check_reference, f32_spec, fixtures, floats, greedy, ids, json,
+    loaded, max_abs, max_abs_diff, rt,
 };
 use shardwise::model::checkpoint::{encode, load_tokenizer};
 use shardwise::model::{SamplingParams, SeqStep};
@@ -254,6 +254,7 @@ fn bad_input_gives_clear_errors() {
                     tokens: long,
                     start_pos: 0,
                     all_logits: false,
+                    sample: None,
                 }],
                 release: vec![],
             })
@@ -280,4 +281,60 @@ fn decoding_sequences_in_one_step_matches_one_at_a_time() {
             }
         }
     }
+}
+
+#[test]
+fn tokens_drawn_on_the_ranks_match_a_sampler_over_their_logits() {
+    use shardwise::model::Sampler;
+    // Generation draws each token on rank 0 (the step returns a token, not the logits). The
+    // reference takes every step's logits to the caller and draws there with a sampler of the
+    // same parameters and the same history: the same tokens, for a temperature with top-k,
+    // top-p and a repetition penalty, from a fresh seed.
+    let dir = fixtures().join("models").join("tiny-llama");
+    let sampling = SamplingParams {
+        temperature: 0.8,
+        top_k: 30,
+        top_p: 0.9,
+        repetition_penalty: 1.2,
+        seed: rand::random(),
+    };
+    let prompt = [5u32, 80, 31, 7];
+    let n = 24;
+    let (drawn, want) = rt().block_on(async {
+        let c = loaded(&f32_spec(&dir), 2, LocalTransport::InProcess).await;
+        let params = GenerateParams {
+            max_tokens: n,
+            sampling: sampling.clone(),
+            eos: vec![],
+            context: 1 << 20,
+        };
+        let drawn = generate(&c, &prompt, &params, |_| Ok(())).await.unwrap().0;
+        let mut sampler = Sampler::new(sampling.clone());
+        let (mut history, mut next, mut pos) = (prompt.to_vec(), prompt.to_vec(), 0);
+        let mut want = Vec::new();
+        for _ in 0..n {
+            let l = c
+                .step(StepRequest {
+                    seqs: vec![SeqStep {
+                        seq_id: 77,
+                        tokens: next.clone(),
+                        start_pos: pos,
+                        all_logits: false,
+                        sample: None,
+                    }],
+                    release: vec![],
+                })
+                .await
+                .unwrap();
+            pos += next.len();
+            let row: Vec<f32> = l[0].flatten_all().unwrap().to_vec1().unwrap();
+            let t = sampler.sample(&row, &history);
+            history.push(t);
+            want.push(t);
+            next = vec![t];
+        }
+        c.shutdown().await.unwrap();
+        (drawn, want)
+    });
+    assert_eq!(drawn, want, "seed {}", sampling.seed);
 }

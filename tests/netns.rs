@@ -284,6 +284,7 @@ fn rank_servers_on_separate_hosts_run_the_model_like_one_rank() {
                 tokens: tokens.clone(),
                 start_pos: 0,
                 all_logits: true,
+                sample: None,
             }],
             release: vec![],
         };

@@ -47,6 +47,7 @@ async fn logits(c: &Cluster) -> Tensor {
                 tokens: PROMPT.to_vec(),
                 start_pos: 0,
                 all_logits: true,
+                sample: None,
             }],
             release: vec![],
         })
@@ -310,6 +311,7 @@ fn kill_9_of_a_rank_is_named_within_5_s_and_leaves_no_process() {
                         tokens: (0..400).map(|i| (i * 7 % 256) as u32).collect(),
                         start_pos: 0,
                         all_logits: false,
+                        sample: None,
                     }],
                     release: vec![],
                 };

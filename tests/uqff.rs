@@ -56,6 +56,7 @@ async fn logits(c: &Cluster, tokens: &[u32]) -> Tensor {
             tokens: tokens.to_vec(),
             start_pos: 0,
             all_logits: true,
+            sample: None,
         }],
         release: vec![],
     })

@@ -12,7 +12,7 @@ use std::time::Instant;
 use candle_core::DType;
 
 use crate::error::Result;
-use crate::model::SeqStep;
+use crate::model::{SamplingParams, SeqStep};
 use crate::runtime::{Cluster, LoadSpec, LocalTransport, StepRequest};
 
 /// What to measure.
@@ -103,6 +103,7 @@ fn step_seqs(batch: usize, pos: usize, n: usize, vocab: usize) -> Vec<SeqStep> {
                 .collect(),
             start_pos: pos,
             all_logits: false,
+            sample: Some(SamplingParams::default()),
         })
         .collect()
 }

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, IndexOp, Tensor, D};
 use super::config::ModelConfig;
 use super::kv::{KvShape, KvWrite, LayerCache, SeqCache};
 use super::rope::Rope;
+use super::sampling::StepOutput;
 use crate::comm::Communicator;
 use crate::error::{Error, LayerContext, Result};
 use crate::layers::fused::{
@@ -47,7 +48,7 @@ pub struct LoadOptions {
 }
 
 /// One sequence's part of a step: tokens at positions `start_pos..start_pos + tokens.len()`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct SeqStep {
     /// Caller's id for the sequence; its KV cache lives on every rank under this id.
     pub seq_id: u64,
@@ -57,6 +58,10 @@ pub struct SeqStep {
     pub start_pos: usize,
     /// Return logits for every new token, not only the last (perplexity).
     pub all_logits: bool,
+    /// Draw the next token on the rank with these parameters and return it instead of the
+    /// logits (see [`super::sampling::SeqSamplers`]: the sequence's own sampler, the tokens it
+    /// was fed as history).
+    pub sample: Option<super::SamplingParams>,
 }
 
 /// A layer's feed-forward block.
@@ -124,6 +129,8 @@ pub struct Model {
     caches: HashMap<u64, SeqCache>,
     /// The captured step of the last batch of sequences decoded together (CUDA graphs on).
     batch_graph: Option<BatchGraph>,
+    /// Sampling state of the sequences this rank draws tokens for.
+    samplers: super::sampling::SeqSamplers,
 }
 
 /// A captured decode step of several sequences, one token each, with what it was captured
@@ -333,6 +340,7 @@ impl Model {
             rank: comm.rank(),
             caches: HashMap::new(),
             batch_graph: None,
+            samplers: Default::default(),
         })
     }
 
@@ -346,23 +354,59 @@ impl Model {
         &self.device
     }
 
-    /// Runs one step for each sequence; returns per sequence `[n, vocab]` f32 logits (`n` = 1,
-    /// or every new token when `all_logits`).
+    /// Runs one step for each sequence; returns per sequence its drawn token (when it asked,
+    /// [`SeqStep::sample`]) or its `[n, vocab]` f32 logits on the host (`n` = 1, or every new
+    /// token when `all_logits`).
     ///
     /// # Errors
     /// A position that does not continue the sequence's cache, a context overflow, kernel or
     /// collective errors.
-    pub fn step(&mut self, seqs: &[SeqStep]) -> Result<Vec<Tensor>> {
-        let ids: std::collections::HashSet<u64> = seqs.iter().map(|s| s.seq_id).collect();
-        if seqs.len() > 1 && ids.len() == seqs.len() && seqs.iter().all(|s| s.tokens.len() == 1) {
-            return self.decode_batch(seqs);
+    pub fn step(&mut self, seqs: &[SeqStep]) -> Result<Vec<StepOutput>> {
+        if self.batchable(seqs) {
+            let logits = self.decode_batch(seqs)?;
+            self.await_step()?;
+            let rows = (0..seqs.len())
+                .map(|b| Ok(logits.narrow(0, b, 1)?))
+                .collect::<Result<Vec<_>>>()?;
+            return self.samplers.outputs(seqs, &rows);
         }
-        seqs.iter().map(|s| self.forward_seq(s)).collect()
+        let mut out = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            // Each sequence's outputs are taken before the next runs: a captured step writes
+            // its logits into the same buffer at every replay.
+            let l = self.forward_seq(s)?;
+            self.await_step()?;
+            out.extend(self.samplers.outputs(std::slice::from_ref(s), &[l])?);
+        }
+        Ok(out)
+    }
+
+    /// [`Self::step`] on a rank that returns nothing: the step runs and its work is awaited
+    /// (within the deadline), and no logits leave the device.
+    ///
+    /// # Errors
+    /// As [`Self::step`].
+    pub fn advance(&mut self, seqs: &[SeqStep]) -> Result<()> {
+        if self.batchable(seqs) {
+            self.decode_batch(seqs)?;
+        } else {
+            for s in seqs {
+                self.forward_seq(s)?;
+            }
+        }
+        self.await_step()
+    }
+
+    /// Whether `seqs` run as one batch: several distinct sequences of one token each.
+    fn batchable(&self, seqs: &[SeqStep]) -> bool {
+        let ids: std::collections::HashSet<u64> = seqs.iter().map(|s| s.seq_id).collect();
+        seqs.len() > 1 && ids.len() == seqs.len() && seqs.iter().all(|s| s.tokens.len() == 1)
     }
 
     /// Drops a sequence's KV cache.
     pub fn release(&mut self, seq_id: u64) {
         self.caches.remove(&seq_id);
+        self.samplers.release(seq_id);
         if self
             .batch_graph
             .as_ref()
@@ -437,14 +481,14 @@ impl Model {
         // A failed step leaves the cache as it was before it (positions past `len` are
         // never read).
         self.caches.insert(s.seq_id, cache);
-        self.to_host(out?)
+        out
     }
 
-    /// The step's logits on the host. On a GPU the step's work is first awaited within a
-    /// deadline (`SHARDWISE_GPU_STEP_DEADLINE_MS`, default 240 s, under the coordinator's
-    /// 300 s): a collective whose peer never arrives (NCCL has no timeout of its own) becomes
-    /// an error of this rank instead of a thread blocked in a copy forever.
-    fn to_host(&self, logits: Tensor) -> Result<Tensor> {
+    /// Awaits the step's work on a GPU within a deadline (`SHARDWISE_GPU_STEP_DEADLINE_MS`,
+    /// default 240 s, under the coordinator's 300 s) before anything is copied from it: a
+    /// collective whose peer never arrives (NCCL has no timeout of its own) becomes an error of
+    /// this rank instead of a thread blocked in a copy forever. Nothing to await elsewhere.
+    fn await_step(&self) -> Result<()> {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(d) = &self.device {
             let ms = crate::comm::env_usize("SHARDWISE_GPU_STEP_DEADLINE_MS", 240_000);
@@ -459,13 +503,13 @@ impl Model {
                 });
             }
         }
-        Ok(logits.to_device(&Device::Cpu)?)
+        Ok(())
     }
 
     /// One decode token for each of several sequences in one forward: the projections and
     /// feed-forward blocks multiply every sequence's row at once (weights read once, one
     /// all-reduce per block for the batch); attention runs per sequence on its own cache.
-    fn decode_batch(&mut self, seqs: &[SeqStep]) -> Result<Vec<Tensor>> {
+    fn decode_batch(&mut self, seqs: &[SeqStep]) -> Result<Tensor> {
         let mut taken: Vec<(u64, SeqCache)> = Vec::with_capacity(seqs.len());
         for s in seqs {
             match self.take_cache(s) {
@@ -490,8 +534,7 @@ impl Model {
             }
             self.caches.insert(s.seq_id, c);
         }
-        let logits = self.to_host(out?)?;
-        (0..seqs.len()).map(|b| Ok(logits.get(b)?)).collect()
+        out
     }
 
     /// [`Self::decode_batch`]'s forward: `[batch, vocab]` f32 logits on this rank's device.

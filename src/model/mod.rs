@@ -14,4 +14,4 @@ pub mod sampling;
 pub use checkpoint::{Checkpoint, TextStream};
 pub use config::{Arch, ModelConfig, RopeScaling};
 pub use decoder::{LoadOptions, Model, SeqStep};
-pub use sampling::{Sampler, SamplingParams};
+pub use sampling::{Sampler, SamplingParams, StepOutput};

@@ -1,8 +1,17 @@
 //! Choosing the next token from logits: greedy, or temperature with top-k / top-p, and a
-//! repetition penalty, reproducible from a seed.
+//! repetition penalty, reproducible from a seed. Tokens are drawn where the logits are: on the
+//! rank that answers a step ([`SeqSamplers`]), so a step's reply is a token id per sequence
+//! instead of a vocabulary of logits (0.5 MB a sequence for a 128k vocabulary, which rank
+//! servers would otherwise send over the wire at every step).
 
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor, D};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+
+use super::SeqStep;
+use crate::error::Result;
 
 /// How tokens are drawn.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +52,11 @@ impl Sampler {
     pub fn new(params: SamplingParams) -> Self {
         let rng = StdRng::seed_from_u64(params.seed);
         Self { params, rng }
+    }
+
+    /// The parameters it draws with.
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
     }
 
     /// The next token for `logits` (one row, vocabulary long), given the tokens so far.
@@ -114,6 +128,102 @@ fn argmax_f64(l: &[f64]) -> u32 {
     best as u32
 }
 
+impl SamplingParams {
+    /// Greedy without a repetition penalty: the token is the logits' argmax, which the device
+    /// holding them can find without sending them anywhere.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.temperature <= 0.0 && self.repetition_penalty == 1.0
+    }
+}
+
+/// What a step gives back for one sequence.
+#[derive(Debug, Clone)]
+pub enum StepOutput {
+    /// `[n, vocab]` f32 logits on the host (`n` = 1, or every new token when `all_logits`).
+    Logits(Tensor),
+    /// The next token, drawn on the rank (the sequence asked with [`SeqStep::sample`]).
+    Token(u32),
+}
+
+/// A sequence's sampling state on the rank that draws its tokens.
+#[derive(Debug, Default)]
+struct SeqSampling {
+    sampler: Option<Sampler>,
+    /// Every token the sequence was fed (the repetition penalty's history).
+    history: Vec<u32>,
+}
+
+/// The samplers of the sequences a rank draws tokens for: each sequence's own sampler
+/// (seeded at its first sampled step, anew when its parameters change) and the tokens it was
+/// fed since its first step, so a sequence draws the same tokens as a [`Sampler`] given its
+/// logits and history elsewhere would.
+#[derive(Debug, Default)]
+pub(crate) struct SeqSamplers {
+    seqs: HashMap<u64, SeqSampling>,
+}
+
+impl SeqSamplers {
+    /// Forgets a sequence.
+    pub(crate) fn release(&mut self, seq_id: u64) {
+        self.seqs.remove(&seq_id);
+    }
+
+    /// One step's outputs: `logits[i]` (`[n, vocab]` f32 on the rank's device, its work done)
+    /// of `seqs[i]`. Plain greedy sequences take the argmax on the device, all in one launch
+    /// and one copy of the token ids; other sampled ones copy their last row to the host;
+    /// the rest copy their logits.
+    ///
+    /// # Errors
+    /// Kernel or copy errors.
+    pub(crate) fn outputs(
+        &mut self,
+        seqs: &[SeqStep],
+        logits: &[Tensor],
+    ) -> Result<Vec<StepOutput>> {
+        for s in seqs {
+            let e = self.seqs.entry(s.seq_id).or_default();
+            if s.start_pos == 0 {
+                e.history.clear();
+            }
+            e.history.extend_from_slice(&s.tokens);
+        }
+        let last = |l: &Tensor| -> Result<Tensor> { Ok(l.narrow(0, l.dim(0)? - 1, 1)?) };
+        let greedy: Vec<usize> = (0..seqs.len())
+            .filter(|&i| seqs[i].sample.as_ref().is_some_and(|p| p.is_plain_greedy()))
+            .collect();
+        let mut tokens = HashMap::new();
+        if !greedy.is_empty() {
+            let rows = greedy
+                .iter()
+                .map(|&i| last(&logits[i]))
+                .collect::<Result<Vec<_>>>()?;
+            let ids = Tensor::cat(&rows, 0)?
+                .argmax(D::Minus1)?
+                .to_dtype(DType::U32)?
+                .to_vec1::<u32>()?;
+            tokens.extend(greedy.iter().copied().zip(ids));
+        }
+        let mut out = Vec::with_capacity(seqs.len());
+        for (i, (s, l)) in seqs.iter().zip(logits).enumerate() {
+            out.push(match (&s.sample, tokens.get(&i)) {
+                (_, Some(&t)) => StepOutput::Token(t),
+                (None, None) => StepOutput::Logits(l.to_device(&Device::Cpu)?),
+                (Some(p), None) => {
+                    let row = last(l)?.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?;
+                    let e = self.seqs.entry(s.seq_id).or_default();
+                    let fresh = e.sampler.as_ref().is_none_or(|x| x.params() != p);
+                    if fresh || s.start_pos == 0 {
+                        e.sampler = None;
+                    }
+                    let sampler = e.sampler.get_or_insert_with(|| Sampler::new(p.clone()));
+                    StepOutput::Token(sampler.sample(&row, &e.history))
+                }
+            });
+        }
+        Ok(out)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,5 +273,77 @@ mod tests {
             ..params
         });
         assert!((0..100).all(|_| s.sample(&logits, &[]) == 1));
+    }
+
+    /// A sequence's tokens drawn on the rank equal those of a [`Sampler`] given the same
+    /// logits and history, step after step: greedy (argmax on the device's tensors), with a
+    /// temperature, top-k/top-p and a repetition penalty; a sequence that asks for nothing gets
+    /// its logits; a new first step reseeds.
+    #[test]
+    fn rank_samplers_match_a_sampler_given_the_logits() {
+        let dev = Device::Cpu;
+        let vocab = 50;
+        let drawn = SamplingParams {
+            temperature: 0.9,
+            top_k: 20,
+            top_p: 0.95,
+            repetition_penalty: 1.3,
+            seed: rand::random(),
+        };
+        let greedy = SamplingParams::default();
+        let mut rank = SeqSamplers::default();
+        let mut reference = Sampler::new(drawn.clone());
+        let mut history = Vec::new();
+        let mut rng = StdRng::seed_from_u64(rand::random());
+        let mut next = vec![3u32, 9, 27];
+        let mut pos = 0;
+        for step in 0..40 {
+            let rows = next.len();
+            let logits = |rng: &mut StdRng| {
+                let v: Vec<f32> = (0..rows * vocab)
+                    .map(|_| rng.random::<f32>() * 4.0)
+                    .collect();
+                (Tensor::from_vec(v.clone(), (rows, vocab), &dev).unwrap(), v)
+            };
+            let (la, va) = logits(&mut rng);
+            let (lb, vb) = logits(&mut rng);
+            let (lc, _) = logits(&mut rng);
+            let seq = |id: u64, sample: Option<SamplingParams>| SeqStep {
+                seq_id: id,
+                tokens: next.clone(),
+                start_pos: pos,
+                all_logits: false,
+                sample,
+            };
+            let seqs = [
+                seq(1, Some(drawn.clone())),
+                seq(2, Some(greedy.clone())),
+                seq(3, None),
+            ];
+            let out = rank.outputs(&seqs, &[la, lb, lc.clone()]).unwrap();
+            history.extend_from_slice(&next);
+            let last = |v: &[f32]| v[(rows - 1) * vocab..].to_vec();
+            let want = reference.sample(&last(&va), &history);
+            let want_greedy = argmax_f64(&last(&vb).iter().map(|&x| x as f64).collect::<Vec<_>>());
+            match out.as_slice() {
+                [StepOutput::Token(a), StepOutput::Token(b), StepOutput::Logits(l)] => {
+                    assert_eq!(*a, want, "step {step}: drawn token");
+                    assert_eq!(*b, want_greedy, "step {step}: greedy token");
+                    let got: Vec<f32> = l.flatten_all().unwrap().to_vec1().unwrap();
+                    assert_eq!(got, lc.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+                }
+                other => panic!("step {step}: outputs {other:?}"),
+            }
+            pos += next.len();
+            next = vec![want];
+            if step == 25 {
+                // The sequence starts afresh: a new history and a reseeded sampler.
+                rank.release(2);
+                pos = 0;
+                next = vec![11, 12];
+                reference = Sampler::new(drawn.clone());
+                history.clear();
+            }
+        }
     }
 }

@@ -21,6 +21,7 @@ use crate::cluster::ClusterConfig;
 use crate::comm::select::{in_process_group, TransportChoice};
 use crate::comm::{Communicator, LocalComm};
 use crate::error::{Error, Result};
+use crate::model::StepOutput;
 use crate::quant::IsqType;
 
 /// A request for every rank, and where the replies go (in rank order).
@@ -389,17 +390,38 @@ impl Cluster {
             .collect())
     }
 
-    /// One step; logits per sequence.
+    /// One step; per sequence its logits, or its token where it asked for one
+    /// ([`crate::model::SeqStep::sample`]).
     ///
     /// # Errors
     /// As [`Self::request`].
-    pub async fn step(&self, step: StepRequest) -> Result<Vec<Tensor>> {
+    pub async fn step_outputs(&self, step: StepRequest) -> Result<Vec<StepOutput>> {
         for r in self.request(RankRequest::Step(step)).await? {
-            if let RankReply::Logits(l) = r {
+            if let RankReply::Step(l) = r {
                 return Ok(l);
             }
         }
-        Err(missing("step", "logits"))
+        Err(missing("step", "outputs"))
+    }
+
+    /// One step of sequences that ask for no token; logits per sequence.
+    ///
+    /// # Errors
+    /// As [`Self::request`]; a sequence that asked for a token (use [`Self::step_outputs`]).
+    pub async fn step(&self, step: StepRequest) -> Result<Vec<Tensor>> {
+        self.step_outputs(step)
+            .await?
+            .into_iter()
+            .map(|o| match o {
+                StepOutput::Logits(l) => Ok(l),
+                StepOutput::Token(_) => Err(Error::Config {
+                    field: "sample".into(),
+                    reason: "a sequence asked for a token: its step returns no logits \
+                             (Cluster::step_outputs returns both)"
+                        .into(),
+                }),
+            })
+            .collect()
     }
 
     /// Runs decoder layers on `input`.

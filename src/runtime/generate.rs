@@ -4,12 +4,12 @@
 
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 
 use super::coordinator::Cluster;
 use super::messages::StepRequest;
 use crate::error::{Error, Result};
-use crate::model::{Sampler, SamplingParams, SeqStep};
+use crate::model::{SamplingParams, SeqStep, StepOutput};
 
 /// What to generate.
 #[derive(Debug, Clone)]
@@ -51,10 +51,6 @@ impl GenerateStats {
     }
 }
 
-fn row(logits: &Tensor) -> Result<Vec<f32>> {
-    Ok(logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
-}
-
 /// Generates from `prompt`, calling `on_token` with each new token as it is chosen. Returns
 /// the new tokens and timings.
 ///
@@ -84,8 +80,6 @@ pub async fn generate(
     }
     let max_new = params.max_tokens.min(params.context - prompt.len());
     let seq_id = rand::random::<u64>();
-    let mut sampler = Sampler::new(params.sampling.clone());
-    let mut history = prompt.to_vec();
     let mut out = Vec::new();
     let mut stats = GenerateStats {
         prompt_tokens: prompt.len(),
@@ -96,23 +90,30 @@ pub async fn generate(
     let t_start = Instant::now();
     let mut t_decode = None;
     while out.len() < max_new {
-        let logits = cluster
-            .step(StepRequest {
+        let outputs = cluster
+            .step_outputs(StepRequest {
                 seqs: vec![SeqStep {
                     seq_id,
                     tokens: next_input.clone(),
                     start_pos: pos,
                     all_logits: false,
+                    sample: Some(params.sampling.clone()),
                 }],
                 release: vec![],
             })
             .await?;
         pos += next_input.len();
-        let l = logits.first().ok_or_else(|| Error::Rank {
-            rank: 0,
-            reason: "step returned no logits".into(),
-        })?;
-        let tok = sampler.sample(&row(l)?, &history);
+        // Drawn on the rank that holds the logits (the same sampler and history as here
+        // would give the same token; see crate::model::sampling).
+        let tok = match outputs.first() {
+            Some(StepOutput::Token(t)) => *t,
+            _ => {
+                return Err(Error::Rank {
+                    rank: 0,
+                    reason: "the step returned no token".into(),
+                })
+            }
+        };
         if t_decode.is_none() {
             stats.prefill = t_start.elapsed();
             t_decode = Some(Instant::now());
@@ -122,7 +123,6 @@ pub async fn generate(
             break;
         }
         out.push(tok);
-        history.push(tok);
         on_token(tok)?;
         next_input = vec![tok];
     }
@@ -170,6 +170,7 @@ pub async fn perplexity(cluster: &Cluster, tokens: &[u32], context: usize) -> Re
                 tokens: tokens.to_vec(),
                 start_pos: 0,
                 all_logits: true,
+                sample: None,
             }],
             release: vec![],
         })

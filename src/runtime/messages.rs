@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Tensor};
 
-use crate::model::SeqStep;
+use crate::model::{SeqStep, StepOutput};
 use crate::quant::IsqType;
 
 /// Which checkpoint a rank loads, and how.
@@ -27,7 +27,7 @@ pub struct LoadSpec {
 }
 
 /// One step of generation: new tokens of each sequence, plus caches to drop.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct StepRequest {
     /// Sequences advanced by this step.
     pub seqs: Vec<SeqStep>,
@@ -127,8 +127,9 @@ pub enum RankReply {
     Loaded(LoadReport),
     /// Forward output (from the rank that returns results).
     Tensor(Tensor),
-    /// Step logits, one `[n, vocab]` tensor per sequence (from the rank that returns them).
-    Logits(Vec<Tensor>),
+    /// A step's result per sequence: its logits or its drawn token (from the rank that
+    /// returns results).
+    Step(Vec<StepOutput>),
     /// Number of linear layers quantized.
     Quantized(usize),
     /// File written and its size.

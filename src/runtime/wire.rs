@@ -8,8 +8,8 @@ use candle_core::{DType, Tensor};
 use super::messages::{HealthReport, LoadReport, LoadSpec, RankReply, RankRequest, StepRequest};
 use crate::comm::wire::{bytes_to_tensor, code_dtype, dtype_code, tensor_to_bytes};
 use crate::error::{Error, Result};
-use crate::model::SeqStep;
-use crate::proto::{self, control_reply, control_request};
+use crate::model::{SamplingParams, SeqStep, StepOutput};
+use crate::proto::{self, control_reply, control_request, step_output_data};
 use crate::quant::IsqType;
 
 fn bad(what: &str, reason: impl Into<String>) -> Error {
@@ -105,6 +105,13 @@ pub fn request_to_proto(req: &RankRequest) -> Result<control_request::Body> {
                     tokens: q.tokens.clone(),
                     start_pos: q.start_pos as u64,
                     all_logits: q.all_logits,
+                    sample: q.sample.as_ref().map(|p| proto::SamplingData {
+                        temperature: p.temperature,
+                        top_k: p.top_k as u64,
+                        top_p: p.top_p,
+                        repetition_penalty: p.repetition_penalty,
+                        seed: p.seed,
+                    }),
                 })
                 .collect(),
             release: s.release.clone(),
@@ -163,6 +170,13 @@ pub fn request_from_proto(body: control_request::Body) -> Result<Option<RankRequ
                     tokens: q.tokens,
                     start_pos: q.start_pos as usize,
                     all_logits: q.all_logits,
+                    sample: q.sample.map(|p| SamplingParams {
+                        temperature: p.temperature,
+                        top_k: p.top_k as usize,
+                        top_p: p.top_p,
+                        repetition_penalty: p.repetition_penalty,
+                        seed: p.seed,
+                    }),
                 })
                 .collect(),
             release: s.release,
@@ -186,9 +200,6 @@ pub fn reply_to_proto(reply: Result<RankReply>) -> control_reply::Body {
         Ok(r) => r,
         Err(e) => return Body::Error(e.to_string()),
     };
-    let tensors = |ts: &[Tensor]| -> Result<Vec<proto::TensorData>> {
-        ts.iter().map(tensor_to_proto).collect()
-    };
     match ok {
         RankReply::Loaded(l) => Body::Loaded(proto::LoadReply {
             seconds: l.seconds,
@@ -200,10 +211,25 @@ pub fn reply_to_proto(reply: Result<RankReply>) -> control_reply::Body {
             Ok(t) => Body::Tensor(t),
             Err(e) => Body::Error(e.to_string()),
         },
-        RankReply::Logits(ts) => match tensors(&ts) {
-            Ok(tensors) => Body::Logits(proto::TensorList { tensors }),
-            Err(e) => Body::Error(e.to_string()),
-        },
+        RankReply::Step(outs) => {
+            let data = outs
+                .iter()
+                .map(|o| {
+                    Ok(proto::StepOutputData {
+                        out: Some(match o {
+                            StepOutput::Logits(t) => {
+                                step_output_data::Out::Logits(tensor_to_proto(t)?)
+                            }
+                            StepOutput::Token(t) => step_output_data::Out::Token(*t),
+                        }),
+                    })
+                })
+                .collect::<Result<Vec<_>>>();
+            match data {
+                Ok(outputs) => Body::Step(proto::StepOutputList { outputs }),
+                Err(e) => Body::Error(e.to_string()),
+            }
+        }
         RankReply::Quantized(n) => Body::QuantizedLayers(n as u32),
         RankReply::Serialized { file, bytes } => Body::Serialized(proto::SerializeReply {
             file: file.display().to_string(),
@@ -239,10 +265,18 @@ pub fn reply_from_proto(body: control_reply::Body, rank: usize) -> Result<RankRe
             on_gpu: l.on_gpu,
         }),
         Body::Tensor(t) => RankReply::Tensor(tensor_from_proto(&t)?),
-        Body::Logits(l) => RankReply::Logits(
-            l.tensors
+        Body::Step(l) => RankReply::Step(
+            l.outputs
                 .iter()
-                .map(tensor_from_proto)
+                .map(|o| match &o.out {
+                    Some(step_output_data::Out::Logits(t)) => {
+                        Ok(StepOutput::Logits(tensor_from_proto(t)?))
+                    }
+                    Some(step_output_data::Out::Token(t)) => Ok(StepOutput::Token(*t)),
+                    None => Err(rank_err(
+                        "a step output with neither logits nor a token".into(),
+                    )),
+                })
                 .collect::<Result<_>>()?,
         ),
         Body::QuantizedLayers(n) => RankReply::Quantized(n as usize),
@@ -279,6 +313,59 @@ mod tests {
                 Ok(RankReply::Loaded(got)) => assert_eq!(got, sent),
                 other => panic!("a load report came back as {other:?}"),
             }
+        }
+    }
+
+    /// A step's sampling parameters reach the rank whole, and its outputs (a token, logits)
+    /// come back whole.
+    #[test]
+    fn sampled_steps_round_trip() {
+        let params = SamplingParams {
+            temperature: 0.7,
+            top_k: 40,
+            top_p: 0.9,
+            repetition_penalty: 1.15,
+            seed: rand::random(),
+        };
+        let req = StepRequest {
+            seqs: vec![
+                SeqStep {
+                    seq_id: 7,
+                    tokens: vec![1, 2, 3],
+                    start_pos: 0,
+                    all_logits: false,
+                    sample: Some(params),
+                },
+                SeqStep {
+                    seq_id: 8,
+                    tokens: vec![4],
+                    start_pos: 9,
+                    all_logits: true,
+                    sample: None,
+                },
+            ],
+            release: vec![5],
+        };
+        let body = request_to_proto(&RankRequest::Step(req.clone())).unwrap();
+        match request_from_proto(body) {
+            Ok(Some(RankRequest::Step(got))) => assert_eq!(got, req),
+            other => panic!("a step came back as {other:?}"),
+        }
+        let logits: Vec<f32> = (0..12).map(|_| rand::random()).collect();
+        let t = Tensor::from_vec(logits.clone(), (2, 6), &candle_core::Device::Cpu).unwrap();
+        let token = rand::random::<u32>();
+        let outs = vec![StepOutput::Token(token), StepOutput::Logits(t)];
+        match reply_from_proto(reply_to_proto(Ok(RankReply::Step(outs))), 0) {
+            Ok(RankReply::Step(got)) => match got.as_slice() {
+                [StepOutput::Token(a), StepOutput::Logits(l)] => {
+                    assert_eq!(*a, token);
+                    assert_eq!(l.dims(), &[2, 6]);
+                    let back: Vec<f32> = l.flatten_all().unwrap().to_vec1().unwrap();
+                    assert_eq!(back, logits);
+                }
+                other => panic!("step outputs came back as {other:?}"),
+            },
+            other => panic!("a step reply came back as {other:?}"),
         }
     }
 }

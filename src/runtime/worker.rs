@@ -71,10 +71,10 @@ impl RankWorker {
                 for id in &step.release {
                     model.release(*id);
                 }
-                let logits = model.step(&step.seqs)?;
                 if first {
-                    RankReply::Logits(logits)
+                    RankReply::Step(model.step(&step.seqs)?)
                 } else {
+                    model.advance(&step.seqs)?;
                     RankReply::Nothing
                 }
             }

@@ -58,6 +58,7 @@ pub async fn all_logits(c: &Cluster, tokens: &[u32]) -> Vec<Vec<f32>> {
                 tokens: tokens.to_vec(),
                 start_pos: 0,
                 all_logits: true,
+                sample: None,
             }],
             release: vec![],
         })
@@ -133,6 +134,7 @@ pub fn greedy_step_logits(
                         tokens: tokens.clone(),
                         start_pos: pos,
                         all_logits: false,
+                        sample: None,
                     }],
                     release: vec![],
                 })
@@ -245,6 +247,7 @@ pub async fn three_sequences(c: &Cluster, steps: usize, batched: bool) -> Vec<Ve
                     tokens: p.to_vec(),
                     start_pos: 0,
                     all_logits: false,
+                    sample: None,
                 }],
                 release: vec![],
             })
@@ -262,6 +265,7 @@ pub async fn three_sequences(c: &Cluster, steps: usize, batched: bool) -> Vec<Ve
             tokens: vec![next[i]],
             start_pos: pos[i],
             all_logits: false,
+            sample: None,
         };
         let rows: Vec<candle_core::Tensor> = if batched {
             c.step(StepRequest {
