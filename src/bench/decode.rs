@@ -139,14 +139,14 @@ pub fn run(opts: &DecodeOpts) -> Result<Vec<DecodeRow>> {
         let mut rows = Vec::new();
         for &batch in &opts.batches {
             let seqs = |pos: usize, n: usize| step_seqs(batch, pos, n, vocab);
-            c.step(StepRequest {
+            c.step_outputs(StepRequest {
                 seqs: seqs(0, opts.context),
                 release: vec![],
             })
             .await?;
             let mut pos = opts.context;
             for _ in 0..3 {
-                c.step(StepRequest {
+                c.step_outputs(StepRequest {
                     seqs: seqs(pos, 1),
                     release: vec![],
                 })
@@ -155,7 +155,7 @@ pub fn run(opts: &DecodeOpts) -> Result<Vec<DecodeRow>> {
             }
             let t0 = Instant::now();
             for _ in 0..opts.steps {
-                c.step(StepRequest {
+                c.step_outputs(StepRequest {
                     seqs: seqs(pos, 1),
                     release: vec![],
                 })
@@ -174,7 +174,7 @@ pub fn run(opts: &DecodeOpts) -> Result<Vec<DecodeRow>> {
                 weight_bytes,
                 request_us: Some(t0.elapsed().as_secs_f64() * 1e6 / requests as f64),
             });
-            c.step(StepRequest {
+            c.step_outputs(StepRequest {
                 seqs: vec![],
                 release: (0..batch as u64).collect(),
             })
