@@ -1149,7 +1149,6 @@ ATTEND(sfx, K, 4, 8, 4) ATTEND(sfx, K, 8, 8, 4) \
 ATTEND_PASSES(sfx, K, 4, 4) ATTEND_PASSES(sfx, K, 8, 4) ATTEND_PASSES(sfx, K, 4, 8) \
 ATTEND_PASSES(sfx, K, 8, 8) \
 GEMV(sfx, K, 1, 4) GEMV(sfx, K, 2, 4) GEMV_SILU(sfx, K, 1, 4) GEMV_SILU(sfx, K, 2, 4) \
-GEMV(sfx, K, 4, 4) GEMV(sfx, K, 8, 4) GEMV_SILU(sfx, K, 4, 4) GEMV_SILU(sfx, K, 8, 4) \
 GEMV_ROPE(sfx, K, 1, norm) GEMV_ROPE(sfx, K, 2, addnorm)
 #define GEMV(sfx, K, MR, R) \
 GEMV1(sfx, K, MR, R, 0, false, plain) GEMV1(sfx, K, MR, R, 1, false, norm) \
@@ -1369,8 +1368,7 @@ KERNELS(f16, F16)
             .map(|(g, e)| format!("attend_{g}x{e}"))
             .into_iter()
             .chain(PASS_VARIANTS.map(|(g, c)| format!("attend_passes_{g}x{c}")));
-        let gemv = GEMV_VARIANTS
-            .into_iter()
+        let gemv = (1..=GEMV_MAX_ROWS)
             .flat_map(|mr| {
                 ["plain", "norm", "addnorm", "norm_silu", "addnorm_silu"]
                     .map(|tag| format!("gemv{mr}x{GEMV_ROWS_PER_BLOCK}_{tag}"))
@@ -1615,21 +1613,9 @@ KERNELS(f16, F16)
         Ok(gu.contiguous()?.apply_op1_no_bwd(&SiluMul)?)
     }
 
-    /// Rows of `x` of the GEMV kernels (`MR`).
-    const GEMV_VARIANTS: [usize; 4] = [1, 2, 4, 8];
-    /// Most rows of `x` a GEMV kernel takes: 2 unless `SHARDWISE_GEMV_MAX_ROWS` says up to 8
-    /// (to measure); more rows run as a matrix product, which reads the weight once for all
-    /// of them.
-    fn gemv_max_rows() -> usize {
-        static ROWS: OnceLock<usize> = OnceLock::new();
-        *ROWS.get_or_init(|| {
-            std::env::var("SHARDWISE_GEMV_MAX_ROWS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .filter(|r| GEMV_VARIANTS.contains(r))
-                .unwrap_or(2)
-        })
-    }
+    /// Most rows of `x` a GEMV kernel takes (`MR` of its largest variant); more rows run as
+    /// a matrix product, which reads the weight once for all of them.
+    const GEMV_MAX_ROWS: usize = 2;
     /// Threads of a GEMV block for rows `kd` wide of `elem`-byte elements: as few passes of
     /// at most 256 threads (2 chunks of 16 bytes per thread and pass, `U`) as cover the row,
     /// with as few threads as fill those passes (o_proj at TP2, 2048 wide in bf16: one pass
@@ -1680,10 +1666,7 @@ KERNELS(f16, F16)
                 (_, false) => "addnorm",
                 (_, true) => "addnorm_silu",
             };
-            let mr = GEMV_VARIANTS
-                .into_iter()
-                .find(|&v| v >= rows)
-                .unwrap_or(GEMV_VARIANTS[GEMV_VARIANTS.len() - 1]);
+            let mr = if rows == 1 { 1 } else { 2 };
             let rope = if self.rope.is_some() { "_rope" } else { "" };
             format!("gemv{mr}x{GEMV_ROWS_PER_BLOCK}_{tag}{rope}")
         }
@@ -1833,7 +1816,7 @@ KERNELS(f16, F16)
         let fits = w.dtype() == dt
             && w.is_contiguous()
             && x.dims().last() == Some(&kd)
-            && (1..=gemv_max_rows()).contains(&rows)
+            && (1..=GEMV_MAX_ROWS).contains(&rows)
             && kd % unit == 0
             && wrows > 0
             && (!silu || wrows % 2 == 0)
