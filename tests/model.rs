@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use candle_core::{DType, Tensor};
 use common::reference::{
     all_logits, batched_vs_single, check_reference, f32_spec, fixtures, floats, greedy, ids, json,
-    loaded, max_abs, max_abs_diff, rt,
+    loaded, max_abs, max_abs_diff, rt, stepped,
 };
 use shardwise::model::checkpoint::{encode, load_tokenizer};
 use shardwise::model::{SamplingParams, SeqStep};
@@ -310,29 +310,13 @@ fn tokens_drawn_on_the_ranks_match_a_sampler_over_their_logits() {
         };
         let drawn = generate(&c, &prompt, &params, |_| Ok(())).await.unwrap().0;
         let mut sampler = Sampler::new(sampling.clone());
-        let (mut history, mut next, mut pos) = (prompt.to_vec(), prompt.to_vec(), 0);
-        let mut want = Vec::new();
-        for _ in 0..n {
-            let l = c
-                .step(StepRequest {
-                    seqs: vec![SeqStep {
-                        seq_id: 77,
-                        tokens: next.clone(),
-                        start_pos: pos,
-                        all_logits: false,
-                        sample: None,
-                    }],
-                    release: vec![],
-                })
-                .await
-                .unwrap();
-            pos += next.len();
-            let row: Vec<f32> = l[0].flatten_all().unwrap().to_vec1().unwrap();
-            let t = sampler.sample(&row, &history);
+        let mut history = prompt.to_vec();
+        let (_, want) = stepped(&c, &prompt, n, |row| {
+            let t = sampler.sample(row, &history);
             history.push(t);
-            want.push(t);
-            next = vec![t];
-        }
+            t
+        })
+        .await;
         c.shutdown().await.unwrap();
         (drawn, want)
     });

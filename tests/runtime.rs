@@ -199,6 +199,38 @@ fn hot_step_waits_agree_with_one_rank() {
         })
     });
     compare(&got, &want, "world 2, hot step waits");
+    // And rank servers: their processes (which inherit the setting) await the rank actor's
+    // replies and watch for the next request hot.
+    let dir = tempfile::tempdir().unwrap();
+    let got = common::reference::with_env("SHARDWISE_HOT_STEPS", Some("1"), || {
+        launched(dir.path(), 2, &x)
+    });
+    compare(&got, &want, "2 processes, hot step waits");
+}
+
+/// [`exercise`] on `n` rank processes of this host (`shardwise launch`), shut down after;
+/// checks that the launcher exits with them.
+fn launched(dir: &Path, n: usize, x: &Tensor) -> Outputs {
+    let hosts = vec!["127.0.0.1".to_string(); n];
+    let cfg_path = common::ranks_toml(dir, &hosts, "grpc");
+    let mut launch = Launch::start(&cfg_path);
+    let cfg = ClusterConfig::load(&cfg_path).unwrap();
+    let got = rt().block_on(async {
+        let c = Cluster::connect(&cfg).await.unwrap();
+        let o = exercise(&c, x, &dir.join("out")).await;
+        c.shutdown().await.unwrap();
+        o
+    });
+    // Shutdown stops every rank, and the launcher with them.
+    let t0 = Instant::now();
+    while launch.0.try_wait().unwrap().is_none() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "launch did not exit after Shutdown"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    got
 }
 
 /// `shardwise launch` running in the background; stopped on drop.
@@ -257,26 +289,7 @@ fn launched_processes_agree_with_one_rank() {
     let x = common::rand_tensor(&[1, 6, 64], 1.0);
     let want = reference(&x);
     let dir = tempfile::tempdir().unwrap();
-    let hosts = vec!["127.0.0.1".to_string(); 3];
-    let cfg_path = common::ranks_toml(dir.path(), &hosts, "grpc");
-    let mut launch = Launch::start(&cfg_path);
-    let cfg = ClusterConfig::load(&cfg_path).unwrap();
-    let got = rt().block_on(async {
-        let c = Cluster::connect(&cfg).await.unwrap();
-        let o = exercise(&c, &x, &dir.path().join("out")).await;
-        c.shutdown().await.unwrap();
-        o
-    });
-    compare(&got, &want, "3 processes");
-    // Shutdown stops every rank, and the launcher with them.
-    let t0 = Instant::now();
-    while launch.0.try_wait().unwrap().is_none() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "launch did not exit after Shutdown"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    compare(&launched(dir.path(), 3, &x), &want, "3 processes");
 }
 
 #[test]

@@ -125,29 +125,44 @@ pub fn greedy_step_logits(
 ) -> Vec<Vec<f32>> {
     rt().block_on(async {
         let c = loaded(&f32_spec(dir), world, transport).await;
-        let (mut tokens, mut pos, mut out) = (vec![3u32, 17, 200, 45, 9], 0, Vec::new());
-        for _ in 0..steps {
-            let l = c
-                .step(StepRequest {
-                    seqs: vec![SeqStep {
-                        seq_id: 7,
-                        tokens: tokens.clone(),
-                        start_pos: pos,
-                        all_logits: false,
-                        sample: None,
-                    }],
-                    release: vec![],
-                })
-                .await
-                .unwrap();
-            let row: Vec<f32> = l[0].flatten_all().unwrap().to_vec1().unwrap();
-            pos += tokens.len();
-            tokens = vec![argmax(&row)];
-            out.push(row);
-        }
+        let (out, _) = stepped(&c, &[3, 17, 200, 45, 9], steps, argmax).await;
         c.shutdown().await.unwrap();
         out
     })
+}
+
+/// `steps` steps of one fresh sequence after `prompt`, each step's logits taken to the caller
+/// and the next token picked from them by `pick`: every step's logits and the picked tokens.
+pub async fn stepped(
+    c: &Cluster,
+    prompt: &[u32],
+    steps: usize,
+    mut pick: impl FnMut(&[f32]) -> u32,
+) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let (mut tokens, mut pos) = (prompt.to_vec(), 0);
+    let (mut rows, mut picked) = (Vec::new(), Vec::new());
+    for _ in 0..steps {
+        let l = c
+            .step(StepRequest {
+                seqs: vec![SeqStep {
+                    seq_id: 7,
+                    tokens: tokens.clone(),
+                    start_pos: pos,
+                    all_logits: false,
+                    sample: None,
+                }],
+                release: vec![],
+            })
+            .await
+            .unwrap();
+        let row: Vec<f32> = l[0].flatten_all().unwrap().to_vec1().unwrap();
+        pos += tokens.len();
+        let t = pick(&row);
+        tokens = vec![t];
+        picked.push(t);
+        rows.push(row);
+    }
+    (rows, picked)
 }
 
 /// Largest elementwise difference.
