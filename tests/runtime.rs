@@ -199,13 +199,6 @@ fn hot_step_waits_agree_with_one_rank() {
         })
     });
     compare(&got, &want, "world 2, hot step waits");
-    // And rank servers: their processes (which inherit the setting) await the rank actor's
-    // replies and watch for the next request hot.
-    let dir = tempfile::tempdir().unwrap();
-    let got = common::reference::with_env("SHARDWISE_HOT_STEPS", Some("1"), || {
-        launched(dir.path(), 2, &x)
-    });
-    compare(&got, &want, "2 processes, hot step waits");
 }
 
 /// [`exercise`] on `n` rank processes of this host (`shardwise launch`), shut down after;

@@ -16,11 +16,10 @@ use crate::comm::grpc::nonce;
 use crate::error::{Error, Result};
 use crate::proto::control_server::{Control, ControlServer};
 use crate::proto::{control_reply, control_request, ControlReply, ControlRequest, Empty};
-use crate::runtime::coordinator::{hot_override, hot_wait};
 use crate::runtime::rank::{self, RankMsg};
 use crate::runtime::remote::{control_proof, verify_control_proof, MAX_CONTROL_MESSAGE};
 use crate::runtime::wire::{reply_to_proto, request_from_proto};
-use crate::runtime::{RankReply, RankRequest, RankWorker};
+use crate::runtime::{RankRequest, RankWorker};
 
 /// Longest a client may take for each handshake message.
 const HANDSHAKE: Duration = Duration::from_secs(10);
@@ -40,22 +39,6 @@ fn reply(id: u64, body: control_reply::Body) -> std::result::Result<ControlReply
         id,
         body: Some(body),
     })
-}
-
-/// The next queued request; with `hot`, watched for without sleeping for the rank threads'
-/// spin ([`rank::rank_spin`]) before the task waits.
-async fn next_request<T>(q: &mut mpsc::Receiver<T>, hot: bool) -> Option<T> {
-    if hot {
-        let t0 = std::time::Instant::now();
-        while t0.elapsed() < rank::rank_spin() {
-            match q.try_recv() {
-                Ok(m) => return Some(m),
-                Err(mpsc::error::TryRecvError::Disconnected) => return None,
-                Err(mpsc::error::TryRecvError::Empty) => tokio::task::yield_now().await,
-            }
-        }
-    }
-    q.recv().await
 }
 
 async fn call_actor(
@@ -135,21 +118,8 @@ impl ControlService {
         let me = self.clone();
         let worker_tx = tx.clone();
         tokio::spawn(async move {
-            // Once the loaded shard is on a GPU, a step's reply is awaited hot and the next
-            // request watched for hot a while after it (as the coordinator and the rank
-            // thread do): between the 3-5 ms GPU steps of a generation this process's threads
-            // would otherwise sleep, and each wake-up (a request from the socket, the actor's
-            // reply) costs ~0.1 ms.
-            let mut hot = false;
-            while let Some((id, req)) = next_request(&mut qrx, hot).await {
-                let r = if hot && matches!(req, RankRequest::Step(_)) {
-                    hot_wait(call_actor(&me.actor, req)).await
-                } else {
-                    call_actor(&me.actor, req).await
-                };
-                if let Ok(RankReply::Loaded(l)) = &r {
-                    hot = hot_override().unwrap_or(l.on_gpu);
-                }
+            while let Some((id, req)) = qrx.recv().await {
+                let r = call_actor(&me.actor, req).await;
                 if worker_tx.send(reply(id, reply_to_proto(r))).await.is_err() {
                     break;
                 }

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 
 /// How long a rank thread watches for its next request before it sleeps, unless
 /// `SHARDWISE_RANK_SPIN_US` says otherwise (0: sleep at once).
-pub(crate) fn rank_spin() -> Duration {
+fn rank_spin() -> Duration {
     static SPIN: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
     *SPIN.get_or_init(|| {
         Duration::from_micros(crate::comm::env_usize("SHARDWISE_RANK_SPIN_US", RANK_SPIN_US) as u64)
