@@ -129,6 +129,9 @@ pub struct Model {
     caches: HashMap<u64, SeqCache>,
     /// The captured step of the last batch of sequences decoded together (CUDA graphs on).
     batch_graph: Option<BatchGraph>,
+    /// A batch the fused kernels were found not to serve (its [`BatchGraph::key`]): it runs
+    /// eagerly without being looked at again.
+    batch_unserved: Option<Vec<(u64, usize, Option<u64>)>>,
     /// Sampling state of the sequences this rank draws tokens for.
     samplers: super::sampling::SeqSamplers,
 }
@@ -340,6 +343,7 @@ impl Model {
             rank: comm.rank(),
             caches: HashMap::new(),
             batch_graph: None,
+            batch_unserved: None,
             samplers: Default::default(),
         })
     }
@@ -606,11 +610,17 @@ impl Model {
         if key.iter().any(|k| k.1 == 0 || k.2.is_none()) {
             return Ok(None);
         }
+        if self.batch_unserved.as_ref() == Some(&key) {
+            return Ok(None);
+        }
         let mut bg = match self.batch_graph.take() {
             Some(g) if g.key == key => g,
-            _ => match self.new_batch_graph(key, caches)? {
+            _ => match self.new_batch_graph(key.clone(), caches)? {
                 Some(g) => g,
-                None => return Ok(None),
+                None => {
+                    self.batch_unserved = Some(key);
+                    return Ok(None);
+                }
             },
         };
         let half = self.cfg.head_dim / 2;
