@@ -75,7 +75,7 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
         gzip -dc "$TESTS" > "$OUT/gpu-tests" && chmod +x "$OUT/gpu-tests"
         SHARDWISE_FIXTURES="$ROOT/tests/fixtures" step "$OUT/gpu-tests" --test-threads 1 --nocapture
     fi
-    # Decode steps are captured as CUDA graphs only when asked (see src/model/graph.rs).
+    # Decode steps are captured as CUDA graphs (the default; CUDA_GRAPH=0 runs them eagerly).
     export SHARDWISE_CUDA_GRAPH="${CUDA_GRAPH:-1}"
     echo "SHARDWISE_CUDA_GRAPH=$SHARDWISE_CUDA_GRAPH"
     want decode && for n in $(seq 1 "$(( WORLD < 2 ? WORLD : 2 ))"); do
