@@ -313,29 +313,19 @@ pub fn upload_f32(t: &candle_core::Tensor, values: &[f32]) -> Result<()> {
     }
 }
 
-/// [`upload`] of i64 values into an i64 tensor.
+/// [`upload`] of values into a tensor of their own dtype (u32 token ids and positions, i64
+/// descriptor words).
 ///
 /// # Errors
 /// Another dtype, a size mismatch, or the driver's error.
-pub fn upload_i64(t: &candle_core::Tensor, values: &[i64]) -> Result<()> {
-    if t.dtype() != candle_core::DType::I64 {
+pub fn upload_exact<T: cudarc::driver::DeviceRepr + candle_core::WithDType>(
+    t: &candle_core::Tensor,
+    values: &[T],
+) -> Result<()> {
+    if t.dtype() != T::DTYPE {
         return Err(Error::Config {
             field: "upload".into(),
-            reason: format!("i64 values for a {:?} tensor", t.dtype()),
-        });
-    }
-    upload(t, values)
-}
-
-/// [`upload`] of u32 values into a u32 tensor.
-///
-/// # Errors
-/// Another dtype, a size mismatch, or the driver's error.
-pub fn upload_u32(t: &candle_core::Tensor, values: &[u32]) -> Result<()> {
-    if t.dtype() != candle_core::DType::U32 {
-        return Err(Error::Config {
-            field: "upload".into(),
-            reason: format!("u32 values for a {:?} tensor", t.dtype()),
+            reason: format!("{:?} values for a {:?} tensor", T::DTYPE, t.dtype()),
         });
     }
     upload(t, values)

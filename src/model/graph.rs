@@ -135,11 +135,11 @@ impl DecodeGraph<GraphInputs> {
         let idx = vec![pos as u32; i.idx.elem_count()];
         #[cfg(feature = "cuda")]
         if i.ids.device().is_cuda() {
-            crate::cuda::upload_u32(&i.ids, &[token])?;
+            crate::cuda::upload_exact(&i.ids, &[token])?;
             crate::cuda::upload_f32(&i.cos, cos)?;
             crate::cuda::upload_f32(&i.sin, sin)?;
             crate::cuda::upload_f32(&i.mask, &mask)?;
-            crate::cuda::upload_u32(&i.idx, &idx)?;
+            crate::cuda::upload_exact(&i.idx, &idx)?;
             return Ok(());
         }
         let dev = i.ids.device();
@@ -191,10 +191,10 @@ impl DecodeGraph<BatchInputs> {
         let i = &self.inputs;
         #[cfg(feature = "cuda")]
         {
-            crate::cuda::upload_u32(&i.ids, tokens)?;
+            crate::cuda::upload_exact(&i.ids, tokens)?;
             crate::cuda::upload_f32(&i.cos, cos)?;
             crate::cuda::upload_f32(&i.sin, sin)?;
-            crate::cuda::upload_i64(&i.tables, tables)
+            crate::cuda::upload_exact(&i.tables, tables)
         }
         #[cfg(not(feature = "cuda"))]
         {
