@@ -558,16 +558,36 @@ impl Model {
         }
         let ids: Vec<u32> = seqs.iter().map(|s| s.tokens[0]).collect();
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(1)?;
-        let mut pending = None;
-        let eps = self.cfg.rms_norm_eps as f32;
-        for (i, layer) in self.layers.iter().enumerate() {
+        self.batch_forward(&ids, caches, |i, layer, qkv, caches| {
             let mut per_seq: Vec<&mut LayerCache> =
                 caches.iter_mut().map(|c| &mut c.layers[i]).collect();
+            layer.attention_batch(qkv, &ctxs, &mut per_seq)
+        })
+    }
+
+    /// A batch step's forward, one token per sequence (`ids`: `[batch]`): embedding, every
+    /// layer with `attention` giving layer `i`'s attention output from its q/k/v product, the
+    /// final norm and head; `[batch, vocab]` f32 logits. Eager and captured batch steps differ
+    /// only in their attention.
+    fn batch_forward(
+        &self,
+        ids: &Tensor,
+        caches: &mut [SeqCache],
+        mut attention: impl FnMut(
+            usize,
+            &DecoderLayer,
+            &(Tensor, Tensor, Tensor),
+            &mut [SeqCache],
+        ) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        let eps = self.cfg.rms_norm_eps as f32;
+        let mut x = self.embed.index_select(ids, 0)?.unsqueeze(1)?;
+        let mut pending = None;
+        for (i, layer) in self.layers.iter().enumerate() {
             let (nx, f) = layer
                 .forward_with(&x, pending.as_ref(), eps, |n| {
                     let (x, qkv) = layer.attn.qkv_normed(n)?;
-                    Ok((x, layer.attention_batch(&qkv, &ctxs, &mut per_seq)?))
+                    Ok((x, attention(i, layer, &qkv, &mut *caches)?))
                 })
                 .in_layer(&format!("model.layers.{i}"))?;
             (x, pending) = (nx, Some(f));
@@ -687,24 +707,12 @@ impl Model {
             what: "a captured batch step".into(),
             by: "a device without CUDA".into(),
         })?;
-        let eps = self.cfg.rms_norm_eps as f32;
         let rope = (self.rope.interleaved(), self.cfg.sliding_window);
-        let mut x = self.embed.index_select(&inputs.ids, 0)?.unsqueeze(1)?;
-        let mut pending = None;
-        for (i, layer) in self.layers.iter().enumerate() {
+        self.batch_forward(&inputs.ids, caches, |i, layer, qkv, caches| {
             let per_seq: Vec<&LayerCache> = caches.iter().map(|c| &c.layers[i]).collect();
             let at = base + (i * b * BATCH_WORDS * 8) as u64;
-            let (nx, f) = layer
-                .forward_with(&x, pending.as_ref(), eps, |n| {
-                    let (x, qkv) = layer.attn.qkv_normed(n)?;
-                    let y = layer.attention_table(&qkv, &per_seq, &rows, at, rope)?;
-                    Ok((x, y))
-                })
-                .in_layer(&format!("model.layers.{i}"))?;
-            (x, pending) = (nx, Some(f));
-        }
-        let (x, pending) = (x.squeeze(1)?, pending.map(|p| p.squeeze(1)).transpose()?);
-        self.head(&x, pending.as_ref(), eps)
+            layer.attention_table(qkv, &per_seq, &rows, at, rope)
+        })
     }
 
     /// Shape of this rank's fixed KV caches.
