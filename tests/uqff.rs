@@ -277,6 +277,15 @@ fn small_set(dir: &Path) -> PathBuf {
     index
 }
 
+/// Replaces `path` by a new file of `bytes`, written beside it and renamed over it. A rank of
+/// an earlier failed load may still map the old file while it winds down; rewriting a mapped
+/// file in place would make its reads fault (SIGBUS), a rename leaves it the old file.
+fn replace(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("replacing");
+    std::fs::write(&tmp, bytes).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
 fn load_err(model: &Path, index: &Path) -> String {
     rt().block_on(async {
         let c = Cluster::local(2, LocalTransport::InProcess).await.unwrap();
@@ -298,7 +307,7 @@ fn damaged_or_foreign_sets_are_refused_before_loading() {
     let pristine = std::fs::read(&rank1).unwrap();
 
     // Truncated.
-    std::fs::write(&rank1, &pristine[..pristine.len() - 100]).unwrap();
+    replace(&rank1, &pristine[..pristine.len() - 100]);
     let e = load_err(&qwen2(), &index);
     assert!(e.contains("truncated") && e.contains("rank1-of-2"), "{e}");
 
@@ -306,20 +315,23 @@ fn damaged_or_foreign_sets_are_refused_before_loading() {
     let mut bad = pristine.clone();
     let at = bad.len() - 1000;
     bad[at] ^= 0x40;
-    std::fs::write(&rank1, &bad).unwrap();
+    replace(&rank1, &bad);
     let e = load_err(&qwen2(), &index);
     assert!(e.contains("checksum mismatch"), "{e}");
-    std::fs::write(&rank1, &pristine).unwrap();
+    replace(&rank1, &pristine);
 
     // A newer format version.
     let text = std::fs::read_to_string(&index).unwrap();
-    std::fs::write(&index, text.replace("\"version\": 1", "\"version\": 2")).unwrap();
+    replace(
+        &index,
+        text.replace("\"version\": 1", "\"version\": 2").as_bytes(),
+    );
     let e = load_err(&qwen2(), &index);
     assert!(
         e.contains("version 2 is not supported") && e.contains("reads version 1"),
         "{e}"
     );
-    std::fs::write(&index, &text).unwrap();
+    replace(&index, text.as_bytes());
 
     // Another model's configuration.
     let e = load_err(&fixtures().join("models/tiny-qwen3"), &index);
