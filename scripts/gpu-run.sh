@@ -19,8 +19,8 @@
 #   DIRECT    0 skips the `--direct` decode rows (in-process ranks without the runtime)
 #   FUSED_TOO 1 also times decode with SHARDWISE_FUSED=0 (candle's operations, batch 1) and
 #             with SHARDWISE_GEMV=0 (cuBLAS products, the other fused kernels on)
-#   SWEEP     space-separated VAR=value settings: decode (batch 1, 1 and 2 GPUs) is also timed
-#             under each, e.g. SWEEP="SHARDWISE_GEMV=0 SHARDWISE_ATTN_SPLIT=256"
+#   SWEEP     space-separated VAR=value settings: decode (1 and 2 GPUs, batches SWEEP_BATCH,
+#             default 1) is also timed under each, e.g. SWEEP="SHARDWISE_GEMV=0 SHARDWISE_PDL=0"
 #   PROFILE   1 profiles one GPU's eager decode steps with Nsight Compute (when the machine has
 #             `ncu`): time per step of each kernel name, from $PROFILE_COUNT kernels
 #   PROFILE_KERNEL  a kernel name (regex): one launch of it under ncu's stall sections
@@ -106,8 +106,9 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
         for n in $(seq 1 "$(( WORLD < 2 ? WORLD : 2 ))"); do
             echo "decode, $n GPU(s), $setting"
             env "$setting" timeout "${STEP_TIMEOUT:-240}" "$BIN" bench decode \
-                --model synthetic:llama3-8b --local "$n" --transport nccl --dtype bf16 --batch 1 \
-                --context 512 --steps "${STEPS:-30}" || { echo "FAILED: $setting"; FAILED=1; }
+                --model synthetic:llama3-8b --local "$n" --transport nccl --dtype bf16 \
+                --batch "${SWEEP_BATCH:-1}" --context 512 --steps "${STEPS:-30}" \
+                || { echo "FAILED: $setting"; FAILED=1; }
         done
     done
     if [[ "${PROFILE:-0}" == 1 ]] && command -v ncu >/dev/null; then

@@ -162,6 +162,16 @@ struct BF16 { typedef u16 T;
 struct F16 { typedef u16 T;
   static __device__ __forceinline__ float ld(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
   static __device__ __forceinline__ u16 st(float f) { u16 r; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r) : "f"(f)); return r; } };
+// Programmatic dependent launch (see `dependent_launches`): the stream's next kernel may
+// start now; wait until the previous kernel finished and its writes are visible. No-ops
+// before Hopper, and when the kernel was launched plainly.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ void launch_dependents() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void wait_prerequisites() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+#else
+__device__ __forceinline__ void launch_dependents() {}
+__device__ __forceinline__ void wait_prerequisites() {}
+#endif
 "#;
 
 /// Compiled PTX by (source name, compute capability).
@@ -329,4 +339,143 @@ pub fn upload_exact<T: cudarc::driver::DeviceRepr + candle_core::WithDType>(
         });
     }
     upload(t, values)
+}
+
+/// Whether the project's kernels on `ctx`'s device are launched as programmatic dependents
+/// of the kernel before them (Hopper and later, unless `SHARDWISE_PDL=0`): such a launch may
+/// start while its predecessor still runs, so a kernel's ramp (its blocks scheduled, its
+/// weights' first loads in flight) overlaps the previous kernel's tail. Every kernel of the
+/// project waits for its predecessor (`wait_prerequisites()` in [`DTYPES`]) before it reads
+/// what another kernel wrote or writes anything, and lets its successor start
+/// (`launch_dependents()`) as it begins.
+///
+/// # Errors
+/// Driver errors.
+pub fn dependent_launches(ctx: &Arc<CudaContext>) -> Result<bool> {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("SHARDWISE_PDL").is_ok_and(|v| v == "0"));
+    Ok(!off && compute_capability(ctx)?.0 >= 9)
+}
+
+/// One argument of a [`Launch`], as the 8-byte word the kernel parameter is read from (the
+/// driver reads the parameter's own size from the word's first bytes: little-endian).
+pub trait LaunchArg {
+    /// The word: a buffer's device address or a scalar's bits.
+    fn word(self, stream: &cudarc::driver::CudaStream) -> u64;
+}
+
+macro_rules! buffer_arg {
+    ($($t:ty),*) => {$(
+        impl<T> LaunchArg for $t {
+            fn word(self, stream: &cudarc::driver::CudaStream) -> u64 {
+                cudarc::driver::DevicePtr::device_ptr(&*self, stream).0
+            }
+        }
+    )*};
+}
+buffer_arg!(
+    &cudarc::driver::CudaSlice<T>,
+    &mut cudarc::driver::CudaSlice<T>,
+    &cudarc::driver::CudaView<'_, T>,
+    &mut cudarc::driver::CudaViewMut<'_, T>
+);
+
+macro_rules! scalar_arg {
+    ($($t:ty => $f:expr),*) => {$(
+        impl LaunchArg for &$t {
+            fn word(self, _: &cudarc::driver::CudaStream) -> u64 {
+                let f: fn($t) -> u64 = $f;
+                f(*self)
+            }
+        }
+    )*};
+}
+scalar_arg!(
+    i32 => |v| u64::from(v as u32),
+    u32 => u64::from,
+    i64 => |v| v as u64,
+    u64 => |v| v,
+    f32 => |v| u64::from(v.to_bits())
+);
+
+/// A launch of one of the project's kernels on a stream, as a programmatic dependent of the
+/// stream's previous kernel where [`dependent_launches`] says so (else a plain launch).
+pub struct Launch<'a> {
+    stream: &'a Arc<cudarc::driver::CudaStream>,
+    func: &'a CudaFunction,
+    words: Vec<u64>,
+    dependent: bool,
+}
+
+impl<'a> Launch<'a> {
+    /// A launch of `func` on `stream`; `dependent` as [`dependent_launches`] said for it.
+    pub fn new(
+        stream: &'a Arc<cudarc::driver::CudaStream>,
+        func: &'a CudaFunction,
+        dependent: bool,
+    ) -> Self {
+        Self {
+            stream,
+            func,
+            words: Vec::with_capacity(32),
+            dependent,
+        }
+    }
+
+    /// Appends the next argument.
+    pub fn arg(&mut self, a: impl LaunchArg) -> &mut Self {
+        self.words.push(a.word(self.stream));
+        self
+    }
+
+    /// Enqueues the kernel.
+    ///
+    /// # Safety
+    /// The arguments match the kernel's parameters in number, order and size, and every
+    /// buffer they address outlives the kernel (stream order: freed on the same stream).
+    ///
+    /// # Errors
+    /// The driver's.
+    pub unsafe fn launch(&mut self, cfg: cudarc::driver::LaunchConfig) -> Result<()> {
+        use cudarc::driver::sys;
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| driver_err("binding a CUDA context", e))?;
+        let mut params: Vec<*mut std::ffi::c_void> = self
+            .words
+            .iter_mut()
+            .map(|w| (w as *mut u64).cast())
+            .collect();
+        // SAFETY: a zeroed attribute is a valid value of this plain C struct.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: cfg.grid_dim.0,
+            gridDimY: cfg.grid_dim.1,
+            gridDimZ: cfg.grid_dim.2,
+            blockDimX: cfg.block_dim.0,
+            blockDimY: cfg.block_dim.1,
+            blockDimZ: cfg.block_dim.2,
+            sharedMemBytes: cfg.shared_mem_bytes,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: u32::from(self.dependent),
+        };
+        // SAFETY: `params` points at one live word per argument (the caller vouches for
+        // their match with the kernel); `config` and `attr` outlive the call.
+        let r = unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                self.func.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(driver_err("launching a kernel", r));
+        }
+        Ok(())
+    }
 }

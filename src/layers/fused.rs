@@ -393,7 +393,7 @@ mod gpu {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::{CudaDevice, CudaStorage};
     use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
-    use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
+    use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig};
 
     use super::{CacheLen, NormIn, RopeIn, StorePos};
     use crate::cuda::device_ptr;
@@ -964,10 +964,22 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
     for (int j = 0; j < R; ++j) dot[j][m] = 0.f;
   }
   const bool sum_out = MODE == 2 && blockIdx.x == 0;
+  launch_dependents();
+  bool waited = false;
   for (int k0 = tid * V; k0 < kd; k0 += nt * V * U) {
-    // The input's chunks first (cache hits, shared by every block), then the weight's, all in
-    // flight together.
+    // The weight's chunks first (they depend on no kernel: the first pass's are loaded while
+    // the previous kernel finishes), then the input's (cache hits, shared by every block),
+    // all in flight together.
     uint4 xv[U][MR], av[U][MR], nv[U], wv[R][U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int k = k0 + u * nt * V;
+#pragma unroll
+      for (int j = 0; j < R; ++j)
+        wv[j][u] = (ok[j] && k < kd) ? __ldcs(reinterpret_cast<const uint4*>(wr[j] + k))
+                                     : make_uint4(0, 0, 0, 0);
+    }
+    if (!waited) { wait_prerequisites(); waited = true; }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int k = k0 + u * nt * V;
@@ -979,14 +991,6 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
         xv[u][m] = row ? ld16(x + (long long)m * kd + k) : make_uint4(0, 0, 0, 0);
         av[u][m] = (MODE == 2 && row) ? ld16(a + (long long)m * kd + k) : make_uint4(0, 0, 0, 0);
       }
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int k = k0 + u * nt * V;
-#pragma unroll
-      for (int j = 0; j < R; ++j)
-        wv[j][u] = (ok[j] && k < kd) ? __ldcs(reinterpret_cast<const uint4*>(wr[j] + k))
-                                     : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -1022,6 +1026,7 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
       }
     }
   }
+  if (!waited) wait_prerequisites();
 #pragma unroll
   for (int m = 0; m < MR; ++m) {
 #pragma unroll
@@ -1132,18 +1137,20 @@ __device__ void rope_store(const typename K::T* q, const typename K::T* k,
   }
 #define KERNELS(sfx, K) \
 extern "C" __global__ void rms_norm_##sfx(const K::T* x, const K::T* w, K::T* y, int n, \
-    float eps) { add_rms<K, false>(x, x, w, y, y, n, eps); } \
+    float eps) { launch_dependents(); wait_prerequisites(); add_rms<K, false>(x, x, w, y, y, n, eps); } \
 extern "C" __global__ void add_rms_norm_##sfx(const K::T* x, const K::T* a, const K::T* w, \
-    K::T* xo, K::T* y, int n, float eps) { add_rms<K, true>(x, a, w, xo, y, n, eps); } \
+    K::T* xo, K::T* y, int n, float eps) { \
+  launch_dependents(); wait_prerequisites(); add_rms<K, true>(x, a, w, xo, y, n, eps); } \
 extern "C" __global__ void rope_store_##sfx(const K::T* q, const K::T* k, const K::T* v, \
     const K::T* cosr, const K::T* sinr, K::T* qo, K::T* kc, K::T* vc, const unsigned* pos_ptr, \
     int pos_host, int nq, int nkv, int hd, long long kc_h, long long kc_p, long long vc_h, \
     long long vc_p, int interleaved, const long long* seqs) { \
+  launch_dependents(); wait_prerequisites(); \
   ROPE_SEQ_SELECT(K) \
   rope_store<K>(q, k, v, cosr, sinr, qo, kc, vc, pos_ptr, pos_host, nq, nkv, hd, kc_h, kc_p, \
                 vc_h, vc_p, interleaved); } \
 extern "C" __global__ void silu_mul_##sfx(const K::T* gu, K::T* y, long long rows, int half) { \
-  silu_mul<K>(gu, y, rows, half); } \
+  launch_dependents(); wait_prerequisites(); silu_mul<K>(gu, y, rows, half); } \
 ATTEND(sfx, K, 4, 4, 8) ATTEND(sfx, K, 8, 4, 4) ATTEND(sfx, K, 16, 4, 2) \
 ATTEND(sfx, K, 4, 8, 4) ATTEND(sfx, K, 8, 8, 4) \
 ATTEND_PASSES(sfx, K, 4, 4) ATTEND_PASSES(sfx, K, 8, 4) ATTEND_PASSES(sfx, K, 4, 8) \
@@ -1188,6 +1195,7 @@ extern "C" __global__ void attend_##MG##x##ME##_##sfx(const K::T* q, const K::T*
     const K::T* v, K::T* out, float* scratch, unsigned* counters, const unsigned* pos_ptr, \
     int len_host, int g, int hd, long long ks_h, long long ks_p, long long vs_h, long long vs_p, \
     int span, int window, float scale, const long long* seqs) { \
+  launch_dependents(); wait_prerequisites(); \
   SEQ_SELECT(K) \
   attend<K, MG, ME, U>(q, k, v, out, scratch, counters, pos_ptr, len_host, g, hd, ks_h, ks_p, vs_h, \
                     vs_p, span, window, scale); }
@@ -1196,6 +1204,7 @@ extern "C" __global__ void __launch_bounds__(256) attend_passes_##MG##x##MCH##_#
     const K::T* q, const K::T* k, const K::T* v, K::T* out, float* scratch, unsigned* counters, \
     const unsigned* pos_ptr, int len_host, int g, int hd, long long ks_h, long long ks_p, \
     long long vs_h, long long vs_p, int span, int window, float scale, const long long* seqs) { \
+  launch_dependents(); wait_prerequisites(); \
   SEQ_SELECT(K) \
   attend_passes<K, MG, MCH>(q, k, v, out, scratch, counters, pos_ptr, len_host, g, hd, ks_h, \
                             ks_p, vs_h, vs_p, span, window, scale); }
@@ -1311,6 +1320,8 @@ KERNELS(f16, F16)
         scratch: Mutex<Vec<CudaSlice<f32>>>,
         /// Per-KV-head split counters, zero between launches.
         counters: CudaSlice<u32>,
+        /// Launches are programmatic dependents ([`crate::cuda::dependent_launches`]).
+        dependent: bool,
     }
 
     impl Kernels {
@@ -1397,6 +1408,7 @@ KERNELS(f16, F16)
             funcs: names.into_iter().zip(funcs).collect(),
             scratch: Mutex::new(Vec::new()),
             counters,
+            dependent: crate::cuda::dependent_launches(stream.context()).map_err(to_candle)?,
         });
         all.insert(dev.id(), k.clone());
         Ok(k)
@@ -1460,10 +1472,10 @@ KERNELS(f16, F16)
                     let wv = w.as_cuda_slice::<$t>()?.slice(ws..we);
                     // SAFETY: the kernel writes every element.
                     let mut y = unsafe { dev.alloc::<$t>(xe - xs)? };
-                    let mut b = stream.launch_builder(f);
+                    let mut b = crate::cuda::Launch::new(&stream, f, k.dependent);
                     b.arg(&xv).arg(&wv).arg(&mut y).arg(&n32).arg(&eps);
                     // SAFETY: arguments match the kernel's signature.
-                    unsafe { b.launch(cfg) }.map_err(cerr)?;
+                    unsafe { b.launch(cfg) }.map_err(to_candle)?;
                     Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
                 }};
             }
@@ -1514,7 +1526,7 @@ KERNELS(f16, F16)
                     let mut out = unsafe { dev.alloc::<$t>(2 * len)? };
                     {
                         let (mut xo, mut y) = out.split_at_mut(len);
-                        let mut b = stream.launch_builder(f);
+                        let mut b = crate::cuda::Launch::new(&stream, f, k.dependent);
                         b.arg(&xv)
                             .arg(&av)
                             .arg(&wv)
@@ -1523,7 +1535,7 @@ KERNELS(f16, F16)
                             .arg(&n32)
                             .arg(&eps);
                         // SAFETY: arguments match the kernel's signature.
-                        unsafe { b.launch(cfg) }.map_err(cerr)?;
+                        unsafe { b.launch(cfg) }.map_err(to_candle)?;
                     }
                     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
                 }};
@@ -1598,10 +1610,10 @@ KERNELS(f16, F16)
                     let src = s.as_cuda_slice::<$t>()?.slice(start..end);
                     // SAFETY: the kernel writes every element.
                     let mut y = unsafe { dev.alloc::<$t>(total)? };
-                    let mut b = stream.launch_builder(f);
+                    let mut b = crate::cuda::Launch::new(&stream, f, k.dependent);
                     b.arg(&src).arg(&mut y).arg(&rows64).arg(&half32);
                     // SAFETY: arguments match the kernel's signature.
-                    unsafe { b.launch(cfg) }.map_err(cerr)?;
+                    unsafe { b.launch(cfg) }.map_err(to_candle)?;
                     Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from(dims)))
                 }};
             }
@@ -1716,7 +1728,7 @@ KERNELS(f16, F16)
                     {
                         // The sum first: its 16-byte stores stay aligned.
                         let (mut xo, mut y) = out.split_at_mut(sum_len);
-                        let mut b = stream.launch_builder(f);
+                        let mut b = crate::cuda::Launch::new(&stream, f, kern.dependent);
                         b.arg(&xv)
                             .arg(&self.a_ptr)
                             .arg(&self.nw_ptr)
@@ -1745,7 +1757,7 @@ KERNELS(f16, F16)
                         // SAFETY: arguments match the kernel's signature; the caller checked
                         // shapes, dtypes and 16-byte alignment of every operand (and, with a
                         // rotary target, the caches and the position).
-                        unsafe { b.launch(cfg) }.map_err(cerr)?;
+                        unsafe { b.launch(cfg) }.map_err(to_candle)?;
                     }
                     Ok((
                         CudaStorage::wrap_cuda_slice(out, dev),
@@ -2034,7 +2046,7 @@ KERNELS(f16, F16)
                     let qv = q.as_cuda_slice::<$t>()?.slice(qs..qe);
                     // SAFETY: the combining blocks write every element.
                     let mut out = unsafe { dev.alloc::<$t>(b * nq * hd)? };
-                    let mut lb = stream.launch_builder(f);
+                    let mut lb = crate::cuda::Launch::new(&stream, f, kern.dependent);
                     lb.arg(&qv)
                         .arg(&one.k)
                         .arg(&one.v)
@@ -2055,7 +2067,7 @@ KERNELS(f16, F16)
                         .arg(&table);
                     // SAFETY: arguments match the kernel's signature; the caller checked
                     // shapes, group size and head width, and holds the caches.
-                    unsafe { lb.launch(cfg) }.map_err(cerr)?;
+                    unsafe { lb.launch(cfg) }.map_err(to_candle)?;
                     Ok((
                         CudaStorage::wrap_cuda_slice(out, dev),
                         Shape::from((b, nq, 1, hd)),
@@ -2328,7 +2340,7 @@ KERNELS(f16, F16)
                     let vv = v.as_cuda_slice::<$t>()?.slice(vs..ve);
                     // SAFETY: the kernel writes every element.
                     let mut out = unsafe { dev.alloc::<$t>(b * nq * hd)? };
-                    let mut lb = stream.launch_builder(f);
+                    let mut lb = crate::cuda::Launch::new(&stream, f, kern.dependent);
                     lb.arg(&qv)
                         .arg(&kv)
                         .arg(&vv)
@@ -2350,7 +2362,7 @@ KERNELS(f16, F16)
                         .arg(&table);
                     // SAFETY: arguments match the kernel's signature; the caller checked the
                     // caches' shapes, dtypes and the positions.
-                    unsafe { lb.launch(cfg) }.map_err(cerr)?;
+                    unsafe { lb.launch(cfg) }.map_err(to_candle)?;
                     Ok((
                         CudaStorage::wrap_cuda_slice(out, dev),
                         Shape::from((b, nq, 1, hd)),
