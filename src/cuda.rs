@@ -351,10 +351,13 @@ pub fn upload_exact<T: cudarc::driver::DeviceRepr + candle_core::WithDType>(
 ///
 /// # Errors
 /// Driver errors.
-pub fn dependent_launches(ctx: &Arc<CudaContext>) -> Result<bool> {
-    static OFF: OnceLock<bool> = OnceLock::new();
-    let off = *OFF.get_or_init(|| std::env::var("SHARDWISE_PDL").is_ok_and(|v| v == "0"));
-    Ok(!off && compute_capability(ctx)?.0 >= 9)
+pub fn dependent_launches(ctx: &Arc<CudaContext>, kernels: &str) -> Result<bool> {
+    let on = match std::env::var("SHARDWISE_PDL") {
+        Ok(v) if v == "0" => false,
+        Ok(v) if v == "fused" || v == "peer" => v == kernels,
+        _ => true,
+    };
+    Ok(on && compute_capability(ctx)?.0 >= 9)
 }
 
 /// One argument of a [`Launch`], as the 8-byte word the kernel parameter is read from (the

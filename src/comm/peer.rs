@@ -564,7 +564,7 @@ impl PeerAllReduce {
             counters,
             error,
             deadline: deadline(),
-            dependent: crate::cuda::dependent_launches(&ctx)?,
+            dependent: crate::cuda::dependent_launches(&ctx, "peer")?,
             _ipc: ipc,
             _mine: mine,
         })

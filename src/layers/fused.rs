@@ -966,6 +966,9 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
   const bool sum_out = MODE == 2 && blockIdx.x == 0;
   launch_dependents();
   bool waited = false;
+#if defined(EARLY_WEIGHTS) && !EARLY_WEIGHTS
+  wait_prerequisites(); waited = true;
+#endif
   for (int k0 = tid * V; k0 < kd; k0 += nt * V * U) {
     // The weight's chunks first (they depend on no kernel: the first pass's are loaded while
     // the previous kernel finishes), then the input's (cache hits, shared by every block),
@@ -1396,10 +1399,19 @@ KERNELS(f16, F16)
             .collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let stream = dev.cuda_stream();
+        let early = std::env::var("SHARDWISE_PDL_EARLY").map_or(true, |v| v != "0");
         let funcs = crate::cuda::load_kernels(
             stream.context(),
-            "fused",
-            &[crate::cuda::DTYPES, SRC],
+            if early { "fused" } else { "fused-late" },
+            &[
+                crate::cuda::DTYPES,
+                if early {
+                    ""
+                } else {
+                    "#define EARLY_WEIGHTS 0\n"
+                },
+                SRC,
+            ],
             &refs,
         )
         .map_err(to_candle)?;
@@ -1408,7 +1420,8 @@ KERNELS(f16, F16)
             funcs: names.into_iter().zip(funcs).collect(),
             scratch: Mutex::new(Vec::new()),
             counters,
-            dependent: crate::cuda::dependent_launches(stream.context()).map_err(to_candle)?,
+            dependent: crate::cuda::dependent_launches(stream.context(), "fused")
+                .map_err(to_candle)?,
         });
         all.insert(dev.id(), k.clone());
         Ok(k)
