@@ -343,21 +343,17 @@ pub fn upload_exact<T: cudarc::driver::DeviceRepr + candle_core::WithDType>(
 
 /// Whether the project's kernels on `ctx`'s device are launched as programmatic dependents
 /// of the kernel before them (Hopper and later, unless `SHARDWISE_PDL=0`): such a launch may
-/// start while its predecessor still runs, so a kernel's ramp (its blocks scheduled, its
-/// weights' first loads in flight) overlaps the previous kernel's tail. Every kernel of the
-/// project waits for its predecessor (`wait_prerequisites()` in [`DTYPES`]) before it reads
-/// what another kernel wrote or writes anything, and lets its successor start
-/// (`launch_dependents()`) as it begins.
+/// start while its predecessor still runs, so a kernel's blocks are scheduled and
+/// ready while the previous kernel's last blocks run. Every kernel of the
+/// project lets its successor start (`launch_dependents()` in [`DTYPES`]) and then waits for
+/// its predecessor (`wait_prerequisites()`) before it reads or writes any memory.
 ///
 /// # Errors
 /// Driver errors.
-pub fn dependent_launches(ctx: &Arc<CudaContext>, kernels: &str) -> Result<bool> {
-    let on = match std::env::var("SHARDWISE_PDL") {
-        Ok(v) if v == "0" => false,
-        Ok(v) if v == "fused" || v == "peer" => v == kernels,
-        _ => true,
-    };
-    Ok(on && compute_capability(ctx)?.0 >= 9)
+pub fn dependent_launches(ctx: &Arc<CudaContext>) -> Result<bool> {
+    static OFF: OnceLock<bool> = OnceLock::new();
+    let off = *OFF.get_or_init(|| std::env::var("SHARDWISE_PDL").is_ok_and(|v| v == "0"));
+    Ok(!off && compute_capability(ctx)?.0 >= 9)
 }
 
 /// One argument of a [`Launch`], as the 8-byte word the kernel parameter is read from (the

@@ -564,7 +564,7 @@ impl PeerAllReduce {
             counters,
             error,
             deadline: deadline(),
-            dependent: crate::cuda::dependent_launches(&ctx, "peer")?,
+            dependent: crate::cuda::dependent_launches(&ctx)?,
             _ipc: ipc,
             _mine: mine,
         })
