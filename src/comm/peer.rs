@@ -33,7 +33,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::CudaStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 use cudarc::driver::sys::{self, CUdeviceptr, CUresult};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, LaunchConfig};
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::error::{Error, Result};
 
@@ -171,7 +171,6 @@ __device__ void all_reduce(const typename K::T* in, typename K::T* out, const u6
 #define KERNEL(name, K) \
 extern "C" __global__ void name(const K::T* in, K::T* out, const u64* peers, unsigned* counters, \
     unsigned* err, int rank, int world, u64 n, u64 cap, u64 timeout, int gather) { \
-  launch_dependents(); wait_prerequisites(); \
   all_reduce<K>(in, out, peers, counters, err, rank, world, n, cap, timeout, gather); }
 KERNEL(peer_all_reduce_f32, F32)
 KERNEL(peer_all_reduce_bf16, BF16)
@@ -483,8 +482,6 @@ pub struct PeerAllReduce {
     counters: CudaSlice<u32>,
     error: ErrorWord,
     deadline: Duration,
-    /// Launches are programmatic dependents ([`crate::cuda::dependent_launches`]).
-    dependent: bool,
     /// Peer buffers opened through IPC (closed before this rank's own buffers are freed).
     _ipc: IpcMapped,
     /// Dropped last: peers may read them until every rank is done.
@@ -564,7 +561,6 @@ impl PeerAllReduce {
             counters,
             error,
             deadline: deadline(),
-            dependent: crate::cuda::dependent_launches(&ctx)?,
             _ipc: ipc,
             _mine: mine,
         })
@@ -676,12 +672,15 @@ impl CustomOp1 for PeerOp<'_> {
         } else {
             (n, l.shape().clone())
         };
+        let err = |e: cudarc::driver::DriverError| {
+            candle_core::Error::Msg(format!("peer all-reduce launch: {e:?}"))
+        };
         macro_rules! run {
             ($t:ty, $k:expr) => {{
                 let src = s.as_cuda_slice::<$t>()?.slice(start..end);
                 // SAFETY: the kernel writes all n (gather: world * n) elements.
                 let mut dst = unsafe { dev.alloc::<$t>(out_len)? };
-                let mut b = crate::cuda::Launch::new(&stream, &p.kernels[$k], p.dependent);
+                let mut b = stream.launch_builder(&p.kernels[$k]);
                 b.arg(&src)
                     .arg(&mut dst)
                     .arg(&p.table)
@@ -694,8 +693,7 @@ impl CustomOp1 for PeerOp<'_> {
                     .arg(&timeout)
                     .arg(&gather);
                 // SAFETY: arguments match the kernel's signature; buffers are live.
-                unsafe { b.launch(cfg) }
-                    .map_err(|e| candle_core::Error::Msg(format!("peer all-reduce launch: {e}")))?;
+                unsafe { b.launch(cfg) }.map_err(err)?;
                 Ok((CudaStorage::wrap_cuda_slice(dst, dev), out_shape))
             }};
         }

@@ -394,7 +394,7 @@ mod gpu {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::{CudaDevice, CudaStorage};
     use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
-    use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig};
+    use cudarc::driver::{CudaFunction, CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
     use super::{CacheLen, NormIn, RopeIn, StorePos};
     use crate::cuda::device_ptr;
@@ -965,11 +965,6 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
     for (int j = 0; j < R; ++j) dot[j][m] = 0.f;
   }
   const bool sum_out = MODE == 2 && blockIdx.x == 0;
-  // Nothing is read before the previous kernel is done, weights included: loading the first
-  // weights before the wait made two-GPU decoding wrong (tiny-llama, 2x H200), for a reason
-  // not found; with the wait first it is right.
-  launch_dependents();
-  wait_prerequisites();
   for (int k0 = tid * V; k0 < kd; k0 += nt * V * U) {
     // The input's chunks first (cache hits, shared by every block), then the weight's, all in
     // flight together.
@@ -1138,20 +1133,18 @@ __device__ void rope_store(const typename K::T* q, const typename K::T* k,
   }
 #define KERNELS(sfx, K) \
 extern "C" __global__ void rms_norm_##sfx(const K::T* x, const K::T* w, K::T* y, int n, \
-    float eps) { launch_dependents(); wait_prerequisites(); add_rms<K, false>(x, x, w, y, y, n, eps); } \
+    float eps) { add_rms<K, false>(x, x, w, y, y, n, eps); } \
 extern "C" __global__ void add_rms_norm_##sfx(const K::T* x, const K::T* a, const K::T* w, \
-    K::T* xo, K::T* y, int n, float eps) { \
-  launch_dependents(); wait_prerequisites(); add_rms<K, true>(x, a, w, xo, y, n, eps); } \
+    K::T* xo, K::T* y, int n, float eps) { add_rms<K, true>(x, a, w, xo, y, n, eps); } \
 extern "C" __global__ void rope_store_##sfx(const K::T* q, const K::T* k, const K::T* v, \
     const K::T* cosr, const K::T* sinr, K::T* qo, K::T* kc, K::T* vc, const unsigned* pos_ptr, \
     int pos_host, int nq, int nkv, int hd, long long kc_h, long long kc_p, long long vc_h, \
     long long vc_p, int interleaved, const long long* seqs) { \
-  launch_dependents(); wait_prerequisites(); \
   ROPE_SEQ_SELECT(K) \
   rope_store<K>(q, k, v, cosr, sinr, qo, kc, vc, pos_ptr, pos_host, nq, nkv, hd, kc_h, kc_p, \
                 vc_h, vc_p, interleaved); } \
 extern "C" __global__ void silu_mul_##sfx(const K::T* gu, K::T* y, long long rows, int half) { \
-  launch_dependents(); wait_prerequisites(); silu_mul<K>(gu, y, rows, half); } \
+  silu_mul<K>(gu, y, rows, half); } \
 ATTEND(sfx, K, 4, 4, 8) ATTEND(sfx, K, 8, 4, 4) ATTEND(sfx, K, 16, 4, 2) \
 ATTEND(sfx, K, 4, 8, 4) ATTEND(sfx, K, 8, 8, 4) \
 ATTEND_PASSES(sfx, K, 4, 4) ATTEND_PASSES(sfx, K, 8, 4) ATTEND_PASSES(sfx, K, 4, 8) \
@@ -1196,7 +1189,6 @@ extern "C" __global__ void attend_##MG##x##ME##_##sfx(const K::T* q, const K::T*
     const K::T* v, K::T* out, float* scratch, unsigned* counters, const unsigned* pos_ptr, \
     int len_host, int g, int hd, long long ks_h, long long ks_p, long long vs_h, long long vs_p, \
     int span, int window, float scale, const long long* seqs) { \
-  launch_dependents(); wait_prerequisites(); \
   SEQ_SELECT(K) \
   attend<K, MG, ME, U>(q, k, v, out, scratch, counters, pos_ptr, len_host, g, hd, ks_h, ks_p, vs_h, \
                     vs_p, span, window, scale); }
@@ -1205,7 +1197,6 @@ extern "C" __global__ void __launch_bounds__(256) attend_passes_##MG##x##MCH##_#
     const K::T* q, const K::T* k, const K::T* v, K::T* out, float* scratch, unsigned* counters, \
     const unsigned* pos_ptr, int len_host, int g, int hd, long long ks_h, long long ks_p, \
     long long vs_h, long long vs_p, int span, int window, float scale, const long long* seqs) { \
-  launch_dependents(); wait_prerequisites(); \
   SEQ_SELECT(K) \
   attend_passes<K, MG, MCH>(q, k, v, out, scratch, counters, pos_ptr, len_host, g, hd, ks_h, \
                             ks_p, vs_h, vs_p, span, window, scale); }
@@ -1217,10 +1208,11 @@ KERNELS(f16, F16)
 // (with SILU, 16 gate and the 16 matching up rows) and its warps split the width in blocks
 // of 64. Each warp multiplies with mma.m16n8k16: the 16 weight rows are A, the (at most 8)
 // rows of x are the columns of B, and the order of k inside a block of 64 is the same
-// permutation for A and B, chosen so that each thread reads 32 contiguous bytes of the
-// weight rows it needs (g and g + 8, where g = lane / 4) and of x's row g: thread t = lane %
-// 4 holds elements 16t .. 16t + 15 of the block, and mma step s takes its 4s .. 4s + 3 as the
-// fragment's k = 2t, 2t + 1, 2t + 8, 2t + 9. The norm (MODE 1, 2) and the add (MODE 2) are
+// permutation for A and B, chosen so that each thread loads whole 16-byte chunks of the
+// weight rows it needs (g and g + 8, where g = lane / 4) and of x's row g, and the 4 threads
+// of a row read 64 contiguous bytes per load: thread t = lane % 4 holds elements 8t .. 8t + 7
+// (chunk 0) and 32 + 8t .. 32 + 8t + 7 (chunk 1) of the block, and mma step s takes elements
+// 4s .. 4s + 3 of those 16 as the fragment's k = 2t, 2t + 1, 2t + 8, 2t + 9. The norm (MODE 1, 2) and the add (MODE 2) are
 // applied to x as it is loaded (the norm's scale after the product, from the squares summed
 // on the way); x times the norm weight is rounded to T for the tensor cores.
 template <typename K> struct Mma;
@@ -1261,12 +1253,12 @@ __device__ void gemm8(const typename K::T* x, const typename K::T* a, const type
     for (int h = 0; h < 2; ++h) {
       const int col = c0 + g + 8 * h;
       ok[l][h] = col < n;
-      wr[l][h] = w + (long long)(ok[l][h] ? col + l * n : 0) * kd + 16 * t;
+      wr[l][h] = w + (long long)(ok[l][h] ? col + l * n : 0) * kd + 8 * t;
     }
   const bool xrow = g < rows;
-  const T* xr = x + (long long)(xrow ? g : 0) * kd + 16 * t;
-  const T* ar = a + (long long)(xrow ? g : 0) * kd + 16 * t;
-  T* xor_ = xo + (long long)(xrow ? g : 0) * kd + 16 * t;
+  const T* xr = x + (long long)(xrow ? g : 0) * kd + 8 * t;
+  const T* ar = a + (long long)(xrow ? g : 0) * kd + 8 * t;
+  T* xor_ = xo + (long long)(xrow ? g : 0) * kd + 8 * t;
   const bool sum_out = MODE == 2 && blockIdx.x == 0 && xrow;
   float acc[TL][4];
 #pragma unroll
@@ -1274,29 +1266,25 @@ __device__ void gemm8(const typename K::T* x, const typename K::T* a, const type
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[l][i] = 0.f;
   float ss = 0.f;
-  launch_dependents();
-  wait_prerequisites();
   const uint4 zero = make_uint4(0, 0, 0, 0);
   for (int k0 = warp * 64; k0 < kd; k0 += nwarps * 64 * U) {
     uint4 wv[U][TL][2][2], xv[U][2], av[U][2], nv[U][2];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int k = k0 + u * nwarps * 64;
-      const bool in = k + 16 * t < kd;
-#pragma unroll
-      for (int l = 0; l < TL; ++l)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-          for (int q = 0; q < 2; ++q)
-            wv[u][l][h][q] = (in && ok[l][h])
-                                 ? __ldcs(reinterpret_cast<const uint4*>(wr[l][h] + k) + q)
-                                 : zero;
 #pragma unroll
       for (int q = 0; q < 2; ++q) {
-        xv[u][q] = (in && xrow) ? ld16(xr + k + 8 * q) : zero;
-        av[u][q] = (MODE == 2 && in && xrow) ? ld16(ar + k + 8 * q) : zero;
-        nv[u][q] = (MODE > 0 && in) ? ld16(nw + k + 16 * t + 8 * q) : zero;
+        const bool in = k + 8 * t + 32 * q < kd;
+#pragma unroll
+        for (int l = 0; l < TL; ++l)
+#pragma unroll
+          for (int h = 0; h < 2; ++h)
+            wv[u][l][h][q] = (in && ok[l][h])
+                                 ? __ldcs(reinterpret_cast<const uint4*>(wr[l][h] + k + 32 * q))
+                                 : zero;
+        xv[u][q] = (in && xrow) ? ld16(xr + k + 32 * q) : zero;
+        av[u][q] = (MODE == 2 && in && xrow) ? ld16(ar + k + 32 * q) : zero;
+        nv[u][q] = (MODE > 0 && in) ? ld16(nw + k + 8 * t + 32 * q) : zero;
       }
     }
 #pragma unroll
@@ -1320,7 +1308,8 @@ __device__ void gemm8(const typename K::T* x, const typename K::T* a, const type
             T* s = reinterpret_cast<T*>(&packed);
 #pragma unroll
             for (int v = 0; v < 8; ++v) { s[v] = K::st(xf[v] + af[v]); xf[v] = K::ld(s[v]); }
-            if (sum_out && k + 16 * t < kd) *reinterpret_cast<uint4*>(xor_ + k + 8 * q) = packed;
+            if (sum_out && k + 8 * t + 32 * q < kd)
+              *reinterpret_cast<uint4*>(xor_ + k + 32 * q) = packed;
           }
           uint4 b;
           T* bt = reinterpret_cast<T*>(&b);
@@ -1499,8 +1488,6 @@ GEMM8_ALL(f16, F16)
         scratch: Mutex<Vec<CudaSlice<f32>>>,
         /// Per-KV-head split counters, zero between launches.
         counters: CudaSlice<u32>,
-        /// Launches are programmatic dependents ([`crate::cuda::dependent_launches`]).
-        dependent: bool,
     }
 
     impl Kernels {
@@ -1596,7 +1583,6 @@ GEMM8_ALL(f16, F16)
             funcs: names.into_iter().zip(funcs).collect(),
             scratch: Mutex::new(Vec::new()),
             counters,
-            dependent: crate::cuda::dependent_launches(stream.context()).map_err(to_candle)?,
         });
         all.insert(dev.id(), k.clone());
         Ok(k)
@@ -1660,10 +1646,10 @@ GEMM8_ALL(f16, F16)
                     let wv = w.as_cuda_slice::<$t>()?.slice(ws..we);
                     // SAFETY: the kernel writes every element.
                     let mut y = unsafe { dev.alloc::<$t>(xe - xs)? };
-                    let mut b = crate::cuda::Launch::new(&stream, f, k.dependent);
+                    let mut b = stream.launch_builder(f);
                     b.arg(&xv).arg(&wv).arg(&mut y).arg(&n32).arg(&eps);
                     // SAFETY: arguments match the kernel's signature.
-                    unsafe { b.launch(cfg) }.map_err(to_candle)?;
+                    unsafe { b.launch(cfg) }.map_err(cerr)?;
                     Ok((CudaStorage::wrap_cuda_slice(y, dev), xl.shape().clone()))
                 }};
             }
@@ -1714,7 +1700,7 @@ GEMM8_ALL(f16, F16)
                     let mut out = unsafe { dev.alloc::<$t>(2 * len)? };
                     {
                         let (mut xo, mut y) = out.split_at_mut(len);
-                        let mut b = crate::cuda::Launch::new(&stream, f, k.dependent);
+                        let mut b = stream.launch_builder(f);
                         b.arg(&xv)
                             .arg(&av)
                             .arg(&wv)
@@ -1723,7 +1709,7 @@ GEMM8_ALL(f16, F16)
                             .arg(&n32)
                             .arg(&eps);
                         // SAFETY: arguments match the kernel's signature.
-                        unsafe { b.launch(cfg) }.map_err(to_candle)?;
+                        unsafe { b.launch(cfg) }.map_err(cerr)?;
                     }
                     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
                 }};
@@ -1798,10 +1784,10 @@ GEMM8_ALL(f16, F16)
                     let src = s.as_cuda_slice::<$t>()?.slice(start..end);
                     // SAFETY: the kernel writes every element.
                     let mut y = unsafe { dev.alloc::<$t>(total)? };
-                    let mut b = crate::cuda::Launch::new(&stream, f, k.dependent);
+                    let mut b = stream.launch_builder(f);
                     b.arg(&src).arg(&mut y).arg(&rows64).arg(&half32);
                     // SAFETY: arguments match the kernel's signature.
-                    unsafe { b.launch(cfg) }.map_err(to_candle)?;
+                    unsafe { b.launch(cfg) }.map_err(cerr)?;
                     Ok((CudaStorage::wrap_cuda_slice(y, dev), Shape::from(dims)))
                 }};
             }
@@ -1942,7 +1928,7 @@ GEMM8_ALL(f16, F16)
                     {
                         // The sum first: its 16-byte stores stay aligned.
                         let (mut xo, mut y) = out.split_at_mut(sum_len);
-                        let mut b = crate::cuda::Launch::new(&stream, f, kern.dependent);
+                        let mut b = stream.launch_builder(f);
                         b.arg(&xv)
                             .arg(&self.a_ptr)
                             .arg(&self.nw_ptr)
@@ -1971,7 +1957,7 @@ GEMM8_ALL(f16, F16)
                         // SAFETY: arguments match the kernel's signature; the caller checked
                         // shapes, dtypes and 16-byte alignment of every operand (and, with a
                         // rotary target, the caches and the position).
-                        unsafe { b.launch(cfg) }.map_err(to_candle)?;
+                        unsafe { b.launch(cfg) }.map_err(cerr)?;
                     }
                     Ok((
                         CudaStorage::wrap_cuda_slice(out, dev),
@@ -2260,7 +2246,7 @@ GEMM8_ALL(f16, F16)
                     let qv = q.as_cuda_slice::<$t>()?.slice(qs..qe);
                     // SAFETY: the combining blocks write every element.
                     let mut out = unsafe { dev.alloc::<$t>(b * nq * hd)? };
-                    let mut lb = crate::cuda::Launch::new(&stream, f, kern.dependent);
+                    let mut lb = stream.launch_builder(f);
                     lb.arg(&qv)
                         .arg(&one.k)
                         .arg(&one.v)
@@ -2281,7 +2267,7 @@ GEMM8_ALL(f16, F16)
                         .arg(&table);
                     // SAFETY: arguments match the kernel's signature; the caller checked
                     // shapes, group size and head width, and holds the caches.
-                    unsafe { lb.launch(cfg) }.map_err(to_candle)?;
+                    unsafe { lb.launch(cfg) }.map_err(cerr)?;
                     Ok((
                         CudaStorage::wrap_cuda_slice(out, dev),
                         Shape::from((b, nq, 1, hd)),
@@ -2554,7 +2540,7 @@ GEMM8_ALL(f16, F16)
                     let vv = v.as_cuda_slice::<$t>()?.slice(vs..ve);
                     // SAFETY: the kernel writes every element.
                     let mut out = unsafe { dev.alloc::<$t>(b * nq * hd)? };
-                    let mut lb = crate::cuda::Launch::new(&stream, f, kern.dependent);
+                    let mut lb = stream.launch_builder(f);
                     lb.arg(&qv)
                         .arg(&kv)
                         .arg(&vv)
@@ -2576,7 +2562,7 @@ GEMM8_ALL(f16, F16)
                         .arg(&table);
                     // SAFETY: arguments match the kernel's signature; the caller checked the
                     // caches' shapes, dtypes and the positions.
-                    unsafe { lb.launch(cfg) }.map_err(to_candle)?;
+                    unsafe { lb.launch(cfg) }.map_err(cerr)?;
                     Ok((
                         CudaStorage::wrap_cuda_slice(out, dev),
                         Shape::from((b, nq, 1, hd)),
