@@ -95,8 +95,7 @@ pub struct NormIn<'a> {
 
 /// `x @ w^T` (`w`: `[out, in]`) for the one or two rows of a decode step, by the project's
 /// GEMV kernel (the weight streamed once at full memory bandwidth, no split-K reduction
-/// kernel), and for 3 to 8 rows of bf16 or f16 (a batch's step) by its tensor-core
-/// counterpart. `None` where it does not serve: not CUDA, more rows, dtypes that differ, or
+/// kernel). `None` where it does not serve: not CUDA, more rows, dtypes that differ, or
 /// widths and addresses not in 16-byte units; the caller runs the matrix product.
 ///
 /// # Errors
@@ -1203,182 +1202,6 @@ extern "C" __global__ void __launch_bounds__(256) attend_passes_##MG##x##MCH##_#
 KERNELS(f32, F32)
 KERNELS(bf16, BF16)
 KERNELS(f16, F16)
-// Products of up to 8 rows of x ([rows, kd]) with a weight [n, kd] (with SILU [2n, kd]: gate
-// rows, then up rows) on tensor cores, for bf16 and f16: a block takes 16 output columns
-// (with SILU, 16 gate and the 16 matching up rows) and its warps split the width in blocks
-// of 64. Each warp multiplies with mma.m16n8k16: the 16 weight rows are A, the (at most 8)
-// rows of x are the columns of B, and the order of k inside a block of 64 is the same
-// permutation for A and B, chosen so that each thread loads whole 16-byte chunks of the
-// weight rows it needs (g and g + 8, where g = lane / 4) and of x's row g, and the 4 threads
-// of a row read 64 contiguous bytes per load: thread t = lane % 4 holds elements 8t .. 8t + 7
-// (chunk 0) and 32 + 8t .. 32 + 8t + 7 (chunk 1) of the block, and mma step s takes elements
-// 4s .. 4s + 3 of those 16 as the fragment's k = 2t, 2t + 1, 2t + 8, 2t + 9. The norm (MODE 1, 2) and the add (MODE 2) are
-// applied to x as it is loaded (the norm's scale after the product, from the squares summed
-// on the way); x times the norm weight is rounded to T for the tensor cores.
-template <typename K> struct Mma;
-template <> struct Mma<BF16> {
-  static __device__ __forceinline__ void run(float* c, const unsigned* a, const unsigned* b) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
-                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-};
-template <> struct Mma<F16> {
-  static __device__ __forceinline__ void run(float* c, const unsigned* a, const unsigned* b) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
-                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-};
-#define MMA_WARPS 8
-template <typename K, int MODE, bool SILU>
-__device__ void gemm8(const typename K::T* x, const typename K::T* a, const typename K::T* nw,
-                      const typename K::T* w, typename K::T* y, typename K::T* xo, int rows,
-                      int n, int kd, float eps) {
-  typedef typename K::T T;
-  constexpr int TL = SILU ? 2 : 1;  // tiles: gate (or the one), up
-  constexpr int U = SILU ? 1 : 2;   // blocks of 64 in flight per warp
-  __shared__ float red[MMA_WARPS][32][4 * TL];
-  __shared__ float sq[MMA_WARPS][8];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  const int g = lane >> 2, t = lane & 3;
-  const int c0 = blockIdx.x * 16;
-  const T* wr[TL][2];
-  bool ok[TL][2];
-#pragma unroll
-  for (int l = 0; l < TL; ++l)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int col = c0 + g + 8 * h;
-      ok[l][h] = col < n;
-      wr[l][h] = w + (long long)(ok[l][h] ? col + l * n : 0) * kd + 8 * t;
-    }
-  const bool xrow = g < rows;
-  const T* xr = x + (long long)(xrow ? g : 0) * kd + 8 * t;
-  const T* ar = a + (long long)(xrow ? g : 0) * kd + 8 * t;
-  T* xor_ = xo + (long long)(xrow ? g : 0) * kd + 8 * t;
-  const bool sum_out = MODE == 2 && blockIdx.x == 0 && xrow;
-  float acc[TL][4];
-#pragma unroll
-  for (int l = 0; l < TL; ++l)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) acc[l][i] = 0.f;
-  float ss = 0.f;
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  for (int k0 = warp * 64; k0 < kd; k0 += nwarps * 64 * U) {
-    uint4 wv[U][TL][2][2], xv[U][2], av[U][2], nv[U][2];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int k = k0 + u * nwarps * 64;
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const bool in = k + 8 * t + 32 * q < kd;
-#pragma unroll
-        for (int l = 0; l < TL; ++l)
-#pragma unroll
-          for (int h = 0; h < 2; ++h)
-            wv[u][l][h][q] = (in && ok[l][h])
-                                 ? __ldcs(reinterpret_cast<const uint4*>(wr[l][h] + k + 32 * q))
-                                 : zero;
-        xv[u][q] = (in && xrow) ? ld16(xr + k + 32 * q) : zero;
-        av[u][q] = (MODE == 2 && in && xrow) ? ld16(ar + k + 32 * q) : zero;
-        nv[u][q] = (MODE > 0 && in) ? ld16(nw + k + 8 * t + 32 * q) : zero;
-      }
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int k = k0 + u * nwarps * 64;
-      if (k >= kd) break;
-      unsigned bx[8];
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        if (MODE == 0) {
-          bx[4 * q] = xv[u][q].x; bx[4 * q + 1] = xv[u][q].y;
-          bx[4 * q + 2] = xv[u][q].z; bx[4 * q + 3] = xv[u][q].w;
-        } else {
-          float xf[8], nf[8];
-          unpack16<K>(xv[u][q], xf);
-          unpack16<K>(nv[u][q], nf);
-          if (MODE == 2) {
-            float af[8];
-            unpack16<K>(av[u][q], af);
-            uint4 packed;
-            T* s = reinterpret_cast<T*>(&packed);
-#pragma unroll
-            for (int v = 0; v < 8; ++v) { s[v] = K::st(xf[v] + af[v]); xf[v] = K::ld(s[v]); }
-            if (sum_out && k + 8 * t + 32 * q < kd)
-              *reinterpret_cast<uint4*>(xor_ + k + 32 * q) = packed;
-          }
-          uint4 b;
-          T* bt = reinterpret_cast<T*>(&b);
-#pragma unroll
-          for (int v = 0; v < 8; ++v) { ss += xf[v] * xf[v]; bt[v] = K::st(xf[v] * nf[v]); }
-          bx[4 * q] = b.x; bx[4 * q + 1] = b.y; bx[4 * q + 2] = b.z; bx[4 * q + 3] = b.w;
-        }
-      }
-#pragma unroll
-      for (int s = 0; s < 4; ++s) {
-        const unsigned bf[2] = {bx[2 * s], bx[2 * s + 1]};
-#pragma unroll
-        for (int l = 0; l < TL; ++l) {
-          const unsigned* w0 = reinterpret_cast<const unsigned*>(&wv[u][l][0][0]);
-          const unsigned* w1 = reinterpret_cast<const unsigned*>(&wv[u][l][1][0]);
-          const unsigned af[4] = {w0[2 * s], w1[2 * s], w0[2 * s + 1], w1[2 * s + 1]};
-          Mma<K>::run(acc[l], af, bf);
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int l = 0; l < TL; ++l)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) red[warp][lane][4 * l + i] = acc[l][i];
-  if (MODE > 0) {
-    ss += __shfl_xor_sync(0xffffffffu, ss, 1);
-    ss += __shfl_xor_sync(0xffffffffu, ss, 2);
-    if (t == 0) sq[warp][g] = ss;
-  }
-  __syncthreads();
-  if (warp != 0) return;
-  // Lane (g, t) finishes output columns c0 + g, c0 + g + 8 of rows 2t, 2t + 1.
-  float c[TL][4];
-#pragma unroll
-  for (int l = 0; l < TL; ++l)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      float v = 0.f;
-      for (int w2 = 0; w2 < nwarps; ++w2) v += red[w2][lane][4 * l + i];
-      c[l][i] = v;
-    }
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int m = 2 * t + (i & 1), col = c0 + g + 8 * (i >> 1);
-    if (m >= rows || col >= n) continue;
-    float inv = 1.f;
-    if (MODE > 0) {
-      float q = 0.f;
-      for (int w2 = 0; w2 < nwarps; ++w2) q += sq[w2][m];
-      inv = rsqrtf(q / (float)kd + eps);
-    }
-    float out = c[0][i] * inv;
-    if (SILU) {
-      const float gt = K::ld(K::st(out)), up = K::ld(K::st(c[TL - 1][i] * inv));
-      out = K::ld(K::st(gt / (1.f + __expf(-gt)))) * up;
-    }
-    y[(long long)m * n + col] = K::st(out);
-  }
-}
-#define GEMM8(sfx, K, MODE, SILU, tag) \
-extern "C" __global__ void __launch_bounds__(256) gemm8_##tag##_##sfx(const K::T* x, \
-    const K::T* a, const K::T* nw, const K::T* w, K::T* y, K::T* xo, int rows, int n, int kd, \
-    float eps) { gemm8<K, MODE, SILU>(x, a, nw, w, y, xo, rows, n, kd, eps); }
-#define GEMM8_ALL(sfx, K) GEMM8(sfx, K, 0, false, plain) GEMM8(sfx, K, 1, false, norm) \
-  GEMM8(sfx, K, 2, false, addnorm) GEMM8(sfx, K, 1, true, norm_silu) \
-  GEMM8(sfx, K, 2, true, addnorm_silu)
-GEMM8_ALL(bf16, BF16)
-GEMM8_ALL(f16, F16)
 "#;
 
     /// The CPU half of a custom op (one `storage: layout` pair of names per input), which
@@ -1559,15 +1382,6 @@ GEMM8_ALL(f16, F16)
             .chain(attend)
             .chain(gemv)
             .flat_map(|op| SUFFIXES.iter().map(move |s| format!("{op}_{s}")))
-            .collect();
-        // The tensor-core products of 3 to 8 rows exist in bf16 and f16.
-        let names: Vec<String> = names
-            .into_iter()
-            .chain(
-                MMA_TAGS
-                    .iter()
-                    .flat_map(|tag| ["bf16", "f16"].map(|sfx| format!("gemm8_{tag}_{sfx}"))),
-            )
             .collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let stream = dev.cuda_stream();
@@ -1802,23 +1616,6 @@ GEMM8_ALL(f16, F16)
     /// Most rows of `x` a GEMV kernel takes (`MR` of its largest variant); more rows run as
     /// a matrix product, which reads the weight once for all of them.
     const GEMV_MAX_ROWS: usize = 2;
-    /// Most rows of the tensor-core products (`gemm8`: x's rows are the 8 columns of the
-    /// mma.m16n8k16 operand B).
-    const MMA_MAX_ROWS: usize = 8;
-    /// Warps of a `gemm8` block (`MMA_WARPS` in the kernel).
-    const MMA_WARPS: usize = 8;
-    /// The `gemm8` kernels' modes, as the GEMV's.
-    const MMA_TAGS: [&str; 5] = ["plain", "norm", "addnorm", "norm_silu", "addnorm_silu"];
-
-    /// Whether `rows` rows of x take a tensor-core product: 3 to 8 rows of bf16 or f16 whose
-    /// width is in 16-element units, unless `SHARDWISE_GEMM8=0` (cuBLAS then, to measure).
-    fn tensor_core_rows(rows: usize, dt: DType, kd: usize) -> bool {
-        static OFF: OnceLock<bool> = OnceLock::new();
-        (GEMV_MAX_ROWS + 1..=MMA_MAX_ROWS).contains(&rows)
-            && matches!(dt, DType::BF16 | DType::F16)
-            && kd % 16 == 0
-            && !*OFF.get_or_init(|| std::env::var("SHARDWISE_GEMM8").is_ok_and(|v| v == "0"))
-    }
     /// Threads of a GEMV block for rows `kd` wide of `elem`-byte elements: as few passes of
     /// at most 256 threads (2 chunks of 16 bytes per thread and pass, `U`) as cover the row,
     /// with as few threads as fill those passes (o_proj at TP2, 2048 wide in bf16: one pass
@@ -1869,9 +1666,6 @@ GEMM8_ALL(f16, F16)
                 (_, false) => "addnorm",
                 (_, true) => "addnorm_silu",
             };
-            if rows > GEMV_MAX_ROWS {
-                return format!("gemm8_{tag}");
-            }
             let mr = if rows == 1 { 1 } else { 2 };
             let rope = if self.rope.is_some() { "_rope" } else { "" };
             format!("gemv{mr}x{GEMV_ROWS_PER_BLOCK}_{tag}{rope}")
@@ -1907,15 +1701,9 @@ GEMM8_ALL(f16, F16)
                 Some((t, nq)) => (*nq * t.hd) as usize,
                 None => rows * n,
             };
-            let cfg = if rows > GEMV_MAX_ROWS {
-                // 16 output columns a block, a warp per 64 of the width (at most 8).
-                let warps = kd.div_ceil(64).clamp(1, MMA_WARPS) as u32;
-                grid(n.div_ceil(16) as u32, 32 * warps, 0)
-            } else {
-                let cols_per_block = GEMV_ROWS_PER_BLOCK / if self.silu { 2 } else { 1 };
-                let threads = gemv_threads(kd, x.dtype().size_in_bytes());
-                grid(n.div_ceil(cols_per_block) as u32, threads, 0)
-            };
+            let cols_per_block = GEMV_ROWS_PER_BLOCK / if self.silu { 2 } else { 1 };
+            let threads = gemv_threads(kd, x.dtype().size_in_bytes());
+            let cfg = grid(n.div_ceil(cols_per_block) as u32, threads, 0);
             let stream = dev.cuda_stream();
             let (rows32, n32, kd32) = (rows as i32, n as i32, kd as i32);
             macro_rules! run {
@@ -2028,7 +1816,7 @@ GEMM8_ALL(f16, F16)
         let fits = w.dtype() == dt
             && w.is_contiguous()
             && x.dims().last() == Some(&kd)
-            && ((1..=GEMV_MAX_ROWS).contains(&rows) || tensor_core_rows(rows, dt, kd))
+            && (1..=GEMV_MAX_ROWS).contains(&rows)
             && kd % unit == 0
             && wrows > 0
             && (!silu || wrows % 2 == 0)
