@@ -128,10 +128,11 @@ fn argmax_pieces(v: usize) -> usize {
 }
 
 /// The argmax of each row of `[b, v]` logits (`[b]` u32), the first maximum on ties, on the
-/// logits' device. Candle's argmax gives a whole row to one block of threads: 86 us for a
-/// 128256-logit row on an H200 (ncu), at every step of a greedy sequence. Here the row is cut
-/// into [`argmax_pieces`] pieces whose argmaxes and maxima run side by side; the first piece
-/// holding the row's maximum gives the token: a few launches of a few microseconds.
+/// logits' device. Candle's argmax gives a whole row to one block of threads (86 us for 8 rows
+/// of 128256 logits on an H200, under ncu). Here the row is cut into [`argmax_pieces`] pieces
+/// whose argmaxes and maxima run side by side, and the first piece holding the row's maximum
+/// gives the token: five short launches (1-2% of a batch-8 step; level at batch 1, where one
+/// row was one block's work anyway; BENCHMARKS.md, eighth round).
 ///
 /// # Errors
 /// Kernel errors; `logits` not of rank 2.
