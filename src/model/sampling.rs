@@ -129,19 +129,25 @@ fn argmax_pieces(v: usize) -> usize {
 
 /// The argmax of each row of `[b, v]` logits (`[b]` u32), the first maximum on ties, on the
 /// logits' device. Candle's argmax gives a whole row to one block of threads (86 us for 8 rows
-/// of 128256 logits on an H200, under ncu). Here the row is cut into [`argmax_pieces`] pieces
+/// of 128256 logits on an H200, under ncu). On a GPU the row is cut into [`argmax_pieces`] pieces
 /// whose argmaxes and maxima run side by side, and the first piece holding the row's maximum
 /// gives the token: five short launches (1-2% of a batch-8 step; level at batch 1, where one
 /// row was one block's work anyway; BENCHMARKS.md, eighth round).
 ///
 /// # Errors
-/// Kernel errors; `logits` not of rank 2.
+/// Kernel errors; on a GPU, `logits` not of rank 2.
 pub fn argmax_rows(logits: &Tensor) -> Result<Tensor> {
-    let (b, v) = logits.dims2()?;
-    let pieces = argmax_pieces(v);
-    if pieces == 1 {
+    let pieces = argmax_pieces(logits.dim(D::Minus1)?);
+    if pieces == 1 || !logits.device().is_cuda() {
+        // A CPU's argmax is one pass over the row; the pieces would read it twice.
         return Ok(logits.argmax(D::Minus1)?);
     }
+    argmax_in_pieces(logits, pieces)
+}
+
+/// [`argmax_rows`] with each row cut into `pieces` pieces (a divisor of the row's length).
+fn argmax_in_pieces(logits: &Tensor, pieces: usize) -> Result<Tensor> {
+    let (b, v) = logits.dims2()?;
     let len = v / pieces;
     let cut = logits.reshape((b, pieces, len))?;
     let within = cut.argmax(D::Minus1)?;
@@ -262,7 +268,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn argmax_rows_matches_a_scan_of_each_row() {
+    fn argmax_in_pieces_matches_a_scan_of_each_row() {
         let mut rng = StdRng::seed_from_u64(rand::rng().random());
         // Vocabularies cut into many pieces, a few, and none; ties across pieces.
         for v in [128_256usize, 49_152, 32_001, 1_000, 100, 7] {
@@ -273,7 +279,11 @@ mod tests {
             x[v + i] = 9.0;
             x[v + j] = 9.0;
             let t = Tensor::from_vec(x.clone(), (b, v), &Device::Cpu).unwrap();
-            let got = argmax_rows(&t).unwrap().to_vec1::<u32>().unwrap();
+            let got = argmax_in_pieces(&t, argmax_pieces(v))
+                .unwrap()
+                .to_vec1::<u32>()
+                .unwrap();
+            assert_eq!(got, argmax_rows(&t).unwrap().to_vec1::<u32>().unwrap());
             for (r, &g) in got.iter().enumerate() {
                 let row: Vec<f64> = x[r * v..(r + 1) * v].iter().map(|&y| y as f64).collect();
                 assert_eq!(g, argmax_f64(&row), "vocabulary {v}, row {r}");
