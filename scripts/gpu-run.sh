@@ -20,7 +20,7 @@
 #   FUSED_TOO 1 also times decode with SHARDWISE_FUSED=0 (candle's operations, batch 1) and
 #             with SHARDWISE_GEMV=0 (cuBLAS products, the other fused kernels on)
 #   SWEEP     space-separated VAR=value settings: decode (1 and 2 GPUs, batches SWEEP_BATCH,
-#             default 1) is also timed under each, e.g. SWEEP="SHARDWISE_GEMV=0 SHARDWISE_PDL=0"
+#             default 1) is also timed under each, e.g. SWEEP="SHARDWISE_GEMV=0 SHARDWISE_ATTN_SPLIT=256"
 #   PROFILE   1 profiles one GPU's eager decode steps with Nsight Compute (when the machine has
 #             `ncu`): time per step of each kernel name, from $PROFILE_COUNT kernels
 #   PROFILE_KERNEL  a kernel name (regex): one launch of it under ncu's stall sections
