@@ -22,7 +22,11 @@
 #   SWEEP     space-separated VAR=value settings: decode (1 and 2 GPUs, batches SWEEP_BATCH,
 #             default 1) is also timed under each, e.g. SWEEP="SHARDWISE_GEMV=0 SHARDWISE_ATTN_SPLIT=256"
 #   PROFILE   1 profiles one GPU's eager decode steps with Nsight Compute (when the machine has
-#             `ncu`): time per step of each kernel name, from $PROFILE_COUNT kernels
+#             `ncu`): time and DRAM bytes of each kernel name over the last 4 steps' layers, from
+#             $PROFILE_COUNT kernels after $PROFILE_SKIP, at batch $PROFILE_BATCH (default 1).
+#             PROFILE_FILTER (an ncu --kernel-name, e.g. "regex:nvjet|attend|rope_store|gemv")
+#             profiles only those kernels: with PROFILE_SKIP=0 and a large PROFILE_COUNT, a
+#             batch's decode steps rather than its prefill
 #   PROFILE_KERNEL  a kernel name (regex): one launch of it under ncu's stall sections
 #             (warp states, scheduler, occupancy, speed of light), eager TP1 decode
 #   NSYS      1 records decode steps at 1 and 2 GPUs with Nsight Systems (when the machine has
@@ -114,13 +118,14 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
     if [[ "${PROFILE:-0}" == 1 ]] && command -v ncu >/dev/null; then
         # Eager steps only: the spinning all-reduce kernels of two ranks stall under ncu's
         # one-kernel-at-a-time replay. Caches are not flushed between kernels (as in a step).
-        echo "profile, 1 GPU, eager decode steps (ncu)"
+        echo "profile, 1 GPU, eager decode steps, batch ${PROFILE_BATCH:-1} (ncu)"
         SHARDWISE_CUDA_GRAPH=0 step ncu --clock-control none --cache-control none \
-            --metrics gpu__time_duration.sum --csv --launch-skip "${PROFILE_SKIP:-3000}" \
+            --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv \
+            --kernel-name "${PROFILE_FILTER:-regex:.}" --launch-skip "${PROFILE_SKIP:-3000}" \
             --launch-count "${PROFILE_COUNT:-1500}" "$BIN" bench decode \
-            --model synthetic:llama3-8b --local 1 --transport nccl --dtype bf16 --batch 1 \
-            --context 512 --steps 20 > "$OUT/ncu.csv" 2>"$OUT/ncu.log"
-        python3 "$HERE/bench/ncu_summary.py" "$OUT/ncu.csv" --layers 32
+            --model synthetic:llama3-8b --local 1 --transport nccl --dtype bf16 \
+            --batch "${PROFILE_BATCH:-1}" --context 512 --steps 20 > "$OUT/ncu.csv" 2>"$OUT/ncu.log"
+        python3 "$HERE/bench/ncu_summary.py" "$OUT/ncu.csv" --layers 32 --last-layers 128
     fi
     if [[ -n "${PROFILE_KERNEL:-}" ]] && command -v ncu >/dev/null; then
         echo "profile of $PROFILE_KERNEL, 1 GPU, eager decode step (ncu)"

@@ -1,42 +1,63 @@
 #!/usr/bin/env python3
-"""Per-kernel summary of an Nsight Compute CSV (`ncu --csv --metrics gpu__time_duration.sum`).
+"""Per-kernel summary of an Nsight Compute CSV (`ncu --csv --metrics gpu__time_duration.sum`,
+optionally with `dram__bytes_read.sum`).
 
-Prints, for each kernel name, its launches, mean time and share of the profiled time, and the
-time per decoder layer: all profiled time over the launches of `rope_store` (one per layer), so
-that launches outside whole layers (embedding, head) count in the share but not per layer.
+Prints, for each kernel name, its launches, mean time, share of the profiled time and (with the
+DRAM metric) the mean bytes read and the bandwidth they took, then the time per decoder layer:
+all profiled time over the launches of `rope_store` (one per layer), so that launches outside
+whole layers (embedding, head) count in the share but not per layer. `--last-layers N` keeps
+only the launches from the N-th last `rope_store` on: the last decode steps, without a prefill
+or warm-up that the profiled range caught.
 """
 import argparse
 import collections
 import csv
 import sys
 
-UNITS = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "second": 1e6}
+TIME = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3,
+        "second": 1e6, "s": 1e6}
+BYTES = {"byte": 1.0, "Kbyte": 1e3, "Mbyte": 1e6, "Gbyte": 1e9, "KB": 1e3, "MB": 1e6, "GB": 1e9}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("csv")
     ap.add_argument("--layers", type=int, default=32, help="decoder layers of the model")
+    ap.add_argument("--last-layers", type=int, default=0,
+                    help="only the launches from the N-th last rope_store on (0: all)")
     args = ap.parse_args()
     with open(args.csv, newline="") as f:
         lines = [line for line in f if line.startswith('"')]
-    rows = list(csv.DictReader(lines))
-    times = collections.defaultdict(list)
-    for r in rows:
-        if r.get("Metric Name") != "gpu__time_duration.sum":
-            continue
+    # One record per launch (its metrics are rows of their own), in launch order.
+    launches = collections.OrderedDict()
+    for r in csv.DictReader(lines):
+        rec = launches.setdefault(r["ID"], {"name": r["Kernel Name"].split("(")[0][:70]})
         value = float(r["Metric Value"].replace(",", ""))
-        name = r["Kernel Name"].split("(")[0][:70]
-        times[name].append(value * UNITS.get(r["Metric Unit"], 1.0))
-    if not times:
+        if r.get("Metric Name") == "gpu__time_duration.sum":
+            rec["us"] = value * TIME.get(r["Metric Unit"], 1.0)
+        elif r.get("Metric Name") == "dram__bytes_read.sum":
+            rec["bytes"] = value * BYTES.get(r["Metric Unit"], 1.0)
+    recs = [r for r in launches.values() if "us" in r]
+    if args.last_layers:
+        ropes = [i for i, r in enumerate(recs) if "rope_store" in r["name"]]
+        if len(ropes) >= args.last_layers:
+            recs = recs[ropes[-args.last_layers]:]
+    if not recs:
         print("ncu_summary: no kernel times in", args.csv)
         return 1
-    total = sum(sum(t) for t in times.values())
-    layers = sum(len(t) for n, t in times.items() if "rope_store" in n)
-    print(f"{'kernel':70} {'launches':>8} {'mean_us':>8} {'share':>6}")
-    for name, t in sorted(times.items(), key=lambda kv: -sum(kv[1])):
-        print(f"{name:70} {len(t):8d} {sum(t) / len(t):8.2f} {sum(t) / total:6.1%}")
-    print(f"profiled {sum(len(t) for t in times.values())} launches, {total:.0f} us")
+    by_name = collections.defaultdict(list)
+    for r in recs:
+        by_name[r["name"]].append(r)
+    total = sum(r["us"] for r in recs)
+    layers = sum(1 for r in recs if "rope_store" in r["name"])
+    print(f"{'kernel':70} {'launches':>8} {'mean_us':>8} {'share':>6} {'MB':>8} {'TB/s':>6}")
+    for name, rs in sorted(by_name.items(), key=lambda kv: -sum(r["us"] for r in kv[1])):
+        us = sum(r["us"] for r in rs) / len(rs)
+        mb = sum(r.get("bytes", 0.0) for r in rs) / len(rs) / 1e6
+        tbs = f"{mb / us:6.2f}" if mb and us else ""
+        share = sum(r["us"] for r in rs) / total
+        print(f"{name:70} {len(rs):8d} {us:8.2f} {share:6.1%} {mb:8.1f} {tbs:>6}")
+    print(f"profiled {len(recs)} launches, {total:.0f} us")
     if layers:
         print(f"per layer (over {layers} rope_store launches): {total / layers:.1f} us")
     return 0
