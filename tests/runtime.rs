@@ -215,14 +215,10 @@ fn launched(dir: &Path, n: usize, x: &Tensor) -> Outputs {
         o
     });
     // Shutdown stops every rank, and the launcher with them.
-    let t0 = Instant::now();
-    while launch.0.try_wait().unwrap().is_none() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "launch did not exit after Shutdown"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    launch.exits_within(
+        Duration::from_secs(10),
+        "launch did not exit after Shutdown",
+    );
     got
 }
 
@@ -230,6 +226,15 @@ fn launched(dir: &Path, n: usize, x: &Tensor) -> Outputs {
 struct Launch(Child);
 
 impl Launch {
+    /// Waits until the launcher has exited, failing with `what` once `deadline` passed.
+    fn exits_within(&mut self, deadline: Duration, what: &str) {
+        let t0 = Instant::now();
+        while self.0.try_wait().unwrap().is_none() {
+            assert!(t0.elapsed() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn start(config: &Path) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_shardwise"))
             .args(["launch", "--config"])
@@ -335,14 +340,10 @@ fn kill_9_of_a_rank_is_named_within_5_s_and_leaves_no_process() {
             "run {run}: named after {latency:?}"
         );
         // The launcher stops the survivors and exits; nothing is left behind.
-        let t0 = Instant::now();
-        while launch.0.try_wait().unwrap().is_none() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(5),
-                "run {run}: launch still running"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        launch.exits_within(
+            Duration::from_secs(5),
+            &format!("run {run}: launch still running"),
+        );
         for (r, p) in &ranks {
             assert!(!alive(*p), "run {run}: rank {r} (pid {p}) still running");
         }

@@ -167,38 +167,21 @@ async fn broadcast(
     Ok(replies.into_iter().flatten().collect())
 }
 
-/// The next of `calls` to finish; with `hot`, see [`hot_wait`] (the calls' own deadlines
-/// still bound the wait).
-async fn next_reply<S: futures_util::Stream + Unpin>(calls: &mut S, hot: bool) -> Option<S::Item> {
-    if hot {
-        hot_wait(calls.next()).await
-    } else {
-        calls.next().await
-    }
-}
-
-/// `f`, polled in a loop that yields to other tasks instead of letting the thread sleep: a
+/// The next of `calls` to finish; with `hot`, polled in a loop that yields to other tasks
+/// instead of letting the thread sleep (the calls' own deadlines still bound the wait): a
 /// thread woken after a few milliseconds asleep costs ~0.15 ms on these virtual machines,
 /// several times a GPU step's messages. While it polls, the runtime's thread also keeps
 /// polling the sockets (tokio checks them between tasks), so a reply over the network is seen
 /// without a wake-up either. For waits that last a GPU step, not longer.
-pub(crate) async fn hot_wait<F: std::future::Future>(f: F) -> F::Output {
-    let mut f = std::pin::pin!(f);
+async fn next_reply<S: futures_util::Stream + Unpin>(calls: &mut S, hot: bool) -> Option<S::Item> {
+    if !hot {
+        return calls.next().await;
+    }
     loop {
-        if let Some(out) = f.as_mut().now_or_never() {
-            return out;
+        if let Some(item) = calls.next().now_or_never() {
+            return item;
         }
         tokio::task::yield_now().await;
-    }
-}
-
-/// `SHARDWISE_HOT_STEPS=0|1`: forces step waits cold or hot (to measure them); unset, they
-/// are hot when every shard is on a GPU.
-pub(crate) fn hot_override() -> Option<bool> {
-    match std::env::var("SHARDWISE_HOT_STEPS").as_deref() {
-        Ok("0") => Some(false),
-        Ok("1") => Some(true),
-        _ => None,
     }
 }
 
@@ -353,7 +336,13 @@ impl Cluster {
     }
 
     async fn start(handles: Vec<RankHandle>, step_deadline: Duration) -> Result<Self> {
-        let hot_override = hot_override();
+        // `SHARDWISE_HOT_STEPS=0|1` forces step waits cold or hot (to measure them); unset,
+        // they are hot when every shard is on a GPU.
+        let hot_override = match std::env::var("SHARDWISE_HOT_STEPS").as_deref() {
+            Ok("0") => Some(false),
+            Ok("1") => Some(true),
+            _ => None,
+        };
         let world = handles.len();
         let (coord, _) = Actor::spawn(
             None,
