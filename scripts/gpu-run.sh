@@ -31,6 +31,9 @@
 #             (warp states, scheduler, occupancy, speed of light), eager TP1 decode
 #   NSYS      1 records decode steps at 1 and 2 GPUs with Nsight Systems (when the machine has
 #             `nsys`) and prints idle time between kernels and steps (bench/nsys_gaps.py)
+#   MODEL     the decode sections' model (default synthetic:llama3-8b; synthetic:llama3-8b-half
+#             is one rank's share of it at two ranks: its one-GPU step is a two-GPU step's
+#             products without the collectives)
 #   SMOLLM2   a SmolLM2 GGUF on the GPU machine: greedy tokens of GPU ranks (f32, 1 and 2
 #             GPUs) against a CPU rank (f32) of the same binary, in the same call
 set -euo pipefail
@@ -40,6 +43,7 @@ ROOT="$(cd "$HERE/.." && pwd)"
 GPU_BIN="${GPU_BIN:-$ROOT/gpu-bin/shardwise.gz}"
 SIZES="${SIZES:-8K,64K,1M,16M,256M,1G}"
 OUT="${OUT:-$(mktemp -d)}"
+MODEL="${MODEL:-synthetic:llama3-8b}"
 
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 lib_of() { python3 -c "import $1 as m,os;print(os.path.join(list(m.__path__)[0],'lib'))" 2>/dev/null || true; }
@@ -90,7 +94,7 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
                 label="${mode:-through the runtime}"
                 [[ "$bin" == "$BIN" ]] || label="$label, base binary"
                 echo "decode, $n GPU(s) $label"
-                step "$bin" bench decode --model synthetic:llama3-8b --local "$n" --transport nccl \
+                step "$bin" bench decode --model "$MODEL" --local "$n" --transport nccl \
                     --dtype bf16 --batch "${BATCH:-1,8}" --context 512 --steps "${STEPS:-30}" $mode
             done
         done
@@ -98,10 +102,10 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
     if [[ "${FUSED_TOO:-0}" == 1 ]] && want decode; then
         for n in $(seq 1 "$(( WORLD < 2 ? WORLD : 2 ))"); do
             echo "decode, $n GPU(s), SHARDWISE_FUSED=0"
-            SHARDWISE_FUSED=0 step "$BIN" bench decode --model synthetic:llama3-8b --local "$n" \
+            SHARDWISE_FUSED=0 step "$BIN" bench decode --model "$MODEL" --local "$n" \
                 --transport nccl --dtype bf16 --batch 1 --context 512 --steps "${STEPS:-30}"
             echo "decode, $n GPU(s), SHARDWISE_GEMV=0"
-            SHARDWISE_GEMV=0 step "$BIN" bench decode --model synthetic:llama3-8b --local "$n" \
+            SHARDWISE_GEMV=0 step "$BIN" bench decode --model "$MODEL" --local "$n" \
                 --transport nccl --dtype bf16 --batch 1 --context 512 --steps "${STEPS:-30}"
         done
     fi
@@ -110,7 +114,7 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
         for n in $(seq 1 "$(( WORLD < 2 ? WORLD : 2 ))"); do
             echo "decode, $n GPU(s), $setting"
             env "$setting" timeout "${STEP_TIMEOUT:-240}" "$BIN" bench decode \
-                --model synthetic:llama3-8b --local "$n" --transport nccl --dtype bf16 \
+                --model "$MODEL" --local "$n" --transport nccl --dtype bf16 \
                 --batch "${SWEEP_BATCH:-1}" --context 512 --steps "${STEPS:-30}" \
                 || { echo "FAILED: $setting"; FAILED=1; }
         done
@@ -123,7 +127,7 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
             --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv \
             --kernel-name "${PROFILE_FILTER:-regex:.}" --launch-skip "${PROFILE_SKIP:-3000}" \
             --launch-count "${PROFILE_COUNT:-1500}" "$BIN" bench decode \
-            --model synthetic:llama3-8b --local 1 --transport nccl --dtype bf16 \
+            --model "$MODEL" --local 1 --transport nccl --dtype bf16 \
             --batch "${PROFILE_BATCH:-1}" --context 512 --steps 20 > "$OUT/ncu.csv" 2>"$OUT/ncu.log"
         python3 "$HERE/bench/ncu_summary.py" "$OUT/ncu.csv" --layers 32 --last-layers 128
     fi
@@ -132,7 +136,7 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
         SHARDWISE_CUDA_GRAPH=0 step ncu --kernel-name "regex:$PROFILE_KERNEL" --launch-skip 200 \
             --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
             --section SchedulerStats --section WarpStateStats "$BIN" bench decode \
-            --model synthetic:llama3-8b --local 1 --transport nccl --dtype bf16 --batch 1 \
+            --model "$MODEL" --local 1 --transport nccl --dtype bf16 --batch 1 \
             --context 512 --steps 10 2>"$OUT/ncu-kernel.log" > "$OUT/ncu-kernel.txt"
         grep -E "Duration|Elapsed Cycles|SM Frequency|Executed Ipc|Issue Slots|Registers Per|Achieved Occ|No Eligible|Warp Cycles Per Issued|stall|Stall" \
             "$OUT/ncu-kernel.txt" | head -n 40
@@ -145,7 +149,7 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
             echo "timeline, $n GPU(s), decode steps (nsys)"
             step "$NSYS_BIN" profile --trace cuda --cuda-graph-trace node --sample none \
                 --cpuctxsw none --force-overwrite true --export sqlite -o "$OUT/decode-tp$n" \
-                "$BIN" bench decode --model synthetic:llama3-8b --local "$n" --transport nccl \
+                "$BIN" bench decode --model "$MODEL" --local "$n" --transport nccl \
                 --dtype bf16 --batch 1 --context 512 --steps "${STEPS:-30}" > "$OUT/nsys-tp$n.log" 2>&1
             for d in $(seq 0 $(( n - 1 ))); do
                 python3 "$HERE/bench/nsys_gaps.py" "$OUT/decode-tp$n.sqlite" --device "$d" --keep 0.5
@@ -179,7 +183,7 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
         "$BIN" launch --config "$ROOT/examples/ranks-2gpu.toml" > "$OUT/launch.log" 2>&1 &
         LAUNCH=$!
         sleep 5
-        step "$BIN" bench decode --model synthetic:llama3-8b --config "$ROOT/examples/ranks-2gpu.toml" \
+        step "$BIN" bench decode --model "$MODEL" --config "$ROOT/examples/ranks-2gpu.toml" \
             --dtype bf16 --batch "${BATCH:-1,8}" --context 512 --steps "${STEPS:-30}"
         kill "$LAUNCH" 2>/dev/null; wait "$LAUNCH" 2>/dev/null || true
         tail -n 5 "$OUT/launch.log"

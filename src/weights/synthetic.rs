@@ -24,16 +24,21 @@ pub const PREFIX: &str = "synthetic:";
 
 const TABLE: usize = 1 << 16;
 
-/// The presets: `llama3-8b` (32 layers, hidden 4096, 32 / 8 heads, intermediate 14336, vocab
-/// 128256) and `tiny` (2 layers, hidden 64; for tests).
+/// The presets: `llama3-8b` (32 layers, hidden 4096, 32 / 8 heads of width 128, intermediate
+/// 14336, vocab 128256); `llama3-8b-half`, one rank's share of it at two ranks (16 / 4 heads,
+/// intermediate 7168, vocab 64128: every product of a two-rank step, to time them on one
+/// rank, without collectives); and `tiny` (2 layers, hidden 64; for tests).
 pub fn preset(name: &str) -> Result<ModelConfig> {
-    let (hidden, inter, layers, heads, kv, vocab) = match name {
-        "llama3-8b" => (4096, 14336, 32, 32, 8, 128_256),
-        "tiny" => (64, 96, 2, 4, 2, 256),
+    let (hidden, inter, layers, heads, kv, head_dim, vocab) = match name {
+        "llama3-8b" => (4096, 14336, 32, 32, 8, 128, 128_256),
+        "llama3-8b-half" => (4096, 7168, 32, 16, 4, 128, 64_128),
+        "tiny" => (64, 96, 2, 4, 2, 16, 256),
         other => {
             return Err(Error::Config {
                 field: "model".into(),
-                reason: format!("unknown synthetic model `{other}` (presets: llama3-8b, tiny)"),
+                reason: format!(
+                    "unknown synthetic model `{other}` (presets: llama3-8b, llama3-8b-half, tiny)"
+                ),
             })
         }
     };
@@ -45,7 +50,7 @@ pub fn preset(name: &str) -> Result<ModelConfig> {
         num_layers: layers,
         num_heads: heads,
         num_kv_heads: kv,
-        head_dim: hidden / heads,
+        head_dim,
         rms_norm_eps: 1e-5,
         rope_theta: 500_000.0,
         rope_scaling: RopeScaling::None,
