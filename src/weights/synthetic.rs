@@ -155,3 +155,40 @@ impl WeightSource for SyntheticSource {
         self.copied.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shard::{plan_heads, plan_split, SplitSpec};
+
+    /// `llama3-8b-half` has the shapes that the split planner gives rank 0 of `llama3-8b` at
+    /// two ranks (query and KV heads, intermediate, vocabulary), with the same head width,
+    /// hidden size and depth.
+    #[test]
+    fn half_preset_is_one_rank_of_two() {
+        let full = preset("llama3-8b").expect("llama3-8b");
+        let half = preset("llama3-8b-half").expect("llama3-8b-half");
+        let heads = plan_heads(full.num_heads, full.num_kv_heads, full.head_dim, 2, 1)
+            .expect("heads over two ranks");
+        assert_eq!(half.num_heads, heads[0].q_heads.len());
+        assert_eq!(half.num_kv_heads, heads[0].kv_heads.len());
+        let first = |name: &str, units: usize| {
+            let spec = SplitSpec {
+                name,
+                units,
+                unit_elems: 1,
+                align: 1,
+            };
+            plan_split(&spec, 2).expect("split over two ranks")[0].len()
+        };
+        assert_eq!(
+            half.intermediate_size,
+            first("intermediate_size", full.intermediate_size)
+        );
+        assert_eq!(half.vocab_size, first("vocab_size", full.vocab_size));
+        assert_eq!(
+            (half.head_dim, half.hidden_size, half.num_layers),
+            (full.head_dim, full.hidden_size, full.num_layers)
+        );
+    }
+}
