@@ -363,6 +363,16 @@ fn values(t: &candle_core::Tensor) -> Vec<f64> {
         .unwrap()
 }
 
+/// `x + delta` (or `x` alone) as the fused kernels compute it: rounded to `dtype` before the
+/// norm, as the plain add rounds it.
+fn residual_sum(x: &[f64], delta: Option<&[f64]>, dtype: DType) -> Vec<f64> {
+    let sum: Vec<f64> = match delta {
+        Some(d) => x.iter().zip(d).map(|(a, b)| a + b).collect(),
+        None => x.to_vec(),
+    };
+    put(&sum, &[sum.len()], dtype, &candle_core::Device::Cpu).1
+}
+
 /// RMSNorm in f64 of `rows` rows of width `n` with weight `w`.
 fn rms_rows(x: &[f64], w: &[f64], rows: usize, n: usize, eps: f64) -> Vec<f64> {
     let mut out = vec![0.0; rows * n];
@@ -501,14 +511,7 @@ fn fused_kernels_match_float64_references() {
             let eps = 1e-5;
             for with_delta in [false, true] {
                 let (s, h) = add_rms_norm(&x, with_delta.then_some(&d), &w, eps as f32).unwrap();
-                // The kernels round the sum to the dtype before the norm (as the plain add
-                // does), so the reference does too.
-                let sum: Vec<f64> = xv
-                    .iter()
-                    .zip(&dv)
-                    .map(|(a, b)| if with_delta { a + b } else { *a })
-                    .collect();
-                let sum = put(&sum, &[sum.len()], dtype, &candle_core::Device::Cpu).1;
+                let sum = residual_sum(&xv, with_delta.then_some(dv.as_slice()), dtype);
                 let want = rms_rows(&sum, &wv, rows, n, eps);
                 let what = format!("{dtype:?} add_rms_norm {rows}x{n} delta {with_delta}");
                 let e = rel_err(&values(&s), &sum);
@@ -809,14 +812,7 @@ fn gemv_kernels_match_float64_references() {
             let e = rel_err(&values(&y), &product(&xv));
             assert!(e <= tol, "{what}: product off by {e}");
             for (with_delta, silu) in [(false, false), (true, false), (false, true), (true, true)] {
-                // The kernels round the sum to the dtype before the norm (as the plain add
-                // does), so the reference does too.
-                let sum: Vec<f64> = xv
-                    .iter()
-                    .zip(&dv)
-                    .map(|(a, b)| if with_delta { a + b } else { *a })
-                    .collect();
-                let sum = put(&sum, &[sum.len()], dtype, &candle_core::Device::Cpu).1;
+                let sum = residual_sum(&xv, with_delta.then_some(dv.as_slice()), dtype);
                 let h = rms_rows(&sum, &nwv, rows, kd, eps);
                 let n = NormIn {
                     x: &x,
@@ -882,14 +878,7 @@ fn qkv_gemv_with_rotary_matches_float64_reference() {
                 (true, StorePos::Host(pos)),
                 (false, StorePos::Device(&devpos)),
             ] {
-                // The kernels round the sum to the dtype before the norm (as the plain add
-                // does), so the reference does too.
-                let sum: Vec<f64> = xv
-                    .iter()
-                    .zip(&dv)
-                    .map(|(a, b)| if with_delta { a + b } else { *a })
-                    .collect();
-                let sum = put(&sum, &[sum.len()], dtype, &candle_core::Device::Cpu).1;
+                let sum = residual_sum(&xv, with_delta.then_some(dv.as_slice()), dtype);
                 let qkv = product64(&rms_rows(&sum, &nwv, 1, kd, eps), &wv, 1, wrows, kd);
                 let rot = |h: usize| rotate_head(&qkv, h, hd, [&cv, &sv], interleaved);
                 let kc = put(
