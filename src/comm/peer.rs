@@ -15,10 +15,9 @@
 //! and sums them in rank order (so every rank gets bit-identical results). A push of plain
 //! data had to be followed by a system fence (a round trip over the link) and a flag per block
 //! before a peer could read; here a peer reads after one crossing: 8 KiB in a CUDA graph on 2x
-//! H200 took 2.86 us against 4.78 us. It moves
-//! twice the bytes, which costs at the top of the range (512 KiB: 8.76 us against 7.09 us, still
-//! below NCCL's 9.66 us). Counters live in device memory, so the kernel can be captured in a
-//! CUDA graph.
+//! H200 took 2.86 us against 4.78 us. It moves twice the bytes, which costs at the top of the
+//! range (512 KiB: 8.76 us against 7.09 us, still below NCCL's 9.66 us). Counters live in
+//! device memory, so the kernel can be captured in a CUDA graph.
 //!
 //! Why two halves are enough: rank r writes its slot of half `e % 2` of peer p in call `e`
 //! only after its call `e - 1` finished, which needed p's words of call `e - 1`, which p pushed
@@ -103,10 +102,8 @@ __device__ __forceinline__ void put_word(T* dst, u64 i, u64 n, unsigned w) {
 // (its own words from registers), so every rank gets bit-identical results.
 // Call numbers: every block keeps one counter and block 0 also advances those of the blocks
 // a call does not use, so all counters stay equal and a call's number is one for all its
-// blocks; half (number & 1) of every buffer belongs to the call. Why two halves are enough:
-// rank r writes half e % 2 of peer p in call e only after its call e - 1 finished, which
-// needed p's words of call e - 1, which p pushed after its call e - 2 (the last reader of
-// that half) had finished. Stale words of that half carry e - 2 or older.
+// blocks; half (number & 1) of every buffer belongs to the call (the module doc says why two
+// halves are enough), whose stale words carry e - 2 or older.
 // With `gather`, every rank's n elements go to out[rank * n ..] instead of being summed
 // (an all-gather of equal pieces), under the same protocol.
 template <typename K>
