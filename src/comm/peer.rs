@@ -53,8 +53,9 @@ pub const MAX_BYTES: usize = 512 << 10;
 const SLOT_WORDS: usize = MAX_BYTES / 4;
 /// Bytes of a rank's buffer: two halves of `MAX_WORLD` slots of 8-byte words.
 const DATA_BYTES: usize = 2 * MAX_WORLD * SLOT_WORDS * 8;
-// The kernel's MAXB and MAXPT say the same.
-const _: () = assert!(MAX_BLOCKS == 32 && SLOT_WORDS <= 8 * MAX_BLOCKS * THREADS as usize);
+// The kernel's MAXW, MAXB and MAXPT say the same (its halves are MAXW slots apart).
+const _: () =
+    assert!(MAX_WORLD == 8 && MAX_BLOCKS == 32 && SLOT_WORDS <= 8 * MAX_BLOCKS * THREADS as usize);
 /// How long a thread waits for a peer's words, unless `SHARDWISE_PEER_DEADLINE_MS` says.
 fn deadline() -> Duration {
     Duration::from_millis(super::env_usize("SHARDWISE_PEER_DEADLINE_MS", 30_000) as u64)
