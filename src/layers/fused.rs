@@ -900,6 +900,209 @@ __device__ void attend_passes(const typename K::T* q, const typename K::T* k,
   finish_splits<K>(qs, hm, hl, red, out, scratch, counters, kvh, split, nsplit, g, hd);
 }
 
+// Decode attention on tensor cores (bf16 and f16, head width HD of 64 or 128, at most 16
+// query heads per KV head; HI: more than 8). Block (kv head, split, sequence) as
+// `attend_passes`; each warp takes 16 positions at a time (warp w: positions start + 16w,
+// then every 16 * warps) with its own running maxima and sums, so warps never wait on each
+// other inside the loop. Per 16 positions a warp issues 16 mma.m16n8k16:
+// - Scores S[head][position] = Q K^T: A is the queries (16 rows of heads, g used), B two
+//   tiles of 8 positions. The order of k (the width) is one permutation for A and B, chosen
+//   so that thread (r = lane / 4, t = lane % 4) holds elements t * HD / 4 .. + HD / 4 of a
+//   row, step s taking its elements 4s .. 4s + 3 as the fragment's k = 2t, 2t + 1, 2t + 8,
+//   2t + 9: each thread reads HD / 2 contiguous bytes of the key rows of positions r and
+//   r + 8, and no element is moved between registers.
+// - Values O[head][d] += P V: the score tiles' accumulators are, as they stand, operand A
+//   (rounded to T), and B is V with output column n of tile u standing for width element
+//   n * HD / 8 + u, so thread (r, t) reads elements r * HD / 8 .. + HD / 8 of the value rows
+//   of positions 2t, 2t + 1, 2t + 8, 2t + 9 and pairs their halves with one byte permute per
+//   operand word. Its accumulators then hold elements t * HD / 4 .. + HD / 4 of head r (and
+//   r + 8).
+// At the end the warps' partials meet in shared memory (each thread's accumulators as one
+// padded row, conflict-free), and `finish_splits` merges the splits.
+template <typename K> struct Mma;
+template <> struct Mma<BF16> {
+  static __device__ __forceinline__ void run(float* c, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+  // lo in the low half (the lower k).
+  static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+    unsigned r; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r; }
+};
+template <> struct Mma<F16> {
+  static __device__ __forceinline__ void run(float* c, const unsigned* a, const unsigned* b) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+  static __device__ __forceinline__ unsigned pack(float lo, float hi) {
+    unsigned r; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r; }
+};
+// `n` 32-bit words of a row from `p` (2-byte elements, any even offset), zeros without `p`.
+template <int N>
+__device__ __forceinline__ void row_words(unsigned* w, const u16* p) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    w[i] = p ? (unsigned)p[2 * i] | ((unsigned)p[2 * i + 1] << 16) : 0u;
+}
+template <typename K, int HD, bool HI>
+__device__ void attend_mma(const typename K::T* q, const typename K::T* k,
+                           const typename K::T* v, typename K::T* out, float* scratch,
+                           unsigned* counters, const unsigned* pos_ptr, int len_host, int g,
+                           int hd, long long ks_h, long long ks_p, long long vs_h,
+                           long long vs_p, int span, int window, float scale) {
+  typedef typename K::T T;
+  constexpr int QW = HD / 8;   // words of a quarter row (a thread's share of a key row)
+  constexpr int KC = QW / 4;   // its 16-byte chunks
+  constexpr int NT = HD / 8;   // value tiles; elements of a thread's share of a value row
+  constexpr int VC = NT / 8;   // its 16-byte chunks
+  constexpr int ST = 4 * NT + 4;  // floats of a thread's row in shared memory
+  extern __shared__ float sm[];
+  const int kvh = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  const int r = lane >> 2, t = lane & 3;
+  const int len = pos_ptr ? (int)pos_ptr[0] + 1 : len_host;
+  const int first = (window > 0 && len > window) ? len - window : 0;
+  const int chunk = (span + nsplit - 1) / nsplit;
+  const int start = max(split * chunk, first);
+  const int end = min(split * chunk + chunk, len);
+  const T* kb = k + kvh * ks_h;
+  const T* vb = v + kvh * vs_h;
+  const T* qh = q + (long long)kvh * g * hd;
+  unsigned qa[QW], qb[HI ? QW : 1];
+  row_words<QW>(qa, r < g ? qh + r * HD + t * (HD / 4) : nullptr);
+  if (HI) row_words<QW>(qb, r + 8 < g ? qh + (r + 8) * HD + t * (HD / 4) : nullptr);
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;
+  float acc[NT][4];
+#pragma unroll
+  for (int u = 0; u < NT; ++u)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[u][e] = 0.f;
+  for (int p0 = start + 16 * warp; p0 < end; p0 += 16 * nw) {
+    uint4 kr[2][KC], vr[4][VC];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int p = p0 + 8 * j + r;
+#pragma unroll
+      for (int c = 0; c < KC; ++c)
+        kr[j][c] = p < end ? ld16(kb + p * ks_p + t * (HD / 4) + c * 8) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int p = p0 + 2 * t + (i & 1) + 8 * (i >> 1);
+#pragma unroll
+      for (int c = 0; c < VC; ++c)
+        vr[i][c] = p < end ? ld16(vb + p * vs_p + r * NT + c * 8) : make_uint4(0, 0, 0, 0);
+    }
+    float s[2][4];
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = 0.f;
+      const unsigned* kw = reinterpret_cast<const unsigned*>(kr[j]);
+#pragma unroll
+      for (int st = 0; st < HD / 16; ++st) {
+        const unsigned a[4] = {qa[2 * st], HI ? qb[2 * st] : 0u, qa[2 * st + 1],
+                               HI ? qb[2 * st + 1] : 0u};
+        const unsigned b[2] = {kw[2 * st], kw[2 * st + 1]};
+        Mma<K>::run(s[j], a, b);
+      }
+    }
+    // Scale, mask the positions past the end, and the online softmax of heads r and r + 8
+    // over the 16 positions (the four threads of a row hold 4 each).
+    float x0 = -INFINITY, x1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool in = p0 + 8 * j + 2 * t + (e & 1) < end;
+        s[j][e] = in ? s[j][e] * scale : -INFINITY;
+        if (e < 2) x0 = fmaxf(x0, s[j][e]); else x1 = fmaxf(x1, s[j][e]);
+      }
+    x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 1));
+    x0 = fmaxf(x0, __shfl_xor_sync(0xffffffffu, x0, 2));
+    if (HI) {
+      x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 1));
+      x1 = fmaxf(x1, __shfl_xor_sync(0xffffffffu, x1, 2));
+    }
+    // Position p0 is inside, so the new maxima are finite.
+    const float n0 = fmaxf(m0, x0), n1 = HI ? fmaxf(m1, x1) : 0.f;
+    const float c0 = __expf(m0 - n0), c1 = HI ? __expf(m1 - n1) : 0.f;
+    m0 = n0;
+    m1 = n1;
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[j][e] = (e < 2 || HI) ? __expf(s[j][e] - (e < 2 ? n0 : n1)) : 0.f;
+    l0 = l0 * c0 + s[0][0] + s[0][1] + s[1][0] + s[1][1];
+    if (HI) l1 = l1 * c1 + s[0][2] + s[0][3] + s[1][2] + s[1][3];
+    const unsigned pa[4] = {Mma<K>::pack(s[0][0], s[0][1]), Mma<K>::pack(s[0][2], s[0][3]),
+                            Mma<K>::pack(s[1][0], s[1][1]), Mma<K>::pack(s[1][2], s[1][3])};
+    const unsigned* v0 = reinterpret_cast<const unsigned*>(vr[0]);
+    const unsigned* v1 = reinterpret_cast<const unsigned*>(vr[1]);
+    const unsigned* v2 = reinterpret_cast<const unsigned*>(vr[2]);
+    const unsigned* v3 = reinterpret_cast<const unsigned*>(vr[3]);
+#pragma unroll
+    for (int u = 0; u < NT; ++u) {
+      const unsigned sel = (u & 1) ? 0x7632u : 0x5410u;
+      const unsigned b[2] = {__byte_perm(v0[u >> 1], v1[u >> 1], sel),
+                             __byte_perm(v2[u >> 1], v3[u >> 1], sel)};
+      acc[u][0] *= c0;
+      acc[u][1] *= c0;
+      acc[u][2] *= c1;
+      acc[u][3] *= c1;
+      Mma<K>::run(acc[u], pa, b);
+    }
+  }
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+  l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+  if (HI) {
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+  }
+  // Shared: each thread's accumulators [nw * 32][ST], then the block's sums [g * hd], the
+  // warps' maxima and sums [nw][16] each, the block's [16] each.
+  float* wacc = sm;
+  float* bacc = wacc + nw * 32 * ST;
+  float* wm = bacc + g * hd;
+  float* wl = wm + nw * 16;
+  float* bm = wl + nw * 16;
+  float* bl = bm + 16;
+  float4* mine = reinterpret_cast<float4*>(wacc + threadIdx.x * ST);
+#pragma unroll
+  for (int u = 0; u < NT; ++u) mine[u] = make_float4(acc[u][0], acc[u][1], acc[u][2], acc[u][3]);
+  if (t == 0) {
+    wm[warp * 16 + r] = m0;
+    wl[warp * 16 + r] = l0;
+    wm[warp * 16 + r + 8] = HI ? m1 : -INFINITY;
+    wl[warp * 16 + r + 8] = HI ? l1 : 0.f;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < g * HD; i += blockDim.x) {
+    const int h = i / HD, d = i - h * HD;
+    const int tt = d / (2 * NT), rr = d - tt * 2 * NT;
+    const int off = ((h & 7) * 4 + tt) * ST + (rr % NT) * 4 + (h >> 3) * 2 + rr / NT;
+    float mx = -INFINITY;
+    for (int w = 0; w < nw; ++w) mx = fmaxf(mx, wm[w * 16 + h]);
+    float a = 0.f, l = 0.f;
+    for (int w = 0; w < nw; ++w) {
+      const float mw = wm[w * 16 + h];
+      if (mw != -INFINITY) {
+        const float c = __expf(mw - mx);
+        a += c * wacc[w * 32 * ST + off];
+        l += c * wl[w * 16 + h];
+      }
+    }
+    bacc[i] = a;
+    if (d == 0) { bm[h] = mx; bl[h] = l; }
+  }
+  __syncthreads();
+  finish_splits<K>(bacc, bm, bl, wacc, out, scratch, counters, kvh, split, nsplit, g, hd);
+}
+
 // Products of a few rows of x ([rows, kd], rows <= MR) with a weight of output rows
 // [n, kd] (with SILU [2n, kd]: gate rows, then up rows), each block taking R weight rows (R
 // output columns, or R/2 gate/up pairs with SILU) so that the work on x is shared by R rows,
@@ -1199,9 +1402,22 @@ extern "C" __global__ void __launch_bounds__(256) attend_passes_##MG##x##MCH##_#
   SEQ_SELECT(K) \
   attend_passes<K, MG, MCH>(q, k, v, out, scratch, counters, pos_ptr, len_host, g, hd, ks_h, \
                             ks_p, vs_h, vs_p, span, window, scale); }
+#define ATTEND_MMA(sfx, K, HD, MG) \
+extern "C" __global__ void __launch_bounds__(128) attend_mma_##HD##x##MG##_##sfx( \
+    const K::T* q, const K::T* k, const K::T* v, K::T* out, float* scratch, unsigned* counters, \
+    const unsigned* pos_ptr, int len_host, int g, int hd, long long ks_h, long long ks_p, \
+    long long vs_h, long long vs_p, int span, int window, float scale, const long long* seqs) { \
+  SEQ_SELECT(K) \
+  attend_mma<K, HD, (MG > 8)>(q, k, v, out, scratch, counters, pos_ptr, len_host, g, hd, ks_h, \
+                              ks_p, vs_h, vs_p, span, window, scale); }
+#define MMA_KERNELS(sfx, K) \
+ATTEND_MMA(sfx, K, 64, 8) ATTEND_MMA(sfx, K, 128, 8) ATTEND_MMA(sfx, K, 64, 16) \
+ATTEND_MMA(sfx, K, 128, 16)
 KERNELS(f32, F32)
 KERNELS(bf16, BF16)
 KERNELS(f16, F16)
+MMA_KERNELS(bf16, BF16)
+MMA_KERNELS(f16, F16)
 "#;
 
     /// The CPU half of a custom op (one `storage: layout` pair of names per input), which
@@ -1252,23 +1468,44 @@ KERNELS(f16, F16)
     /// Most `g * head_dim` of `attend_passes` (its partial sums fit shared memory).
     const PASS_MAX_WIDTH: usize = 1024;
 
+    /// Widths of the tensor-core attention kernel `attend_mma` (bf16 and f16).
+    const MMA_WIDTHS: [usize; 2] = [64, 128];
+    /// Threads of an `attend_mma` block (four warps of 16 positions each).
+    const MMA_THREADS: u32 = 128;
+
+    /// Which attention kernel `SHARDWISE_ATTN_KERNEL` asks for: `warps` or `passes` (to
+    /// measure them), else the fastest that serves.
+    fn attend_choice() -> &'static str {
+        static CHOICE: OnceLock<String> = OnceLock::new();
+        CHOICE.get_or_init(|| std::env::var("SHARDWISE_ATTN_KERNEL").unwrap_or_default())
+    }
+
     /// The attention kernel for `g` heads per KV head of width `hd`, `elem` bytes per element,
-    /// `splits` blocks per KV head, with `aligned`: every cache row starts on 16 bytes. The
-    /// pass-wise kernel where it serves (rows of 4 to 32 whole 16-byte chunks, a power of
-    /// two; at most 8 heads per KV head; `g * hd` at most 1024), else the warp-per-positions
-    /// one; `SHARDWISE_ATTN_KERNEL=warps` always takes the latter (to measure it). Returns the
-    /// kernel's name and its dynamic shared floats.
+    /// `splits` blocks per KV head, with `aligned`: every cache row starts on 16 bytes. In
+    /// order, where each serves: the tensor-core kernel (2-byte elements, width 64 or 128, at
+    /// most 16 heads per KV head); the pass-wise kernel (rows of 4 to 32 whole 16-byte chunks,
+    /// a power of two; at most 8 heads per KV head; `g * hd` at most 1024); the
+    /// warp-per-positions one. `SHARDWISE_ATTN_KERNEL=passes` or `warps` starts the list
+    /// there (to measure them). Returns the kernel's name, its dynamic shared floats and its
+    /// threads per block.
     fn attend_kernel(
         g: usize,
         hd: usize,
         elem: usize,
         aligned: bool,
         splits: usize,
-    ) -> Option<(String, usize)> {
-        static WARPS: OnceLock<bool> = OnceLock::new();
-        let warps_only = *WARPS
-            .get_or_init(|| std::env::var("SHARDWISE_ATTN_KERNEL").is_ok_and(|v| v == "warps"));
+    ) -> Option<(String, usize, u32)> {
+        let choice = attend_choice();
         let merge = 2 * splits * g + 2 * g;
+        if choice != "warps" && choice != "passes" && elem == 2 && aligned && g <= 16 {
+            if let Some(&w) = MMA_WIDTHS.iter().find(|&&w| w == hd) {
+                let warps = (MMA_THREADS / 32) as usize;
+                let rows = warps * 32 * (hd / 2 + 4);
+                let floats = rows.max(merge) + g * hd + 2 * warps * 16 + 2 * 16;
+                let mg = if g > 8 { 16 } else { 8 };
+                return Some((format!("attend_mma_{w}x{mg}"), floats, MMA_THREADS));
+            }
+        }
         let chunks = hd * elem / 16;
         let passes = PASS_VARIANTS
             .iter()
@@ -1277,7 +1514,7 @@ KERNELS(f16, F16)
             .min_by_key(|&(mg, mch)| mg * mch);
         match passes {
             Some((mg, mch))
-                if !warps_only
+                if choice != "warps"
                     && aligned
                     && (hd * elem) % 16 == 0
                     && chunks.is_power_of_two()
@@ -1288,13 +1525,13 @@ KERNELS(f16, F16)
                 let sets = threads / chunks.max(32);
                 let floats =
                     g * hd + mg * (threads / PASS_APT) + 3 * mg + (sets * g * hd).max(merge);
-                Some((format!("attend_passes_{mg}x{mch}"), floats))
+                Some((format!("attend_passes_{mg}x{mch}"), floats, ATTN_THREADS))
             }
             _ => {
                 let (mg, me) = attend_variant(g, hd)?;
                 let warps = (ATTN_THREADS / 32) as usize;
                 let floats = (g * hd + g + warps * g + g).max(merge);
-                Some((format!("attend_{mg}x{me}"), floats))
+                Some((format!("attend_{mg}x{me}"), floats, ATTN_THREADS))
             }
         }
     }
@@ -1376,12 +1613,18 @@ KERNELS(f16, F16)
             .chain(
                 ["norm", "addnorm"].map(|tag| format!("gemv1x{GEMV_ROWS_PER_BLOCK}_{tag}_rope")),
             );
+        let mma = MMA_WIDTHS.into_iter().flat_map(|w| {
+            [8, 16]
+                .into_iter()
+                .flat_map(move |mg| ["bf16", "f16"].map(|s| format!("attend_mma_{w}x{mg}_{s}")))
+        });
         let names: Vec<String> = OPS
             .iter()
             .map(|op| op.to_string())
             .chain(attend)
             .chain(gemv)
             .flat_map(|op| SUFFIXES.iter().map(move |s| format!("{op}_{s}")))
+            .chain(mma)
             .collect();
         let refs: Vec<&str> = names.iter().map(String::as_str).collect();
         let stream = dev.cuda_stream();
@@ -1981,9 +2224,10 @@ KERNELS(f16, F16)
             let splits = span.div_ceil(split_positions()).clamp(1, MAX_SPLITS);
             let elem = q.dtype().size_in_bytes();
             let aligned = self.seqs.iter().all(|s| s.aligned(elem));
-            let (name, floats) = attend_kernel(g, hd, elem, aligned, splits).ok_or_else(|| {
-                candle_core::Error::Msg(format!("fused attention: no kernel for {g} x {hd}"))
-            })?;
+            let (name, floats, threads) =
+                attend_kernel(g, hd, elem, aligned, splits).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("fused attention: no kernel for {g} x {hd}"))
+                })?;
             let f = kern.func(&name, q.dtype())?;
             // Partials of every sequence, then (for several) the descriptor table, 8-aligned.
             let partials = (b * nkv * splits * g * (hd + 2)).next_multiple_of(2);
@@ -2008,7 +2252,7 @@ KERNELS(f16, F16)
             };
             let cfg = LaunchConfig {
                 grid_dim: (nkv as u32, splits as u32, b as u32),
-                block_dim: (ATTN_THREADS, 1, 1),
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: (floats * 4) as u32,
             };
             let one = if b == 1 {
