@@ -1025,3 +1025,76 @@ fn peer_all_gather_matches_host_concatenation_between_all_reduces() {
         }
     }
 }
+
+#[test]
+fn products_finishing_their_all_reduce_match_products_all_reduced_after() {
+    use shardwise::comm::Communicator;
+    use shardwise::layers::fused;
+    let Some(comms) = peer_group() else {
+        return;
+    };
+    let world = comms.len();
+    const CALLS: usize = 6;
+    for (dtype, tol) in KERNEL_TOLERANCES {
+        // Whole blocks of 4 outputs, a last block of 2, two rows, the region's whole slot.
+        for (rows, n, kd) in [
+            (1, 4096, 1024),
+            (1, 4102, 512),
+            (2, 2050, 256),
+            (2, 16384, 128),
+        ] {
+            let per_rank = shardwise::comm::each_rank(comms.iter().collect(), |r, c| {
+                let dev = c.cuda_device();
+                let mut rng = rand::rng();
+                let mut out = Vec::new();
+                for call in 0..CALLS {
+                    let (x, x64) = put(&randn(rows * kd, &mut rng), &[rows, kd], dtype, dev);
+                    let (w, w64) = put(&randn(n * kd, &mut rng), &[n, kd], dtype, dev);
+                    let target = c
+                        .reduce_target(rows * n * 4)?
+                        .expect("a product target on the peer path");
+                    // The same call of the protocol made either way: every rank's product
+                    // finishes it (calls 0, 3), only rank 0's (1, 4), none (2, 5).
+                    let own = match call % 3 {
+                        0 => true,
+                        1 => r == 0,
+                        _ => false,
+                    };
+                    let reduced = if own {
+                        fused::linear_reduced(&x, &w, target)?.expect("the GEMV serves")
+                    } else {
+                        c.all_reduce_product(&fused::linear(&x, &w)?.expect("the GEMV serves"))?
+                    };
+                    let plain =
+                        c.all_reduce_sum(&fused::linear(&x, &w)?.expect("the GEMV serves"))?;
+                    // A gather in between: all three share the peer buffers' call numbers.
+                    let _ = c.all_gather(&x.narrow(1, 0, 3)?.contiguous()?, 1)?;
+                    out.push((
+                        values(&reduced),
+                        values(&plain),
+                        product64(&x64, &w64, rows, n, kd),
+                    ));
+                }
+                Ok(out)
+            })
+            .unwrap();
+            for call in 0..CALLS {
+                let want: Vec<f64> = (0..rows * n)
+                    .map(|i| per_rank.iter().map(|calls| calls[call].2[i]).sum())
+                    .collect();
+                let first = &per_rank[0][call].0;
+                for (r, calls) in per_rank.iter().enumerate() {
+                    let (reduced, plain, _) = &calls[call];
+                    let what = format!("{dtype:?} {rows}x{n}x{kd} call {call} rank {r}/{world}");
+                    assert!(
+                        reduced == plain,
+                        "{what}: the product's own sum differs from the all-reduce's"
+                    );
+                    assert!(reduced == first, "{what}: differs from rank 0");
+                    let err = rel_err(reduced, &want);
+                    assert!(err <= 2.0 * tol, "{what}: {err} from float64");
+                }
+            }
+        }
+    }
+}

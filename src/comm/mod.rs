@@ -85,6 +85,57 @@ pub trait Communicator: Send + Sync + Debug {
     fn device(&self) -> candle_core::Device {
         candle_core::Device::Cpu
     }
+
+    /// Where a row-parallel product whose output has `bytes` bytes may finish its
+    /// all-reduce itself: the peer-memory path's buffers for such products (`None` without
+    /// that path, for a larger output, or with `SHARDWISE_PEER_REDUCE=0`). The answer is the
+    /// same on every rank; once it is `Some`, every rank must make exactly one call of that
+    /// protocol for the tensor: the product's own (`layers::fused`), or
+    /// [`Self::all_reduce_product`] after a product that could not.
+    ///
+    /// # Errors
+    /// A peer missed a deadline earlier (named).
+    fn reduce_target(&self, bytes: usize) -> Result<Option<PeerReduce>> {
+        let _ = bytes;
+        Ok(None)
+    }
+
+    /// [`Self::all_reduce_sum`] as a call of the [`Self::reduce_target`] protocol, for a rank
+    /// whose product did not finish the all-reduce itself.
+    ///
+    /// # Errors
+    /// As [`Self::all_reduce_sum`].
+    fn all_reduce_product(&self, t: &Tensor) -> Result<Tensor> {
+        self.all_reduce_sum(t)
+    }
+}
+
+/// Where a product finishes its all-reduce itself over peer memory (see `comm::peer`): each
+/// block takes a ticket (`ticket_take` there) for the call's number `e` and stores each 4-byte
+/// word `i` of its output, tagged with `e` in the high half (`st_ll`), at word
+/// `base + (e & 1) * half + rank * cap + i` of every peer `w`'s buffer `table[w]`. It then
+/// waits for the peers' words at the same place of its own buffer (`ll_wait`, recording a
+/// peer past `timeout` ns in `err`) and sums all ranks' in rank order.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerReduce {
+    /// Device address of every rank's buffer address (`u64` each).
+    pub table: u64,
+    /// Device address of the call ticket (`u64`).
+    pub ticket: u64,
+    /// Device address of the word a kernel sets to `peer + 1` when a peer misses the deadline.
+    pub err: u64,
+    /// This rank.
+    pub rank: i32,
+    /// Ranks in the group.
+    pub world: i32,
+    /// Words of one rank's slot.
+    pub cap: u64,
+    /// Words of one half of the region (every rank's slot).
+    pub half: u64,
+    /// Word where the region starts in each buffer.
+    pub base: u64,
+    /// How long to wait for a peer, ns.
+    pub timeout: u64,
 }
 
 /// How a peer's tensor differs from this rank's, ignoring dimension `skip` (all-gather

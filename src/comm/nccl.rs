@@ -341,6 +341,32 @@ impl Communicator for NcclComm {
         }
     }
 
+    fn reduce_target(&self, bytes: usize) -> Result<Option<super::PeerReduce>> {
+        static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let off = *OFF.get_or_init(|| super::env_usize("SHARDWISE_PEER_REDUCE", 1) == 0);
+        match &self.peer {
+            Some(p) if !off && super::peer::PeerAllReduce::fits_reduce(bytes) => {
+                p.reduce_target().map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn all_reduce_product(&self, t: &Tensor) -> Result<Tensor> {
+        let bytes = t.elem_count() * t.dtype().size_in_bytes();
+        match &self.peer {
+            Some(p) if super::peer::PeerAllReduce::fits_reduce(bytes) => {
+                let _serial = self.comm.lock().map_err(|_| Error::Comm {
+                    rank: self.rank,
+                    op: "all_reduce_sum",
+                    reason: "a previous collective panicked".into(),
+                })?;
+                p.all_reduce_product(t)
+            }
+            _ => self.all_reduce_sum(t),
+        }
+    }
+
     fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
         // Sizes along `dim` first (uneven splits; a host round trip), then the pieces.
         let len = t.dim(dim)?;

@@ -51,8 +51,14 @@ const THREADS: u32 = 512;
 pub const MAX_BYTES: usize = 512 << 10;
 /// Words of one rank's slot: each carries 4 bytes of the payload and the call's number.
 const SLOT_WORDS: usize = MAX_BYTES / 4;
-/// Bytes of a rank's buffer: two halves of `MAX_WORLD` slots of 8-byte words.
+/// Bytes of a rank's all-reduce region: two halves of `MAX_WORLD` slots of 8-byte words.
 const DATA_BYTES: usize = 2 * MAX_WORLD * SLOT_WORDS * 8;
+/// Largest output of a product that finishes its all-reduce itself ([`PeerReduce`]), bytes.
+pub const REDUCE_MAX_BYTES: usize = 128 << 10;
+/// Words of one rank's slot in the region of those products (after the all-reduce's).
+const REDUCE_SLOT_WORDS: usize = REDUCE_MAX_BYTES / 4;
+/// Bytes of a rank's buffer: the all-reduce's region, then the products' (laid out alike).
+const BUFFER_BYTES: usize = DATA_BYTES + 2 * MAX_WORLD * REDUCE_SLOT_WORDS * 8;
 // The kernel's MAXW, MAXB and MAXPT say the same (its halves are MAXW slots apart).
 const _: () =
     assert!(MAX_WORLD == 8 && MAX_BLOCKS == 32 && SLOT_WORDS <= 8 * MAX_BLOCKS * THREADS as usize);
@@ -61,18 +67,39 @@ fn deadline() -> Duration {
     Duration::from_millis(super::env_usize("SHARDWISE_PEER_DEADLINE_MS", 30_000) as u64)
 }
 
-const SRC: &str = r#"
-#define MAXW 8
-// Most blocks of a call: MAX_BLOCKS on the host.
-#define MAXB 32
-// Most payload words a thread carries: MAX_BYTES / 4 over MAXB blocks of THREADS.
-#define MAXPT 8
-
+/// Device code of the protocol, shared by the all-reduce kernel and the products that finish
+/// their all-reduce themselves (`layers::fused`); compiled after [`crate::cuda::DTYPES`].
+pub(crate) const LL: &str = r#"
 __device__ __forceinline__ u64 now_ns() { u64 t; asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); return t; }
+// One 8-byte word that lands whole, past every cache that could hold it back.
 __device__ __forceinline__ void st_ll(u64* p, u64 v) {
   asm volatile("st.volatile.global.u64 [%0], %1;" :: "l"(p), "l"(v) : "memory"); }
 __device__ __forceinline__ u64 ld_ll(const u64* p) {
   u64 v; asm volatile("ld.volatile.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory"); return v; }
+// Call numbers of the products' region: one 64-bit ticket, the last call's number in the high
+// half and the blocks of the current call that took theirs in the low half. A block takes
+// one as it starts (`ticket_take`, whose reply it needs only at the end) and reads its number
+// from it (`ticket_close`): the block that took the last of its grid's tickets closes the call
+// (number up, count to zero). Atomics on one word are ordered, so every block of a call reads
+// the same number, and the next call (later on the stream) the next.
+__device__ __forceinline__ u64 ticket_take(u64* ticket) {
+  return atomicAdd((unsigned long long*)ticket, 1ull); }
+__device__ __forceinline__ unsigned ticket_close(u64* ticket, u64 taken) {
+  const unsigned e = (unsigned)(taken >> 32) + 1u;
+  if ((unsigned)taken + 1u == gridDim.x) atomicExch((unsigned long long*)ticket, (u64)e << 32);
+  return e;
+}
+// The payload of the word at `src` once it carries call number e. Past the deadline (t0 +
+// timeout) it records peer w + 1 in err and stops waiting (`gone`, for every later word).
+__device__ __forceinline__ unsigned ll_wait(const u64* src, unsigned e, u64 t0, u64 timeout,
+                                            unsigned* err, int w, bool& gone) {
+  u64 v = ld_ll(src);
+  while ((unsigned)(v >> 32) != e && !gone) {
+    if (now_ns() - t0 > timeout) { atomicCAS(err, 0u, (unsigned)w + 1u); gone = true; }
+    v = ld_ll(src);
+  }
+  return (unsigned)v;
+}
 // Element j of a payload word, and the word holding x as element j (4-byte elements: one
 // per word; 2-byte ones: two, the first in the low half).
 template <typename T> __device__ __forceinline__ T elem_of(unsigned w, int j);
@@ -80,6 +107,14 @@ template <> __device__ __forceinline__ float elem_of<float>(unsigned w, int) { r
 template <> __device__ __forceinline__ u16 elem_of<u16>(unsigned w, int j) { return (u16)(w >> (16 * j)); }
 __device__ __forceinline__ unsigned word_of(float x, int) { return __float_as_uint(x); }
 __device__ __forceinline__ unsigned word_of(u16 x, int j) { return ((unsigned)x) << (16 * j); }
+"#;
+
+const SRC: &str = r#"
+#define MAXW 8
+// Most blocks of a call: MAX_BLOCKS on the host.
+#define MAXB 32
+// Most payload words a thread carries: MAX_BYTES / 4 over MAXB blocks of THREADS.
+#define MAXPT 8
 // Payload word i of a piece of n elements into `dst`: one store when it is whole and aligned.
 template <typename T>
 __device__ __forceinline__ void put_word(T* dst, u64 i, u64 n, unsigned w) {
@@ -106,11 +141,13 @@ __device__ __forceinline__ void put_word(T* dst, u64 i, u64 n, unsigned w) {
 // blocks; half (number & 1) of every buffer belongs to the call (the module doc says why two
 // halves are enough), whose stale words carry e - 2 or older.
 // With `gather`, every rank's n elements go to out[rank * n ..] instead of being summed
-// (an all-gather of equal pieces), under the same protocol.
+// (an all-gather of equal pieces), under the same protocol. With a `ticket`, the call is one
+// of the products' region instead (words from `base` on, call numbers from the ticket), so
+// that a rank whose product could not finish the all-reduce itself takes part in its call.
 template <typename K>
 __device__ void all_reduce(const typename K::T* in, typename K::T* out, const u64* peers,
                            unsigned* counters, unsigned* err, int rank, int world, u64 n,
-                           u64 cap, u64 timeout, int gather) {
+                           u64 cap, u64 timeout, int gather, u64* ticket, u64 base) {
   typedef typename K::T T;
   constexpr int E = 4 / sizeof(T);  // elements per payload word
   __shared__ unsigned epoch;
@@ -134,14 +171,18 @@ __device__ void all_reduce(const typename K::T* in, typename K::T* out, const u6
     }
   }
   if (threadIdx.x == 0) {
-    const unsigned e = counters[blockIdx.x] + 1;
-    counters[blockIdx.x] = e;
-    if (blockIdx.x == 0) for (int b = gridDim.x; b < MAXB; ++b) counters[b] = e;
-    epoch = e;
+    if (ticket) {
+      epoch = ticket_close(ticket, ticket_take(ticket));
+    } else {
+      const unsigned e = counters[blockIdx.x] + 1;
+      counters[blockIdx.x] = e;
+      if (blockIdx.x == 0) for (int b = gridDim.x; b < MAXB; ++b) counters[b] = e;
+      epoch = e;
+    }
   }
   __syncthreads();
   const unsigned e = epoch;
-  const u64 half = (u64)(e & 1u) * MAXW * cap;
+  const u64 half = base + (u64)(e & 1u) * MAXW * cap;
   const u64 tag = (u64)e << 32;
 #pragma unroll
   for (int k = 0; k < MAXPT; ++k) {
@@ -165,16 +206,8 @@ __device__ void all_reduce(const typename K::T* in, typename K::T* out, const u6
 #pragma unroll
     for (int w = 0; w < MAXW; ++w) {
       if (w >= world) break;
-      unsigned got = d[k];
-      if (w != rank) {
-        const u64* src = mine + (u64)w * cap + i;
-        u64 v = ld_ll(src);
-        while ((unsigned)(v >> 32) != e && !gone) {
-          if (now_ns() - t0 > timeout) { atomicCAS(err, 0u, (unsigned)w + 1u); gone = true; }
-          v = ld_ll(src);
-        }
-        got = (unsigned)v;
-      }
+      const unsigned got =
+          w == rank ? d[k] : ll_wait(mine + (u64)w * cap + i, e, t0, timeout, err, w, gone);
       if (gather) {
         put_word<T>(out + (u64)w * n, i, n, got);
       } else {
@@ -193,8 +226,10 @@ __device__ void all_reduce(const typename K::T* in, typename K::T* out, const u6
 
 #define KERNEL(name, K) \
 extern "C" __global__ void name(const K::T* in, K::T* out, const u64* peers, unsigned* counters, \
-    unsigned* err, int rank, int world, u64 n, u64 cap, u64 timeout, int gather) { \
-  all_reduce<K>(in, out, peers, counters, err, rank, world, n, cap, timeout, gather); }
+    unsigned* err, int rank, int world, u64 n, u64 cap, u64 timeout, int gather, u64* ticket, \
+    u64 base) { \
+  all_reduce<K>(in, out, peers, counters, err, rank, world, n, cap, timeout, gather, ticket, \
+                base); }
 KERNEL(peer_all_reduce_f32, F32)
 KERNEL(peer_all_reduce_bf16, BF16)
 KERNEL(peer_all_reduce_f16, F16)
@@ -294,7 +329,7 @@ impl PeerBuffers {
         // SAFETY: a plain driver allocation on the current context, freed in `Drop` (which
         // `me` owns from here on, so an error below frees it).
         unsafe {
-            check("allocating", sys::cuMemAlloc_v2(&mut data, DATA_BYTES))?;
+            check("allocating", sys::cuMemAlloc_v2(&mut data, BUFFER_BYTES))?;
             let mut me = Self {
                 ctx: ctx.clone(),
                 data,
@@ -307,7 +342,7 @@ impl PeerBuffers {
                 },
             };
             // Stale words must never carry a call's number (the kernel's flags): start at 0.
-            check("zeroing", sys::cuMemsetD8_v2(data, 0, DATA_BYTES))?;
+            check("zeroing", sys::cuMemsetD8_v2(data, 0, BUFFER_BYTES))?;
             let mut h = std::mem::MaybeUninit::<sys::CUipcMemHandle>::zeroed();
             // IPC is optional (peers in this process need none): a failure leaves the handle
             // zeroed and only other processes fail to open it.
@@ -477,6 +512,8 @@ pub struct PeerAllReduce {
     /// Buffer pointers of ranks `0..MAX_WORLD`.
     table: CudaSlice<u64>,
     counters: CudaSlice<u32>,
+    /// Call numbers of the products' region (see `ticket_take` in [`LL`]).
+    ticket: CudaSlice<u64>,
     error: ErrorWord,
     deadline: Duration,
     /// Peer buffers opened through IPC (closed before this rank's own buffers are freed).
@@ -530,7 +567,7 @@ impl PeerAllReduce {
         let k = crate::cuda::load_kernels(
             &ctx,
             "peer_all_reduce",
-            &[crate::cuda::DTYPES, SRC],
+            &[crate::cuda::DTYPES, LL, SRC],
             &[
                 "peer_all_reduce_f32",
                 "peer_all_reduce_bf16",
@@ -539,6 +576,7 @@ impl PeerAllReduce {
         )?;
         let table = stream.clone_htod(&table).map_err(driver)?;
         let counters = stream.alloc_zeros::<u32>(MAX_BLOCKS).map_err(driver)?;
+        let ticket = stream.alloc_zeros::<u64>(1).map_err(driver)?;
         stream.synchronize().map_err(driver)?;
         let mut k = k.into_iter();
         let (Some(f32k), Some(bf16k), Some(f16k)) = (k.next(), k.next(), k.next()) else {
@@ -554,6 +592,7 @@ impl PeerAllReduce {
             kernels: [f32k, bf16k, f16k],
             table,
             counters,
+            ticket,
             error,
             deadline: deadline(),
             _ipc: ipc,
@@ -604,6 +643,50 @@ impl PeerAllReduce {
         Ok(t.apply_op1_no_bwd(&PeerOp {
             p: self,
             gather: false,
+            region: Region::AllReduce,
+        })?)
+    }
+
+    /// Whether a product's output of `bytes` bytes may finish its all-reduce itself
+    /// ([`Self::reduce_target`]); like [`Self::fits`], the same answer on every rank.
+    pub fn fits_reduce(bytes: usize) -> bool {
+        bytes > 0 && bytes <= REDUCE_MAX_BYTES
+    }
+
+    /// Where a product of at most [`REDUCE_MAX_BYTES`] finishes its all-reduce: see
+    /// [`crate::comm::PeerReduce`].
+    ///
+    /// # Errors
+    /// A peer missed the deadline in an earlier call (named).
+    pub fn reduce_target(&self) -> Result<crate::comm::PeerReduce> {
+        use cudarc::driver::DevicePtr;
+        self.check_peers("all_reduce_sum")?;
+        Ok(crate::comm::PeerReduce {
+            table: self.table.device_ptr(self.table.stream()).0,
+            ticket: self.ticket.device_ptr(self.ticket.stream()).0,
+            err: self.error.dev,
+            rank: self.rank as i32,
+            world: self.world as i32,
+            cap: REDUCE_SLOT_WORDS as u64,
+            half: (MAX_WORLD * REDUCE_SLOT_WORDS) as u64,
+            base: (DATA_BYTES / 8) as u64,
+            timeout: self.deadline.as_nanos() as u64,
+        })
+    }
+
+    /// [`Self::all_reduce`] of a product's output (at most [`REDUCE_MAX_BYTES`]) as one call of
+    /// the products' region: what a rank whose product could not finish the all-reduce itself
+    /// runs, so that it still meets the peers whose products did.
+    ///
+    /// # Errors
+    /// As [`Self::all_reduce`].
+    pub fn all_reduce_product(&self, t: &Tensor) -> Result<Tensor> {
+        self.check_peers("all_reduce_sum")?;
+        let t = t.contiguous()?;
+        Ok(t.apply_op1_no_bwd(&PeerOp {
+            p: self,
+            gather: false,
+            region: Region::Products,
         })?)
     }
 
@@ -620,6 +703,7 @@ impl PeerAllReduce {
         Ok(t.apply_op1_no_bwd(&PeerOp {
             p: self,
             gather: true,
+            region: Region::AllReduce,
         })?)
     }
 }
@@ -628,6 +712,16 @@ struct PeerOp<'a> {
     p: &'a PeerAllReduce,
     /// All-gather instead of all-reduce.
     gather: bool,
+    region: Region,
+}
+
+/// Which region of the buffers (and which call numbers) a call uses.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Region {
+    /// The all-reduce's own, numbered by the per-block counters.
+    AllReduce,
+    /// The products' (see [`crate::comm::PeerReduce`]), numbered by the ticket.
+    Products,
 }
 
 impl CustomOp1 for PeerOp<'_> {
@@ -652,7 +746,17 @@ impl CustomOp1 for PeerOp<'_> {
         let stream = dev.cuda_stream();
         let p = self.p;
         let elem = s.dtype().size_in_bytes();
-        let cap = SLOT_WORDS as u64;
+        let products = self.region == Region::Products;
+        let (cap, base, ticket) = if products {
+            use cudarc::driver::DevicePtr;
+            let ticket = p.ticket.device_ptr(&stream).0;
+            (REDUCE_SLOT_WORDS as u64, (DATA_BYTES / 8) as u64, ticket)
+        } else {
+            (SLOT_WORDS as u64, 0, 0)
+        };
+        if products && n * elem > REDUCE_MAX_BYTES {
+            candle_core::bail!("peer all-reduce: {} bytes for a product's call", n * elem);
+        }
         let words = (n * elem).div_ceil(4);
         let blocks = words.div_ceil(THREADS as usize).clamp(1, MAX_BLOCKS) as u32;
         let cfg = LaunchConfig {
@@ -687,7 +791,9 @@ impl CustomOp1 for PeerOp<'_> {
                     .arg(&n64)
                     .arg(&cap)
                     .arg(&timeout)
-                    .arg(&gather);
+                    .arg(&gather)
+                    .arg(&ticket)
+                    .arg(&base);
                 // SAFETY: arguments match the kernel's signature; buffers are live.
                 unsafe { b.launch(cfg) }.map_err(err)?;
                 Ok((CudaStorage::wrap_cuda_slice(dst, dev), out_shape))

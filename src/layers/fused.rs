@@ -109,6 +109,28 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     Ok(None)
 }
 
+/// [`linear`] of a row-parallel product that also finishes its all-reduce over peer memory
+/// (`target`, from [`crate::comm::Communicator::reduce_target`]): each block pushes its
+/// outputs to the other ranks, waits for theirs and writes the sums, so no all-reduce kernel
+/// follows. `None` where [`linear`] would not serve or the output's rows are not whole
+/// 4-byte words; the caller then owes the peers the same protocol's all-reduce
+/// ([`crate::comm::Communicator::all_reduce_product`]).
+///
+/// # Errors
+/// Kernel errors.
+pub fn linear_reduced(
+    x: &Tensor,
+    w: &Tensor,
+    target: crate::comm::PeerReduce,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "cuda")]
+    if fused_on(x) {
+        return gpu::gemv_reduced(x, w, target);
+    }
+    let _ = (x, w, target);
+    Ok(None)
+}
+
 /// [`add_rms_norm`] of `n` and the product of the normed rows with `w` in one kernel,
 /// followed with `silu` by [`silu_mul`] of the product: `(sum, product)`, the sum being
 /// `n.x` itself without `n.delta`. `None` where [`linear`] would not serve.
@@ -1130,16 +1152,33 @@ struct RopeArgs {
   long long kc_h, kc_p, vc_h, vc_p;
   int interleaved;
 };
+// With REDUCE (a row-parallel product, see comm::PeerReduce): the product finishes its
+// all-reduce over peer memory. Each block takes a ticket as it starts; at the end, the
+// thread of an output word's first element stores the word (4 bytes of outputs, tagged with
+// the call's number) in this rank's slot of every peer's buffer, waits for the peers' words
+// at the same index of its own, and writes the sums in rank order (as the all-reduce kernel
+// does, so every rank gets the same bits). A block waits only for its peers' blocks of the
+// same index, which dispatch in the same order and push before they wait, so it cannot wait
+// on a block that is not running. Needs n * sizeof(T) a multiple of 4.
+struct ReduceArgs {
+  const u64* peers;
+  u64* ticket;
+  unsigned* err;
+  int rank, world;
+  u64 cap, half, base, timeout;
+};
+__device__ __forceinline__ unsigned tbits(float x) { return __float_as_uint(x); }
+__device__ __forceinline__ unsigned tbits(u16 x) { return x; }
 // Column j of group cg under rotary pairing (hd a multiple of 4).
 __device__ __forceinline__ int rope_col(int cg, int j, int hd, int interleaved) {
   if (interleaved) return cg * 4 + j;
   const int q4 = hd / 4, h = cg / q4, i = (cg - h * q4) * 2;
   return h * hd + i + (j & 1) + (j >> 1) * (hd / 2);
 }
-template <typename K, int MR, int MODE, bool SILU, int R, bool ROPE>
+template <typename K, int MR, int MODE, bool SILU, int R, bool ROPE, bool REDUCE = false>
 __device__ void gemv(const typename K::T* x, const typename K::T* a, const typename K::T* nw,
                      const typename K::T* w, typename K::T* y, typename K::T* xo, int rows,
-                     int n, int kd, float eps, RopeArgs<K> ro) {
+                     int n, int kd, float eps, RopeArgs<K> ro, ReduceArgs ra = ReduceArgs{}) {
   typedef typename K::T T;
   constexpr int V = 16 / sizeof(T);
   constexpr int C = SILU ? R / 2 : R;
@@ -1150,7 +1189,13 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
   const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
   const int nwarps = (nt + 31) >> 5;
   const int c0 = blockIdx.x * C;
-  if (c0 >= n) return;
+  // Every block takes its ticket (the reply is needed only at the end).
+  const u64 taken = REDUCE && tid == 0 ? ticket_take(ra.ticket) : 0ull;
+  __shared__ unsigned epoch;
+  if (c0 >= n) {
+    if (REDUCE && tid == 0) ticket_close(ra.ticket, taken);
+    return;
+  }
   const T* wr[R];
   bool ok[R];
 #pragma unroll
@@ -1237,6 +1282,7 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
       if (lane == 0) red[warp * S + R * MR + m] = q;
     }
   }
+  if (REDUCE && tid == 0) epoch = ticket_close(ra.ticket, taken);
   __syncthreads();
   if (ROPE) {
     // Lanes 0-3 of the first warp hold the group's two pairs.
@@ -1268,6 +1314,7 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
     return;
   }
   // Thread (m, c) finishes output column c0 + c of row m.
+  unsigned bits = 0u;
   if (tid < MR * C) {
     const int m = tid / C, c = tid - m * C;
     if (m < rows && c0 + c < n) {
@@ -1283,7 +1330,40 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
         const float g = K::ld(K::st(out)), u = K::ld(K::st(d1 * inv));
         out = K::ld(K::st(g / (1.f + __expf(-g)))) * u;
       }
-      y[(long long)m * n + c0 + c] = K::st(out);
+      const T o = K::st(out);
+      if (!REDUCE) y[(long long)m * n + c0 + c] = o;
+      bits = tbits(o);
+    }
+  }
+  if (REDUCE && warp == 0) {
+    // Words of E outputs, led by the thread of the first (C is even, so a word never spans
+    // two rows' threads, and n * E is whole words).
+    constexpr int E = 4 / sizeof(T);
+    const unsigned hi = __shfl_down_sync(0xffffffffu, bits, 1);
+    const unsigned word = E == 2 ? (bits | (hi << 16)) : bits;
+    const int m = tid / C, c = tid - m * C;
+    if (tid < MR * C && m < rows && c0 + c < n && c % E == 0) {
+      const unsigned e = epoch;
+      const u64 i = ((u64)m * n + c0 + c) / E;
+      const u64 at = ra.base + (u64)(e & 1u) * ra.half;
+      const u64 v = ((u64)e << 32) | word;
+      for (int p = 0; p < ra.world; ++p)
+        if (p != ra.rank) st_ll((u64*)ra.peers[p] + at + (u64)ra.rank * ra.cap + i, v);
+      const u64* mine = (const u64*)ra.peers[ra.rank] + at + i;
+      const u64 t0 = now_ns();
+      bool gone = false;
+      float acc[E];
+#pragma unroll
+      for (int j = 0; j < E; ++j) acc[j] = 0.f;
+      for (int p = 0; p < ra.world; ++p) {
+        const unsigned got = p == ra.rank
+                                 ? word
+                                 : ll_wait(mine + (u64)p * ra.cap, e, t0, ra.timeout, ra.err, p, gone);
+#pragma unroll
+        for (int j = 0; j < E; ++j) acc[j] += K::ld(elem_of<T>(got, j));
+      }
+#pragma unroll
+      for (int j = 0; j < E; ++j) y[(long long)m * n + c0 + c + j] = K::st(acc[j]);
     }
   }
 }
@@ -1352,7 +1432,15 @@ ATTEND(sfx, K, 4, 8, 4) ATTEND(sfx, K, 8, 8, 4) \
 ATTEND_PASSES(sfx, K, 4, 4) ATTEND_PASSES(sfx, K, 8, 4) ATTEND_PASSES(sfx, K, 4, 8) \
 ATTEND_PASSES(sfx, K, 8, 8) \
 GEMV(sfx, K, 1, 4) GEMV(sfx, K, 2, 4) GEMV_SILU(sfx, K, 1, 4) GEMV_SILU(sfx, K, 2, 4) \
-GEMV_ROPE(sfx, K, 1, norm) GEMV_ROPE(sfx, K, 2, addnorm)
+GEMV_ROPE(sfx, K, 1, norm) GEMV_ROPE(sfx, K, 2, addnorm) GEMV_REDUCE(sfx, K, 1) \
+GEMV_REDUCE(sfx, K, 2)
+#define GEMV_REDUCE(sfx, K, MR) \
+extern "C" __global__ void __launch_bounds__(256) gemv##MR##x4_plain_reduce_##sfx(const K::T* x, \
+    const K::T* a, const K::T* nw, const K::T* w, K::T* y, K::T* xo, int rows, int n, int kd, \
+    float eps, const u64* peers, u64* ticket, unsigned* err, int rank, int world, u64 cap, \
+    u64 half, u64 base, u64 timeout) { \
+  gemv<K, MR, 0, false, 4, false, true>(x, a, nw, w, y, xo, rows, n, kd, eps, RopeArgs<K>{}, \
+      ReduceArgs{peers, ticket, err, rank, world, cap, half, base, timeout}); }
 #define GEMV(sfx, K, MR, R) \
 GEMV1(sfx, K, MR, R, 0, false, plain) GEMV1(sfx, K, MR, R, 1, false, norm) \
 GEMV1(sfx, K, MR, R, 2, false, addnorm)
@@ -1610,8 +1698,10 @@ MMA_KERNELS(f16, F16)
                 ["plain", "norm", "addnorm", "norm_silu", "addnorm_silu"]
                     .map(|tag| format!("gemv{mr}x{GEMV_ROWS_PER_BLOCK}_{tag}"))
             })
+            .chain(["norm", "addnorm"].map(|tag| format!("gemv1x{GEMV_ROWS_PER_BLOCK}_{tag}_rope")))
             .chain(
-                ["norm", "addnorm"].map(|tag| format!("gemv1x{GEMV_ROWS_PER_BLOCK}_{tag}_rope")),
+                (1..=GEMV_MAX_ROWS)
+                    .map(|mr| format!("gemv{mr}x{GEMV_ROWS_PER_BLOCK}_plain_reduce")),
             );
         let mma = MMA_WIDTHS.into_iter().flat_map(|w| {
             [8, 16]
@@ -1631,7 +1721,7 @@ MMA_KERNELS(f16, F16)
         let funcs = crate::cuda::load_kernels(
             stream.context(),
             "fused",
-            &[crate::cuda::DTYPES, SRC],
+            &[crate::cuda::DTYPES, crate::comm::peer::LL, SRC],
             &refs,
         )
         .map_err(to_candle)?;
@@ -1891,6 +1981,8 @@ MMA_KERNELS(f16, F16)
         /// With a rotary target: the q/k/v product of one token, rotated and stored (query
         /// heads alongside).
         rope: Option<(RopeTarget, i32)>,
+        /// With a peer target (plain products only): the product finishes its all-reduce.
+        reduce: Option<crate::comm::PeerReduce>,
     }
 
     /// Weight rows per block of the GEMV kernels (`R`; with silu, two gate/up pairs). One row
@@ -1911,7 +2003,8 @@ MMA_KERNELS(f16, F16)
             };
             let mr = if rows == 1 { 1 } else { 2 };
             let rope = if self.rope.is_some() { "_rope" } else { "" };
-            format!("gemv{mr}x{GEMV_ROWS_PER_BLOCK}_{tag}{rope}")
+            let reduce = if self.reduce.is_some() { "_reduce" } else { "" };
+            format!("gemv{mr}x{GEMV_ROWS_PER_BLOCK}_{tag}{rope}{reduce}")
         }
     }
 
@@ -1985,6 +2078,17 @@ MMA_KERNELS(f16, F16)
                                 .arg(&t.strides[3])
                                 .arg(&t.interleaved);
                         }
+                        if let Some(p) = &self.reduce {
+                            b.arg(&p.table)
+                                .arg(&p.ticket)
+                                .arg(&p.err)
+                                .arg(&p.rank)
+                                .arg(&p.world)
+                                .arg(&p.cap)
+                                .arg(&p.half)
+                                .arg(&p.base)
+                                .arg(&p.timeout);
+                        }
                         // SAFETY: arguments match the kernel's signature; the caller checked
                         // shapes, dtypes and 16-byte alignment of every operand (and, with a
                         // rotary target, the caches and the position).
@@ -2009,7 +2113,21 @@ MMA_KERNELS(f16, F16)
         norm: Option<NormIn<'_>>,
         silu: bool,
     ) -> Result<Option<(Tensor, Tensor)>> {
-        launch_gemv(x, w, norm, silu, None)
+        launch_gemv(x, w, norm, silu, None, None)
+    }
+
+    /// The plain GEMV behind [`super::linear_reduced`]: its output, summed over the ranks.
+    /// `None` where the GEMV does not serve or a row's bytes are not whole words.
+    pub(super) fn gemv_reduced(
+        x: &Tensor,
+        w: &Tensor,
+        target: crate::comm::PeerReduce,
+    ) -> Result<Option<Tensor>> {
+        let words = w.dim(0).unwrap_or(0) * x.dtype().size_in_bytes() % 4 == 0;
+        if !words {
+            return Ok(None);
+        }
+        Ok(launch_gemv(x, w, None, false, None, Some(target))?.map(|(_, y)| y))
     }
 
     /// The GEMV with a rotary target behind [`super::norm_linear_rope`]: `(sum, rotated
@@ -2033,7 +2151,7 @@ MMA_KERNELS(f16, F16)
             return Ok(None);
         }
         let rope = (target, r.q_heads as i32);
-        let Some((sum, q)) = launch_gemv(n.x, w, Some(n), false, Some(rope))? else {
+        let Some((sum, q)) = launch_gemv(n.x, w, Some(n), false, Some(rope), None)? else {
             return Ok(None);
         };
         Ok(Some((sum, q.reshape((1, r.q_heads, 1, hd))?)))
@@ -2045,6 +2163,7 @@ MMA_KERNELS(f16, F16)
         norm: Option<NormIn<'_>>,
         silu: bool,
         rope: Option<(RopeTarget, i32)>,
+        reduce: Option<crate::comm::PeerReduce>,
     ) -> Result<Option<(Tensor, Tensor)>> {
         static OFF: OnceLock<bool> = OnceLock::new();
         if *OFF.get_or_init(|| std::env::var("SHARDWISE_GEMV").is_ok_and(|v| v == "0")) {
@@ -2111,6 +2230,7 @@ MMA_KERNELS(f16, F16)
             nw_ptr: ptrs[2],
             eps: norm.map_or(0.0, |n| n.eps),
             rope,
+            reduce,
         };
         let mut dims = x.dims().to_vec();
         let out = x.apply_op2_no_bwd(w, &op)?;

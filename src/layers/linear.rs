@@ -249,7 +249,34 @@ impl ParallelLinear {
     /// # Errors
     /// Kernel or collective errors, naming the layer.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        (|| self.combine(self.product(x)?))().in_layer(&self.name)
+        (|| match self.reduced_product(x)? {
+            Some(y) => crate::quant::add_bias(y, self.bias_after.as_ref()),
+            None => self.combine(self.product(x)?),
+        })()
+        .in_layer(&self.name)
+    }
+
+    /// A row-parallel product that finishes its all-reduce in its own kernel over peer
+    /// memory ([`fused::linear_reduced`]), where the communicator offers that
+    /// ([`crate::comm::Communicator::reduce_target`], decided on shapes every rank shares,
+    /// counting 4 bytes an element whatever the product's type). A rank whose product cannot
+    /// (no dense unbiased weight, a shape the kernel does not take) runs its product and then
+    /// an all-reduce of the same protocol, so ranks may differ in this.
+    fn reduced_product(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        if !matches!(self.reduce, Reduce::AllReduce) {
+            return Ok(None);
+        }
+        let rows: usize = x.dims().split_last().map_or(1, |(_, r)| r.iter().product());
+        let width: usize = self.part_widths().iter().sum();
+        let Some(target) = self.comm.reduce_target(rows * width * 4)? else {
+            return Ok(None);
+        };
+        if let Some(w) = self.dense_unbiased() {
+            if let Some(y) = fused::linear_reduced(x, w, target)? {
+                return Ok(Some(y));
+            }
+        }
+        Ok(Some(self.comm.all_reduce_product(&self.product(x)?)?))
     }
 
     /// The product of the normed input `n` (see [`NormIn`]), then as [`Self::forward`];
