@@ -940,7 +940,9 @@ __device__ void attend_passes(const typename K::T* q, const typename K::T* k,
 //   operand word. Its accumulators then hold elements t * HD / 4 .. + HD / 4 of head r (and
 //   r + 8).
 // At the end the warps' partials meet in shared memory (each thread's accumulators as one
-// padded row, conflict-free), and `finish_splits` merges the splits.
+// padded row, conflict-free), and `finish_splits` merges the splits. Launched with three
+// blocks per multiprocessor as a bound (168 registers; the widest variant spills a few
+// bytes), so that a batch's blocks fit one wave more often.
 template <typename K> struct Mma;
 template <> struct Mma<BF16> {
   static __device__ __forceinline__ void run(float* c, const unsigned* a, const unsigned* b) {
@@ -1491,7 +1493,7 @@ extern "C" __global__ void __launch_bounds__(256) attend_passes_##MG##x##MCH##_#
   attend_passes<K, MG, MCH>(q, k, v, out, scratch, counters, pos_ptr, len_host, g, hd, ks_h, \
                             ks_p, vs_h, vs_p, span, window, scale); }
 #define ATTEND_MMA(sfx, K, HD, MG) \
-extern "C" __global__ void __launch_bounds__(128) attend_mma_##HD##x##MG##_##sfx( \
+extern "C" __global__ void __launch_bounds__(128, 3) attend_mma_##HD##x##MG##_##sfx( \
     const K::T* q, const K::T* k, const K::T* v, K::T* out, float* scratch, unsigned* counters, \
     const unsigned* pos_ptr, int len_host, int g, int hd, long long ks_h, long long ks_p, \
     long long vs_h, long long vs_p, int span, int window, float scale, const long long* seqs) { \
@@ -1636,6 +1638,10 @@ MMA_KERNELS(f16, F16)
         scratch: Mutex<Vec<CudaSlice<f32>>>,
         /// Per-KV-head split counters, zero between launches.
         counters: CudaSlice<u32>,
+        /// The device's multiprocessors.
+        sms: usize,
+        /// Resident blocks per multiprocessor, by kernel name and dynamic shared bytes.
+        resident: Mutex<HashMap<(String, usize), usize>>,
     }
 
     impl Kernels {
@@ -1649,6 +1655,48 @@ MMA_KERNELS(f16, F16)
             self.funcs
                 .get(&format!("{op}_{sfx}"))
                 .ok_or_else(|| candle_core::Error::Msg(format!("fused kernel {op}_{sfx} missing")))
+        }
+
+        /// Splits of an attention launch of `groups` (KV heads times sequences) blocks per
+        /// split with kernel `name` (`f`): `want`, or fewer so that every block is resident
+        /// at once (`SHARDWISE_ATTN_WAVES` waves of them, default 1; 0: no limit). A second
+        /// wave of a few blocks costs as much as the first: batch 8 at two ranks took 288
+        /// blocks where 264 were resident.
+        fn wave_splits(
+            &self,
+            name: &str,
+            f: &CudaFunction,
+            threads: u32,
+            smem: usize,
+            groups: usize,
+            want: usize,
+        ) -> candle_core::Result<usize> {
+            static WAVES: OnceLock<usize> = OnceLock::new();
+            let waves = *WAVES.get_or_init(|| {
+                std::env::var("SHARDWISE_ATTN_WAVES")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1)
+            });
+            if waves == 0 {
+                return Ok(want);
+            }
+            let mut resident = self
+                .resident
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("fused occupancy poisoned".into()))?;
+            let per_sm = match resident.get(&(name.to_string(), smem)) {
+                Some(&n) => n,
+                None => {
+                    let n = f
+                        .occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
+                        .map_err(cerr)? as usize;
+                    resident.insert((name.to_string(), smem), n);
+                    n
+                }
+            };
+            let cap = waves * self.sms * per_sm.max(1) / groups.max(1);
+            Ok(want.min(cap.max(1)))
         }
 
         /// A scratch buffer of at least `n` floats (the same one while it is big enough).
@@ -1726,10 +1774,18 @@ MMA_KERNELS(f16, F16)
         )
         .map_err(to_candle)?;
         let counters = stream.alloc_zeros::<u32>(MAX_KV_HEADS).map_err(cerr)?;
+        let sms = stream
+            .context()
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(cerr)?;
         let k = Arc::new(Kernels {
             funcs: names.into_iter().zip(funcs).collect(),
             scratch: Mutex::new(Vec::new()),
             counters,
+            sms: usize::try_from(sms).unwrap_or(1).max(1),
+            resident: Mutex::new(HashMap::new()),
         });
         all.insert(dev.id(), k.clone());
         Ok(k)
@@ -2341,14 +2397,18 @@ MMA_KERNELS(f16, F16)
             };
             let g = nq / nkv;
             let span = self.seqs.iter().map(|s| s.len).max().unwrap_or(0);
-            let splits = span.div_ceil(split_positions()).clamp(1, MAX_SPLITS);
+            let want = span.div_ceil(split_positions()).clamp(1, MAX_SPLITS);
             let elem = q.dtype().size_in_bytes();
             let aligned = self.seqs.iter().all(|s| s.aligned(elem));
-            let (name, floats, threads) =
+            let choose = |splits| {
                 attend_kernel(g, hd, elem, aligned, splits).ok_or_else(|| {
                     candle_core::Error::Msg(format!("fused attention: no kernel for {g} x {hd}"))
-                })?;
+                })
+            };
+            let (name, most, threads) = choose(want)?;
             let f = kern.func(&name, q.dtype())?;
+            let splits = kern.wave_splits(&name, f, threads, most * 4, nkv * b, want)?;
+            let (_, floats, _) = choose(splits)?;
             // Partials of every sequence, then (for several) the descriptor table, 8-aligned.
             let partials = (b * nkv * splits * g * (hd + 2)).next_multiple_of(2);
             let on_host = matches!(self.table, super::SeqTable::Host);
