@@ -354,17 +354,27 @@ impl Communicator for NcclComm {
 
     fn all_reduce_product(&self, t: &Tensor) -> Result<Tensor> {
         let bytes = t.elem_count() * t.dtype().size_in_bytes();
-        match &self.peer {
-            Some(p) if super::peer::PeerAllReduce::fits_reduce(bytes) => {
-                let _serial = self.comm.lock().map_err(|_| Error::Comm {
-                    rank: self.rank,
-                    op: "all_reduce_sum",
-                    reason: "a previous collective panicked".into(),
-                })?;
-                p.all_reduce_product(t)
-            }
-            _ => self.all_reduce_sum(t),
+        let Some(p) = &self.peer else {
+            return self.all_reduce_sum(t);
+        };
+        // The peers are in this protocol's call: another path would leave them waiting.
+        if !super::peer::PeerAllReduce::fits(t) || !super::peer::PeerAllReduce::fits_reduce(bytes) {
+            return Err(Error::Comm {
+                rank: self.rank,
+                op: "all_reduce_sum",
+                reason: format!(
+                    "a product's all-reduce of {bytes} bytes of {:?} does not fit the peer \
+                     path it was promised to",
+                    t.dtype()
+                ),
+            });
         }
+        let _serial = self.comm.lock().map_err(|_| Error::Comm {
+            rank: self.rank,
+            op: "all_reduce_sum",
+            reason: "a previous collective panicked".into(),
+        })?;
+        p.all_reduce_product(t)
     }
 
     fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor> {
