@@ -638,12 +638,17 @@ impl PeerAllReduce {
     /// # Errors
     /// A peer missed the deadline in this or an earlier call (named), or a kernel error.
     pub fn all_reduce(&self, t: &Tensor) -> Result<Tensor> {
+        self.reduce_in(t, Region::AllReduce)
+    }
+
+    /// Sum of `t` over every rank through the buffers' `region`.
+    fn reduce_in(&self, t: &Tensor, region: Region) -> Result<Tensor> {
         self.check_peers("all_reduce_sum")?;
         let t = t.contiguous()?;
         Ok(t.apply_op1_no_bwd(&PeerOp {
             p: self,
             gather: false,
-            region: Region::AllReduce,
+            region,
         })?)
     }
 
@@ -681,13 +686,7 @@ impl PeerAllReduce {
     /// # Errors
     /// As [`Self::all_reduce`].
     pub fn all_reduce_product(&self, t: &Tensor) -> Result<Tensor> {
-        self.check_peers("all_reduce_sum")?;
-        let t = t.contiguous()?;
-        Ok(t.apply_op1_no_bwd(&PeerOp {
-            p: self,
-            gather: false,
-            region: Region::Products,
-        })?)
+        self.reduce_in(t, Region::Products)
     }
 
     /// Every rank's `t` (flattened, the same length on every rank, the caller checked

@@ -548,6 +548,23 @@ __device__ __forceinline__ void unpack16(const uint4& u, float* f) {
 template <typename T>
 __device__ __forceinline__ uint4 ld16(const T* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
+// The parameters of every attention kernel (see SEQ_SELECT for `seqs`).
+#define ATTEND_PARAMS const typename K::T* q, const typename K::T* k, const typename K::T* v, \
+    typename K::T* out, float* scratch, unsigned* counters, const unsigned* pos_ptr, \
+    int len_host, int g, int hd, long long ks_h, long long ks_p, long long vs_h, long long vs_p, \
+    int span, int window, float scale
+// Positions [start, end) of split `split` of `nsplit` over `span` positions, for a cache of
+// len positions (pos_ptr[0] + 1 when the position is on the device) under a window (0: none).
+__device__ __forceinline__ void split_range(const unsigned* pos_ptr, int len_host, int span,
+                                            int window, int split, int nsplit, int& start,
+                                            int& end) {
+  const int len = pos_ptr ? (int)pos_ptr[0] + 1 : len_host;
+  const int first = (window > 0 && len > window) ? len - window : 0;
+  const int chunk = (span + nsplit - 1) / nsplit;
+  start = max(split * chunk, first);
+  end = min(split * chunk + chunk, len);
+}
+
 // The end of an attention block: its partial (sums bacc [g * hd], maxima bm [g], sums of
 // weights bl [g], in shared memory) is the result when the block holds every position;
 // otherwise it goes to scratch, and the last block of the KV head to finish merges every
@@ -623,20 +640,13 @@ __device__ void finish_splits(const float* bacc, const float* bm, const float* b
 // partials are merged in shared memory and `finish_splits` takes the block's partial.
 // MG >= g and 32 * ME >= hd (compile-time bounds keep everything in registers).
 template <typename K, int MG, int ME, int U>
-__device__ void attend(const typename K::T* q, const typename K::T* k, const typename K::T* v,
-                       typename K::T* out, float* scratch, unsigned* counters,
-                       const unsigned* pos_ptr, int len_host, int g, int hd,
-                       long long ks_h, long long ks_p, long long vs_h, long long vs_p,
-                       int span, int window, float scale) {
+__device__ void attend(ATTEND_PARAMS) {
   typedef typename K::T T;
   extern __shared__ float sm[];
   const int kvh = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
-  const int len = pos_ptr ? (int)pos_ptr[0] + 1 : len_host;
-  const int first = (window > 0 && len > window) ? len - window : 0;
-  const int chunk = (span + nsplit - 1) / nsplit;
-  const int start = max(split * chunk, first);
-  const int end = min(split * chunk + chunk, len);
+  int start, end;
+  split_range(pos_ptr, len_host, span, window, split, nsplit, start, end);
   // Shared: block sums [g * hd], block sum of weights [g], warp maxima [nwarps * g], block
   // maxima [g].
   float* bacc = sm;
@@ -757,22 +767,15 @@ __device__ void attend(const typename K::T* q, const typename K::T* k, const typ
 // and g * hd <= 1024 (checked by the launch).
 #define APT 4
 template <typename K, int MG, int MCH>
-__device__ void attend_passes(const typename K::T* q, const typename K::T* k,
-                              const typename K::T* v, typename K::T* out, float* scratch,
-                              unsigned* counters, const unsigned* pos_ptr, int len_host, int g,
-                              int hd, long long ks_h, long long ks_p, long long vs_h,
-                              long long vs_p, int span, int window, float scale) {
+__device__ void attend_passes(ATTEND_PARAMS) {
   typedef typename K::T T;
   constexpr int V = 16 / sizeof(T);
   extern __shared__ float sm[];
   const int kvh = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
   const int tid = threadIdx.x, nt = blockDim.x, lane = tid & 31, warp = tid >> 5;
   const int nwarps = nt >> 5;
-  const int len = pos_ptr ? (int)pos_ptr[0] + 1 : len_host;
-  const int first = (window > 0 && len > window) ? len - window : 0;
-  const int chunk = (span + nsplit - 1) / nsplit;
-  const int start = max(split * chunk, first);
-  const int end = min(split * chunk + chunk, len);
+  int start, end;
+  split_range(pos_ptr, len_host, span, window, split, nsplit, start, end);
   const int ch = hd / V;              // chunks per row
   const int P = nt / APT;             // positions per pass
   const int ng = nt / ch;             // value groups
@@ -943,28 +946,20 @@ __device__ void attend_passes(const typename K::T* q, const typename K::T* k,
 // padded row, conflict-free), and `finish_splits` merges the splits. Launched with three
 // blocks per multiprocessor as a bound (168 registers; the widest variant spills a few
 // bytes), so that a batch's blocks fit one wave more often.
+// Mma<K>::run: c += a b (mma.m16n8k16, f32 accumulators); Mma<K>::pack: two floats as one
+// operand word, lo in the low half (the lower k).
 template <typename K> struct Mma;
-template <> struct Mma<BF16> {
-  static __device__ __forceinline__ void run(float* c, const unsigned* a, const unsigned* b) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
-                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-  // lo in the low half (the lower k).
-  static __device__ __forceinline__ unsigned pack(float lo, float hi) {
-    unsigned r; asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r; }
-};
-template <> struct Mma<F16> {
-  static __device__ __forceinline__ void run(float* c, const unsigned* a, const unsigned* b) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, "
-                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-  static __device__ __forceinline__ unsigned pack(float lo, float hi) {
-    unsigned r; asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r; }
-};
+#define MMA_TYPE(K, ty) \
+template <> struct Mma<K> { \
+  static __device__ __forceinline__ void run(float* c, const unsigned* a, const unsigned* b) { \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." #ty "." #ty ".f32 {%0,%1,%2,%3}, " \
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};" \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3]) \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1])); } \
+  static __device__ __forceinline__ unsigned pack(float lo, float hi) { \
+    unsigned r; asm("cvt.rn." #ty "x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo)); return r; } };
+MMA_TYPE(BF16, bf16)
+MMA_TYPE(F16, f16)
 // `n` 32-bit words of a row from `p` (2-byte elements, any even offset), zeros without `p`.
 template <int N>
 __device__ __forceinline__ void row_words(unsigned* w, const u16* p) {
@@ -973,11 +968,7 @@ __device__ __forceinline__ void row_words(unsigned* w, const u16* p) {
     w[i] = p ? (unsigned)p[2 * i] | ((unsigned)p[2 * i + 1] << 16) : 0u;
 }
 template <typename K, int HD, bool HI>
-__device__ void attend_mma(const typename K::T* q, const typename K::T* k,
-                           const typename K::T* v, typename K::T* out, float* scratch,
-                           unsigned* counters, const unsigned* pos_ptr, int len_host, int g,
-                           int hd, long long ks_h, long long ks_p, long long vs_h,
-                           long long vs_p, int span, int window, float scale) {
+__device__ void attend_mma(ATTEND_PARAMS) {
   typedef typename K::T T;
   constexpr int QW = HD / 8;   // words of a quarter row (a thread's share of a key row)
   constexpr int KC = QW / 4;   // its 16-byte chunks
@@ -988,11 +979,8 @@ __device__ void attend_mma(const typename K::T* q, const typename K::T* k,
   const int kvh = blockIdx.x, split = blockIdx.y, nsplit = gridDim.y;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   const int r = lane >> 2, t = lane & 3;
-  const int len = pos_ptr ? (int)pos_ptr[0] + 1 : len_host;
-  const int first = (window > 0 && len > window) ? len - window : 0;
-  const int chunk = (span + nsplit - 1) / nsplit;
-  const int start = max(split * chunk, first);
-  const int end = min(split * chunk + chunk, len);
+  int start, end;
+  split_range(pos_ptr, len_host, span, window, split, nsplit, start, end);
   const T* kb = k + kvh * ks_h;
   const T* vb = v + kvh * vs_h;
   const T* qh = q + (long long)kvh * g * hd;
