@@ -7,7 +7,9 @@
 //! unfinished meanwhile); decode steps replayed as CUDA graphs against the same steps run
 //! eagerly; GGML blocks multiplied by the CUDA kernels against the same blocks on the CPU; the
 //! fused decode kernels and the GEMV products (with their fused norm and silu, and the q/k/v
-//! product with its rotary embedding and cache write) against float64 references; an NCCL group that never fills named after its deadline.
+//! product with its rotary embedding and cache write) against float64 references; products
+//! that finish their own all-reduce against products all-reduced after, and their deadline
+//! naming a rank that never arrives; an NCCL group that never fills named after its deadline.
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -200,6 +202,48 @@ fn peer_all_reduce_names_a_rank_that_never_arrives() {
     assert!(shardwise::cuda::wait_for(&stream, ms(15_000)).unwrap());
     dev.synchronize().unwrap();
     let err = comms[0].all_reduce_sum(&x).unwrap_err().to_string();
+    assert!(err.contains("rank 1"), "{err}");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        t0.elapsed()
+    );
+    eprintln!("named after {:?}: {err}", t0.elapsed());
+}
+
+#[test]
+fn product_all_reduce_names_a_rank_that_never_arrives() {
+    use shardwise::comm::Communicator;
+    use shardwise::layers::fused;
+    if gpus() < 2 {
+        eprintln!("skipped: one GPU");
+        return;
+    }
+    // As above, for the wait inside a product that finishes its own all-reduce.
+    std::env::set_var("SHARDWISE_PEER_DEADLINE_MS", "1500");
+    let comms = shardwise::comm::nccl::group(2);
+    std::env::remove_var("SHARDWISE_PEER_DEADLINE_MS");
+    let comms = comms.unwrap();
+    assert!(comms[0].has_peer_path());
+    let dev = comms[0].cuda_device();
+    let (rows, n, kd) = (1, 512, 256);
+    let x = candle_core::Tensor::ones((rows, kd), DType::BF16, dev).unwrap();
+    let w = candle_core::Tensor::ones((n, kd), DType::BF16, dev).unwrap();
+    let target = comms[0]
+        .reduce_target(rows * n * 4)
+        .unwrap()
+        .expect("a product target on the peer path");
+    // Rank 1 never runs its product: rank 0's blocks give up after the deadline, and the
+    // next call says who.
+    let t0 = std::time::Instant::now();
+    fused::linear_reduced(&x, &w, target)
+        .unwrap()
+        .expect("the GEMV serves");
+    dev.synchronize().unwrap();
+    let err = comms[0]
+        .reduce_target(rows * n * 4)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("rank 1"), "{err}");
     assert!(
         t0.elapsed() < std::time::Duration::from_secs(20),
