@@ -173,19 +173,38 @@ fn peer_all_reduce_matches_host_sums_back_to_back() {
     }
 }
 
-#[test]
-fn peer_all_reduce_names_a_rank_that_never_arrives() {
-    use shardwise::comm::Communicator;
+/// `err` names rank 1, within 20 s of `t0`.
+fn names_rank_1_in_time(err: &str, t0: std::time::Instant) {
+    assert!(err.contains("rank 1"), "{err}");
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(20),
+        "{:?}",
+        t0.elapsed()
+    );
+    eprintln!("named after {:?}: {err}", t0.elapsed());
+}
+
+/// Two ranks with the peer-memory path up and a peer deadline of 1.5 s, or `None` (skipped) on
+/// one GPU. The deadline is read when the group starts; only this group gets the short one.
+fn short_deadline_pair() -> Option<Vec<shardwise::comm::nccl::NcclComm>> {
     if gpus() < 2 {
         eprintln!("skipped: one GPU");
-        return;
+        return None;
     }
-    // The deadline is read when the group starts; only this group gets the short one.
     std::env::set_var("SHARDWISE_PEER_DEADLINE_MS", "1500");
     let comms = shardwise::comm::nccl::group(2);
     std::env::remove_var("SHARDWISE_PEER_DEADLINE_MS");
     let comms = comms.unwrap();
     assert!(comms[0].has_peer_path());
+    Some(comms)
+}
+
+#[test]
+fn peer_all_reduce_names_a_rank_that_never_arrives() {
+    use shardwise::comm::Communicator;
+    let Some(comms) = short_deadline_pair() else {
+        return;
+    };
     let dev = comms[0].cuda_device();
     let x = candle_core::Tensor::ones(1024, DType::F32, dev).unwrap();
     // Rank 1 never calls: rank 0's kernel gives up after the deadline, and says who.
@@ -202,29 +221,17 @@ fn peer_all_reduce_names_a_rank_that_never_arrives() {
     assert!(shardwise::cuda::wait_for(&stream, ms(15_000)).unwrap());
     dev.synchronize().unwrap();
     let err = comms[0].all_reduce_sum(&x).unwrap_err().to_string();
-    assert!(err.contains("rank 1"), "{err}");
-    assert!(
-        t0.elapsed() < std::time::Duration::from_secs(20),
-        "{:?}",
-        t0.elapsed()
-    );
-    eprintln!("named after {:?}: {err}", t0.elapsed());
+    names_rank_1_in_time(&err, t0);
 }
 
 #[test]
 fn product_all_reduce_names_a_rank_that_never_arrives() {
     use shardwise::comm::Communicator;
     use shardwise::layers::fused;
-    if gpus() < 2 {
-        eprintln!("skipped: one GPU");
-        return;
-    }
     // As above, for the wait inside a product that finishes its own all-reduce.
-    std::env::set_var("SHARDWISE_PEER_DEADLINE_MS", "1500");
-    let comms = shardwise::comm::nccl::group(2);
-    std::env::remove_var("SHARDWISE_PEER_DEADLINE_MS");
-    let comms = comms.unwrap();
-    assert!(comms[0].has_peer_path());
+    let Some(comms) = short_deadline_pair() else {
+        return;
+    };
     let dev = comms[0].cuda_device();
     let (rows, n, kd) = (1, 512, 256);
     let x = candle_core::Tensor::ones((rows, kd), DType::BF16, dev).unwrap();
@@ -244,13 +251,7 @@ fn product_all_reduce_names_a_rank_that_never_arrives() {
         .reduce_target(rows * n * 4)
         .unwrap_err()
         .to_string();
-    assert!(err.contains("rank 1"), "{err}");
-    assert!(
-        t0.elapsed() < std::time::Duration::from_secs(20),
-        "{:?}",
-        t0.elapsed()
-    );
-    eprintln!("named after {:?}: {err}", t0.elapsed());
+    names_rank_1_in_time(&err, t0);
 }
 
 #[test]
