@@ -929,7 +929,7 @@ __device__ void attend_passes(ATTEND_PARAMS) {
 // query heads per KV head; HI: more than 8). Block (kv head, split, sequence) as
 // `attend_passes`; each warp takes 16 positions at a time (warp w: positions start + 16w,
 // then every 16 * warps) with its own running maxima and sums, so warps never wait on each
-// other inside the loop. Per 16 positions a warp issues 16 mma.m16n8k16:
+// other inside the loop. Per 16 positions a warp issues HD / 4 mma.m16n8k16 (half each):
 // - Scores S[head][position] = Q K^T: A is the queries (16 rows of heads, g used), B two
 //   tiles of 8 positions. The order of k (the width) is one permutation for A and B, chosen
 //   so that thread (r = lane / 4, t = lane % 4) holds elements t * HD / 4 .. + HD / 4 of a
@@ -1550,6 +1550,9 @@ MMA_KERNELS(f16, F16)
     const MMA_WIDTHS: [usize; 2] = [64, 128];
     /// Threads of an `attend_mma` block (four warps of 16 positions each).
     const MMA_THREADS: u32 = 128;
+    // The split merge of `attend_mma` (`2 * splits * g + 2 * g` floats) fits the threads'
+    // rows it reuses, at the narrowest width (64: rows of 36 floats) and most heads (16).
+    const _: () = assert!(2 * MAX_SPLITS * 16 + 2 * 16 <= MMA_THREADS as usize * (64 / 2 + 4));
 
     /// Which attention kernel `SHARDWISE_ATTN_KERNEL` asks for: `warps` or `passes` (to
     /// measure them), else the fastest that serves.
@@ -1577,9 +1580,11 @@ MMA_KERNELS(f16, F16)
         let merge = 2 * splits * g + 2 * g;
         if choice != "warps" && choice != "passes" && elem == 2 && aligned && g <= 16 {
             if let Some(&w) = MMA_WIDTHS.iter().find(|&&w| w == hd) {
+                // The threads' rows (which the split merge reuses: never smaller than it
+                // needs, asserted below MMA_THREADS), the block's sums, the maxima and sums.
                 let warps = (MMA_THREADS / 32) as usize;
                 let rows = warps * 32 * (hd / 2 + 4);
-                let floats = rows.max(merge) + g * hd + 2 * warps * 16 + 2 * 16;
+                let floats = rows + g * hd + 2 * warps * 16 + 2 * 16;
                 let mg = if g > 8 { 16 } else { 8 };
                 return Some((format!("attend_mma_{w}x{mg}"), floats, MMA_THREADS));
             }
