@@ -284,7 +284,7 @@ fn upload<T: cudarc::driver::DeviceRepr>(t: &candle_core::Tensor, values: &[T]) 
         .map_err(|e| driver_err("copying inputs to the GPU", e))
 }
 
-/// [`upload`] of f32 values into an f32, bf16 or f16 tensor (rounded to nearest even).
+/// `upload` of f32 values into an f32, bf16 or f16 tensor (rounded to nearest even).
 ///
 /// # Errors
 /// Another dtype, a size mismatch, or the driver's error.
@@ -313,7 +313,7 @@ pub fn upload_f32(t: &candle_core::Tensor, values: &[f32]) -> Result<()> {
     }
 }
 
-/// [`upload`] of values into a tensor of their own dtype (u32 token ids and positions, i64
+/// `upload` of values into a tensor of their own dtype (u32 token ids and positions, i64
 /// descriptor words).
 ///
 /// # Errors

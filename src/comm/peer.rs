@@ -23,6 +23,12 @@
 //! only after its call `e - 1` finished, which needed p's words of call `e - 1`, which p pushed
 //! after its call `e - 2` (the last reader of that half) had finished.
 //!
+//! Row-parallel products of a decode step finish their all-reduce themselves through a second
+//! region of the same buffers ([`crate::comm::PeerReduce`], `layers::fused`): such a product
+//! has far more blocks than this kernel, so its calls are numbered by one ticket per rank
+//! instead of per-block counters. The region keeps the two numberings apart; the argument for
+//! two halves holds for each region's calls alone, as it uses nothing but stream order.
+//!
 //! Peers in this process are reached through peer access between the contexts; peers in
 //! other processes of the host through CUDA IPC handles. The pointers and handles are
 //! exchanged over the NCCL communicator, and the path is used only if every rank could open
@@ -53,7 +59,8 @@ pub const MAX_BYTES: usize = 512 << 10;
 const SLOT_WORDS: usize = MAX_BYTES / 4;
 /// Bytes of a rank's all-reduce region: two halves of `MAX_WORLD` slots of 8-byte words.
 const DATA_BYTES: usize = 2 * MAX_WORLD * SLOT_WORDS * 8;
-/// Largest output of a product that finishes its all-reduce itself ([`PeerReduce`]), bytes.
+/// Largest output of a product that finishes its all-reduce itself
+/// ([`crate::comm::PeerReduce`]), bytes.
 pub const REDUCE_MAX_BYTES: usize = 128 << 10;
 /// Words of one rank's slot in the region of those products (after the all-reduce's).
 const REDUCE_SLOT_WORDS: usize = REDUCE_MAX_BYTES / 4;

@@ -1148,8 +1148,9 @@ struct RopeArgs {
 // the call's number) in this rank's slot of every peer's buffer, waits for the peers' words
 // at the same index of its own, and writes the sums in rank order (as the all-reduce kernel
 // does, so every rank gets the same bits). A block waits only for its peers' blocks of the
-// same index, which dispatch in the same order and push before they wait, so it cannot wait
-// on a block that is not running. Needs n * sizeof(T) a multiple of 4.
+// same index, which push before they wait and dispatch in the same order (at the decode
+// shapes all of them are resident at once); the deadline bounds the wait whatever happens.
+// Needs n * sizeof(T) a multiple of 4.
 struct ReduceArgs {
   const u64* peers;
   u64* ticket;

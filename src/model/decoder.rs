@@ -59,7 +59,7 @@ pub struct SeqStep {
     /// Return logits for every new token, not only the last (perplexity).
     pub all_logits: bool,
     /// Draw the next token on the rank with these parameters and return it instead of the
-    /// logits (see [`super::sampling::SeqSamplers`]: the sequence's own sampler, the tokens it
+    /// logits (see `sampling::SeqSamplers`: the sequence's own sampler, the tokens it
     /// was fed as history).
     pub sample: Option<super::SamplingParams>,
 }

@@ -1,6 +1,6 @@
 //! Choosing the next token from logits: greedy, or temperature with top-k / top-p, and a
 //! repetition penalty, reproducible from a seed. Tokens are drawn where the logits are: on the
-//! rank that answers a step ([`SeqSamplers`]), so a step's reply is a token id per sequence
+//! rank that answers a step (`SeqSamplers`), so a step's reply is a token id per sequence
 //! instead of a vocabulary of logits (0.5 MB a sequence for a 128k vocabulary, which rank
 //! servers would otherwise send over the wire at every step).
 

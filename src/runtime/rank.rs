@@ -3,7 +3,7 @@
 //! runtime.
 //!
 //! The thread stays the same for the rank's life and, after a request, watches for the next
-//! one for a short while before it sleeps ([`RANK_SPIN`]): a decode step's request then
+//! one for a short while before it sleeps ([`RANK_SPIN_US`]): a decode step's request then
 //! starts at once instead of after waking a sleeping thread (tens of microseconds on a
 //! virtual machine, per rank and step). The thread answers the coordinator itself.
 
@@ -27,7 +27,7 @@ fn rank_spin() -> Duration {
     })
 }
 
-/// Default of [`rank_spin`]: longer than the coordinator takes between the steps of a
+/// Default of the rank's watch (`SHARDWISE_RANK_SPIN_US` overrides it): longer than the coordinator takes between the steps of a
 /// generation, short enough that an idle rank costs nothing.
 pub const RANK_SPIN_US: usize = 300;
 
