@@ -1634,8 +1634,9 @@ MMA_KERNELS(f16, F16)
         counters: CudaSlice<u32>,
         /// The device's multiprocessors.
         sms: usize,
-        /// Resident blocks per multiprocessor, by kernel name and dynamic shared bytes.
-        resident: Mutex<HashMap<(String, usize), usize>>,
+        /// Resident blocks per multiprocessor, by kernel name: `(dynamic shared bytes,
+        /// blocks)` for each size asked about.
+        resident: Mutex<HashMap<String, Vec<(usize, usize)>>>,
     }
 
     impl Kernels {
@@ -1679,13 +1680,20 @@ MMA_KERNELS(f16, F16)
                 .resident
                 .lock()
                 .map_err(|_| candle_core::Error::Msg("fused occupancy poisoned".into()))?;
-            let per_sm = match resident.get(&(name.to_string(), smem)) {
-                Some(&n) => n,
+            let known = resident
+                .get(name)
+                .and_then(|sizes| sizes.iter().find(|&&(s, _)| s == smem))
+                .map(|&(_, n)| n);
+            let per_sm = match known {
+                Some(n) => n,
                 None => {
                     let n = f
                         .occupancy_max_active_blocks_per_multiprocessor(threads, smem, None)
                         .map_err(cerr)? as usize;
-                    resident.insert((name.to_string(), smem), n);
+                    resident
+                        .entry(name.to_string())
+                        .or_default()
+                        .push((smem, n));
                     n
                 }
             };

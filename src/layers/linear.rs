@@ -267,7 +267,7 @@ impl ParallelLinear {
             return Ok(None);
         }
         let rows: usize = x.dims().split_last().map_or(1, |(_, r)| r.iter().product());
-        let width: usize = self.part_widths().iter().sum();
+        let width: usize = self.parts.iter().map(|p| p.shape().0).sum();
         let Some(target) = self.comm.reduce_target(rows * width * 4)? else {
             return Ok(None);
         };
