@@ -519,8 +519,11 @@ pub struct PeerAllReduce {
     /// Buffer pointers of ranks `0..MAX_WORLD`.
     table: CudaSlice<u64>,
     counters: CudaSlice<u32>,
-    /// Call numbers of the products' region (see `ticket_take` in [`LL`]).
-    ticket: CudaSlice<u64>,
+    /// Call numbers of the products' region (see `ticket_take` in [`LL`]), kept alive for the
+    /// address in `reduce`.
+    _ticket: CudaSlice<u64>,
+    /// The products' region as their kernels see it (addresses of the buffers above).
+    reduce: crate::comm::PeerReduce,
     error: ErrorWord,
     deadline: Duration,
     /// Peer buffers opened through IPC (closed before this rank's own buffers are freed).
@@ -593,15 +596,31 @@ impl PeerAllReduce {
             });
         };
         let error = ErrorWord::new()?;
+        let deadline = deadline();
+        let reduce = {
+            use cudarc::driver::DevicePtr;
+            crate::comm::PeerReduce {
+                table: table.device_ptr(stream).0,
+                ticket: ticket.device_ptr(stream).0,
+                err: error.dev,
+                rank: rank as i32,
+                world: world as i32,
+                cap: REDUCE_SLOT_WORDS as u64,
+                half: (MAX_WORLD * REDUCE_SLOT_WORDS) as u64,
+                base: (DATA_BYTES / 8) as u64,
+                timeout: deadline.as_nanos() as u64,
+            }
+        };
         Ok(Self {
             rank,
             world,
             kernels: [f32k, bf16k, f16k],
             table,
             counters,
-            ticket,
+            _ticket: ticket,
+            reduce,
             error,
-            deadline: deadline(),
+            deadline,
             _ipc: ipc,
             _mine: mine,
         })
@@ -671,19 +690,8 @@ impl PeerAllReduce {
     /// # Errors
     /// A peer missed the deadline in an earlier call (named).
     pub fn reduce_target(&self) -> Result<crate::comm::PeerReduce> {
-        use cudarc::driver::DevicePtr;
         self.check_peers("all_reduce_sum")?;
-        Ok(crate::comm::PeerReduce {
-            table: self.table.device_ptr(self.table.stream()).0,
-            ticket: self.ticket.device_ptr(self.ticket.stream()).0,
-            err: self.error.dev,
-            rank: self.rank as i32,
-            world: self.world as i32,
-            cap: REDUCE_SLOT_WORDS as u64,
-            half: (MAX_WORLD * REDUCE_SLOT_WORDS) as u64,
-            base: (DATA_BYTES / 8) as u64,
-            timeout: self.deadline.as_nanos() as u64,
-        })
+        Ok(self.reduce)
     }
 
     /// [`Self::all_reduce`] of a product's output (at most [`REDUCE_MAX_BYTES`]) as one call of
@@ -754,9 +762,7 @@ impl CustomOp1 for PeerOp<'_> {
         let elem = s.dtype().size_in_bytes();
         let products = self.region == Region::Products;
         let (cap, base, ticket) = if products {
-            use cudarc::driver::DevicePtr;
-            let ticket = p.ticket.device_ptr(&stream).0;
-            (REDUCE_SLOT_WORDS as u64, (DATA_BYTES / 8) as u64, ticket)
+            (p.reduce.cap, p.reduce.base, p.reduce.ticket)
         } else {
             (SLOT_WORDS as u64, 0, 0)
         };
