@@ -28,9 +28,11 @@
 #             profiles only those kernels: with PROFILE_SKIP=0 and a large PROFILE_COUNT, a
 #             batch's decode steps rather than its prefill
 #   PROFILE_KERNEL  a kernel name (regex): one launch of it under ncu's stall sections
-#             (warp states, scheduler, occupancy, speed of light), eager TP1 decode
+#             (warp states, scheduler, occupancy, speed of light), eager TP1 decode at batch
+#             $PROFILE_BATCH
 #   NSYS      1 records decode steps at 1 and 2 GPUs with Nsight Systems (when the machine has
-#             `nsys`) and prints idle time between kernels and steps (bench/nsys_gaps.py)
+#             `nsys`) and prints idle time between kernels and steps (bench/nsys_gaps.py), at
+#             batch NSYS_BATCH (default 1)
 #   MODEL     the decode sections' model (default synthetic:llama3-8b; synthetic:llama3-8b-half
 #             is one rank's share of it at two ranks: its one-GPU step is a two-GPU step's
 #             products without the collectives)
@@ -136,7 +138,7 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
         SHARDWISE_CUDA_GRAPH=0 step ncu --kernel-name "regex:$PROFILE_KERNEL" --launch-skip 200 \
             --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats \
             --section SchedulerStats --section WarpStateStats "$BIN" bench decode \
-            --model "$MODEL" --local 1 --transport nccl --dtype bf16 --batch 1 \
+            --model "$MODEL" --local 1 --transport nccl --dtype bf16 --batch "${PROFILE_BATCH:-1}" \
             --context 512 --steps 10 2>"$OUT/ncu-kernel.log" > "$OUT/ncu-kernel.txt"
         grep -E "Duration|Elapsed Cycles|SM Frequency|Executed Ipc|Issue Slots|Registers Per|Achieved Occ|No Eligible|Warp Cycles Per Issued|stall|Stall" \
             "$OUT/ncu-kernel.txt" | head -n 40
@@ -150,10 +152,11 @@ step() { timeout "${STEP_TIMEOUT:-240}" "$@" || { echo "FAILED ($?): $*"; FAILED
             step "$NSYS_BIN" profile --trace cuda --cuda-graph-trace node --sample none \
                 --cpuctxsw none --force-overwrite true --export sqlite -o "$OUT/decode-tp$n" \
                 "$BIN" bench decode --model "$MODEL" --local "$n" --transport nccl \
-                --dtype bf16 --batch 1 --context 512 --steps "${STEPS:-30}" > "$OUT/nsys-tp$n.log" 2>&1
+                --dtype bf16 --batch "${NSYS_BATCH:-1}" --context 512 --steps "${STEPS:-30}" > "$OUT/nsys-tp$n.log" 2>&1
             for d in $(seq 0 $(( n - 1 ))); do
                 python3 "$HERE/bench/nsys_gaps.py" "$OUT/decode-tp$n.sqlite" --device "$d" --keep 0.5
             done
+            rm -f "$OUT/decode-tp$n.sqlite" "$OUT/decode-tp$n.nsys-rep"
         done
     elif [[ "${NSYS:-0}" == 1 ]]; then
         echo "NSYS=1 but this machine has no nsys"

@@ -255,6 +255,45 @@ fn product_all_reduce_names_a_rank_that_never_arrives() {
 }
 
 #[test]
+fn norm_all_reduce_names_a_rank_that_never_arrives() {
+    use shardwise::comm::Communicator;
+    use shardwise::layers::fused::{self, NormIn, Owed};
+    // As above, for the wait inside a norm that finishes an owed all-reduce.
+    let Some(comms) = short_deadline_pair() else {
+        return;
+    };
+    let dev = comms[0].cuda_device();
+    let (rows, n) = (8, 512);
+    let x = candle_core::Tensor::ones((rows, n), DType::BF16, dev).unwrap();
+    let w = candle_core::Tensor::ones(n, DType::BF16, dev).unwrap();
+    let target = comms[0]
+        .reduce_target(rows * n * 4)
+        .unwrap()
+        .expect("a product target on the peer path");
+    let owed = Owed {
+        target,
+        comm: &comms[0],
+    };
+    // Rank 1 never runs its norm: rank 0's blocks give up after the deadline, and the next
+    // call says who.
+    let t0 = std::time::Instant::now();
+    let norm = NormIn {
+        x: &x,
+        delta: Some(&x),
+        owed: Some(owed),
+        w: &w,
+        eps: 1e-5,
+    };
+    fused::add_rms_norm_in(norm).unwrap();
+    dev.synchronize().unwrap();
+    let err = comms[0]
+        .reduce_target(rows * n * 4)
+        .unwrap_err()
+        .to_string();
+    names_rank_1_in_time(&err, t0);
+}
+
+#[test]
 fn nccl_init_names_a_group_that_never_fills() {
     // Rank 0 of 2 joins a group that rank 1 never joins: an error after the deadline, not a
     // hang (the helper thread stays blocked in NCCL until the process exits).
@@ -431,7 +470,6 @@ fn rms_rows(x: &[f64], w: &[f64], rows: usize, n: usize, eps: f64) -> Vec<f64> {
     out
 }
 
-/// Largest |got - want| relative to the largest |want|.
 /// Head `h` (width `hd`) of `x` rotated by the `[cos, sin]` rows: pairs `(p, p + hd / 2)`, or
 /// `(2p, 2p + 1)` when `interleaved`.
 fn rotate_head(x: &[f64], h: usize, hd: usize, [c, s]: [&[f64]; 2], interleaved: bool) -> Vec<f64> {
@@ -464,6 +502,7 @@ fn product64(x: &[f64], w: &[f64], rows: usize, n: usize, kd: usize) -> Vec<f64>
 /// reference (a kernel's result; results of two rounded steps get twice this).
 const KERNEL_TOLERANCES: [(DType, f64); 2] = [(DType::F32, 2e-5), (DType::BF16, 1.6e-2)];
 
+/// Largest |got - want| relative to the largest |want|.
 fn rel_err(got: &[f64], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(1e-30f64, |m, w| m.max(w.abs()));
@@ -860,6 +899,7 @@ fn gemv_kernels_match_float64_references() {
                 let sum = residual_sum(&xv, with_delta.then_some(dv.as_slice()), dtype);
                 let h = rms_rows(&sum, &nwv, rows, kd, eps);
                 let n = NormIn {
+                    owed: None,
                     x: &x,
                     delta: with_delta.then_some(&d),
                     w: &nw,
@@ -939,6 +979,7 @@ fn qkv_gemv_with_rotary_matches_float64_reference() {
                     &dev,
                 );
                 let n = NormIn {
+                    owed: None,
                     x: &x,
                     delta: with_delta.then_some(&d),
                     w: &nw,
@@ -986,6 +1027,7 @@ fn qkv_gemv_with_rotary_matches_float64_reference() {
         let (cos, _) = put(&randn(hd / 2, &mut rng), &[1, hd / 2], dtype, &dev);
         let (kc, kcv) = put(&randn(4 * hd, &mut rng), &[1, 1, 4, hd], dtype, &dev);
         let n = NormIn {
+            owed: None,
             x: &x,
             delta: None,
             w: &nw,
@@ -1065,6 +1107,95 @@ fn peer_all_gather_matches_host_concatenation_between_all_reduces() {
                         got == want,
                         "{dtype:?} {rows}x{sizes:?} call {call}: rank {r}'s gather differs"
                     );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn norms_finishing_an_owed_all_reduce_match_the_all_reduce_then_the_norm() {
+    use shardwise::comm::Communicator;
+    use shardwise::layers::fused::{self, NormIn, Owed};
+    let Some(comms) = peer_group() else {
+        return;
+    };
+    let world = comms.len();
+    const CALLS: usize = 6;
+    let eps = 1e-5f32;
+    for (dtype, tol) in KERNEL_TOLERANCES {
+        // A batch step's rows, rows of odd words (2050 bf16 elements), the region's whole slot,
+        // and a width whose 2-byte rows are not whole words (the plain call then).
+        for (rows, n) in [(8, 4096), (3, 2050), (2, 16384), (1, 4097)] {
+            let per_rank = shardwise::comm::each_rank(comms.iter().collect(), |r, c| {
+                let dev = c.cuda_device();
+                let mut rng = rand::rng();
+                let mut out = Vec::new();
+                for call in 0..CALLS {
+                    let (x, x64) = put(&randn(rows * n, &mut rng), &[rows, n], dtype, dev);
+                    let (d, d64) = put(&randn(rows * n, &mut rng), &[rows, n], dtype, dev);
+                    let (w, w64) = put(&randn(n, &mut rng), &[n], dtype, dev);
+                    let target = c
+                        .reduce_target(rows * n * 4)?
+                        .expect("a product target on the peer path");
+                    let owed = Owed { target, comm: c };
+                    // The same call of the protocol made either way: every rank's norm
+                    // finishes it (calls 0, 3), only rank 0's (1, 4), none (2, 5).
+                    let own = match call % 3 {
+                        0 => true,
+                        1 => r == 0,
+                        _ => false,
+                    };
+                    let (sum, normed) = if own {
+                        let n = NormIn {
+                            x: &x,
+                            delta: Some(&d),
+                            owed: Some(owed),
+                            w: &w,
+                            eps,
+                        };
+                        fused::add_rms_norm_in(n)?
+                    } else {
+                        fused::add_rms_norm(&x, Some(&owed.settle(&d)?), &w, eps)?
+                    };
+                    let reduced = c.all_reduce_sum(&d)?;
+                    let (psum, pnormed) = fused::add_rms_norm(&x, Some(&reduced), &w, eps)?;
+                    // A product finishing its own all-reduce in between: the same region's
+                    // call numbers.
+                    let (px, _) = put(&randn(2 * 64, &mut rng), &[2, 64], dtype, dev);
+                    let (pw, _) = put(&randn(256 * 64, &mut rng), &[256, 64], dtype, dev);
+                    let pt = c.reduce_target(2 * 256 * 4)?.expect("a product target");
+                    let _ = fused::linear_reduced(&px, &pw, pt)?.expect("the GEMV serves");
+                    out.push((
+                        [values(&sum), values(&normed)],
+                        [values(&psum), values(&pnormed)],
+                        (x64, d64, w64, values(&reduced)),
+                    ));
+                }
+                Ok(out)
+            })
+            .unwrap();
+            for call in 0..CALLS {
+                let total: Vec<f64> = (0..rows * n)
+                    .map(|i| per_rank.iter().map(|calls| calls[call].2 .1[i]).sum())
+                    .collect();
+                for (r, calls) in per_rank.iter().enumerate() {
+                    let (got, plain, (x64, _, w64, reduced)) = &calls[call];
+                    let what = format!("{dtype:?} {rows}x{n} call {call} rank {r}/{world}");
+                    assert!(
+                        got == plain,
+                        "{what}: differs from the all-reduce then the norm"
+                    );
+                    let err = rel_err(reduced, &total);
+                    assert!(err <= tol, "{what}: the all-reduce is {err} from float64");
+                    // The reference from the all-reduce's rounded sums: the norm's own error.
+                    let sum = residual_sum(x64, Some(reduced), dtype);
+                    assert!(
+                        rel_err(&got[0], &sum) == 0.0,
+                        "{what}: the residual sum differs"
+                    );
+                    let err = rel_err(&got[1], &rms_rows(&sum, w64, rows, n, eps as f64));
+                    assert!(err <= tol, "{what}: the norm is {err} from float64");
                 }
             }
         }

@@ -138,6 +138,24 @@ pub struct PeerReduce {
     pub timeout: u64,
 }
 
+#[cfg(feature = "cuda")]
+impl PeerReduce {
+    /// Appends the target to a kernel's arguments, in the order the kernels take it
+    /// (`peers, ticket, err, rank, world, cap, half, base, timeout`).
+    pub(crate) fn push_args<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
+        use cudarc::driver::PushKernelArg;
+        b.arg(&self.table)
+            .arg(&self.ticket)
+            .arg(&self.err)
+            .arg(&self.rank)
+            .arg(&self.world)
+            .arg(&self.cap)
+            .arg(&self.half)
+            .arg(&self.base)
+            .arg(&self.timeout);
+    }
+}
+
 /// How a peer's tensor differs from this rank's, ignoring dimension `skip` (all-gather
 /// pieces may differ there); `None` when they fit together.
 pub(crate) fn mismatch(theirs: &Tensor, mine: &Tensor, skip: Option<usize>) -> Option<String> {

@@ -233,6 +233,15 @@ impl AttentionProjections {
         self.o.forward(attn)
     }
 
+    /// [`Self::o`], whose all-reduce may still be owed (see
+    /// [`ParallelLinear::forward_owing`]).
+    ///
+    /// # Errors
+    /// Kernel or collective errors.
+    pub fn o_owing(&self, attn: &Tensor) -> Result<super::Partial<'_>> {
+        self.o.forward_owing(attn)
+    }
+
     /// Quantizes all four projections.
     ///
     /// # Errors

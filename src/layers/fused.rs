@@ -87,10 +87,71 @@ pub struct NormIn<'a> {
     pub x: &'a Tensor,
     /// Added to `x` before the norm (a previous block's output).
     pub delta: Option<&'a Tensor>,
+    /// With `delta`: it is this rank's part of a row-parallel product whose all-reduce is
+    /// still owed, to be done before the add (in the norm's own kernel where it serves).
+    pub owed: Option<Owed<'a>>,
     /// Norm weight `[width]`.
     pub w: &'a Tensor,
     /// Norm epsilon.
     pub eps: f32,
+}
+
+/// The all-reduce a row-parallel product's output still owes: one call of the peer
+/// products' protocol ([`crate::comm::Communicator::reduce_target`]), which its ranks were
+/// promised. Whoever consumes the output makes that call exactly once: the norm that follows
+/// ([`add_rms_norm_in`]) in its own kernel, or [`Owed::settle`].
+#[derive(Clone, Copy)]
+pub struct Owed<'a> {
+    /// Where the call goes.
+    pub target: crate::comm::PeerReduce,
+    /// The communicator that promised it, for the plain call.
+    pub comm: &'a dyn crate::comm::Communicator,
+}
+
+impl std::fmt::Debug for Owed<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Owed")
+            .field("target", &self.target)
+            .finish()
+    }
+}
+
+impl Owed<'_> {
+    /// `partial` summed over the ranks by the all-reduce kernel of the owed protocol.
+    ///
+    /// # Errors
+    /// Collective errors (a peer that missed the deadline, named).
+    pub fn settle(&self, partial: &Tensor) -> Result<Tensor> {
+        self.comm.all_reduce_product(partial)
+    }
+}
+
+/// Whether an owed all-reduce may be done by the norm that follows it
+/// (`SHARDWISE_NORM_REDUCE=0`: never, the all-reduce kernel runs first, to measure it).
+pub fn norm_reduce_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SHARDWISE_NORM_REDUCE").map_or(true, |v| v != "0"))
+}
+
+/// [`add_rms_norm`] of `n`, doing first the all-reduce its delta owes: in the same kernel
+/// where it serves (a CUDA rank, rows whose bytes are whole 4-byte words), else by
+/// [`Owed::settle`]. `(sum, normed)`; every rank gets the bits it would get from the
+/// all-reduce kernel followed by [`add_rms_norm`].
+///
+/// # Errors
+/// Shape mismatches, kernel and collective errors.
+pub fn add_rms_norm_in(n: NormIn<'_>) -> Result<(Tensor, Tensor)> {
+    let (Some(d), Some(owed)) = (n.delta, n.owed) else {
+        return add_rms_norm(n.x, n.delta, n.w, n.eps);
+    };
+    #[cfg(feature = "cuda")]
+    if fused_on(n.x) && n.w.elem_count() <= gpu::MAX_NORM_WIDTH {
+        if let Some(r) = gpu::add_rms_norm_reduced(n.x, d, n.w, n.eps, owed.target)? {
+            return Ok(r);
+        }
+    }
+    let d = owed.settle(d)?;
+    add_rms_norm(n.x, Some(&d), n.w, n.eps)
 }
 
 /// `x @ w^T` (`w`: `[out, in]`) for the one or two rows of a decode step, by the project's
@@ -462,37 +523,73 @@ __device__ float block_sum(float v, float* red) {
 }
 
 // One block per row: y = x * rsqrt(mean(x^2) + eps) * w, where x is the row, or with `a` the
-// row plus a's row rounded to T (also written to xo). Each thread keeps its (at most PER)
-// elements and weights in registers between the two passes.
+// row plus a's row rounded to T (also written to xo). Each thread holds the elements of 4-byte
+// words tid, tid + blockDim.x, ... of the row (at most PER elements; as add_rms_reduced holds
+// them, so that both sum the squares in one order and give the same bits) in registers
+// between the passes. Every load of x and a is issued before the first store (a store could
+// alias them, so the compiler would not move loads above it), and w's while the block sums.
 #define PER 16
+// The norm weights of the elements add_rms's thread holds, into ws.
+template <typename K>
+__device__ __forceinline__ void load_norm_weights(const typename K::T* w, int n, float* ws) {
+  constexpr int E = 4 / sizeof(typename K::T);
+#pragma unroll
+  for (int r = 0; r < PER / E; ++r)
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      const int i = (threadIdx.x + r * blockDim.x) * E + j;
+      ws[r * E + j] = i < n ? K::ld(w[i]) : 0.f;
+    }
+}
+
+// y = vals * inv * ws for the elements add_rms's thread holds.
+template <typename K>
+__device__ __forceinline__ void store_normed(typename K::T* y, int n, const float* vals,
+                                             const float* ws, float inv) {
+  constexpr int E = 4 / sizeof(typename K::T);
+#pragma unroll
+  for (int r = 0; r < PER / E; ++r)
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      const int i = (threadIdx.x + r * blockDim.x) * E + j;
+      if (i < n) y[i] = K::st(vals[r * E + j] * inv * ws[r * E + j]);
+    }
+}
+
 template <typename K, bool ADD>
 __device__ void add_rms(const typename K::T* x, const typename K::T* a, const typename K::T* w,
                         typename K::T* xo, typename K::T* y, int n, float eps) {
   typedef typename K::T T;
+  constexpr int E = 4 / sizeof(T);  // elements per word
   __shared__ float red[32];
   const long long off = (long long)blockIdx.x * n;
   x += off; y += off;
   if (ADD) { a += off; xo += off; }
-  float vals[PER], ws[PER];
+  float vals[PER], other[PER];
+#pragma unroll
+  for (int r = 0; r < PER / E; ++r)
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      const int i = (threadIdx.x + r * blockDim.x) * E + j;
+      vals[r * E + j] = i < n ? K::ld(x[i]) : 0.f;
+      if (ADD) other[r * E + j] = i < n ? K::ld(a[i]) : 0.f;
+    }
   float ss = 0.f;
 #pragma unroll
-  for (int r = 0; r < PER; ++r) {
-    const int i = threadIdx.x + r * blockDim.x;
-    vals[r] = 0.f; ws[r] = 0.f;
-    if (i < n) {
-      float v = K::ld(x[i]);
-      if (ADD) { const T s = K::st(v + K::ld(a[i])); xo[i] = s; v = K::ld(s); }
-      vals[r] = v;
-      ws[r] = K::ld(w[i]);
-      ss += v * v;
-    }
-  }
-  const float inv = rsqrtf(block_sum(ss, red) / (float)n + eps);
+  for (int r = 0; r < PER / E; ++r)
 #pragma unroll
-  for (int r = 0; r < PER; ++r) {
-    const int i = threadIdx.x + r * blockDim.x;
-    if (i < n) y[i] = K::st(vals[r] * inv * ws[r]);
-  }
+    for (int j = 0; j < E; ++j) {
+      const int i = (threadIdx.x + r * blockDim.x) * E + j;
+      if (i < n) {
+        float v = vals[r * E + j];
+        if (ADD) { const T s = K::st(v + other[r * E + j]); xo[i] = s; v = K::ld(s); }
+        vals[r * E + j] = v;
+        ss += v * v;
+      }
+    }
+  load_norm_weights<K>(w, n, other);
+  const float inv = rsqrtf(block_sum(ss, red) / (float)n + eps);
+  store_normed<K>(y, n, vals, other, inv);
 }
 
 // y[r, c] = silu(gu[r, c]) * gu[r, half + c], silu's result rounded to T first.
@@ -1359,6 +1456,88 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
   }
 }
 
+// add_rms with a's rows all-reduced first over peer memory (see ReduceArgs): one call of the
+// products' region whose payload words are a's, numbered as the all-reduce kernel numbers
+// them (word i holds elements i * E ..), so a peer may take part with that kernel instead.
+// Each block (a row) takes a ticket, pushes its words of a to every peer, loads its x and w
+// while the peers' words travel, then sums the ranks' words in rank order and rounds to T
+// (as the all-reduce writes its output) before the residual add: the bits of the all-reduce
+// kernel followed by add_rms. Needs n * sizeof(T) a multiple of 4.
+template <typename K>
+__device__ void add_rms_reduced(const typename K::T* x, const typename K::T* a,
+                                const typename K::T* w, typename K::T* xo, typename K::T* y,
+                                int n, float eps, ReduceArgs ra) {
+  typedef typename K::T T;
+  constexpr int E = 4 / sizeof(T);  // elements per payload word
+  constexpr int PW = PER / E;       // words per thread
+  __shared__ float red[32];
+  __shared__ unsigned epoch;
+  const u64 taken = threadIdx.x == 0 ? ticket_take(ra.ticket) : 0ull;
+  const long long off = (long long)blockIdx.x * n;
+  x += off; a += off; xo += off; y += off;
+  const int nw = n / E;
+  unsigned d[PW];
+#pragma unroll
+  for (int r = 0; r < PW; ++r) {
+    const int i = threadIdx.x + r * blockDim.x;
+    d[r] = 0u;
+    if (i < nw) {
+#pragma unroll
+      for (int j = 0; j < E; ++j) d[r] |= word_of(a[i * E + j], j);
+    }
+  }
+  if (threadIdx.x == 0) epoch = ticket_close(ra.ticket, taken);
+  __syncthreads();
+  const unsigned e = epoch;
+  const u64 at = ra.base + (u64)(e & 1u) * ra.half + (u64)off / E;
+  const u64 tag = (u64)e << 32;
+#pragma unroll
+  for (int r = 0; r < PW; ++r) {
+    const int i = threadIdx.x + r * blockDim.x;
+    if (i < nw)
+      for (int p = 0; p < ra.world; ++p)
+        if (p != ra.rank) st_ll((u64*)ra.peers[p] + at + (u64)ra.rank * ra.cap + i, tag | d[r]);
+  }
+  float vals[PER];
+#pragma unroll
+  for (int r = 0; r < PW; ++r) {
+    const int i = threadIdx.x + r * blockDim.x;
+#pragma unroll
+    for (int j = 0; j < E; ++j) vals[r * E + j] = i < nw ? K::ld(x[i * E + j]) : 0.f;
+  }
+  const u64* mine = (const u64*)ra.peers[ra.rank] + at;
+  const u64 t0 = now_ns();
+  bool gone = false;
+  float ss = 0.f;
+#pragma unroll
+  for (int r = 0; r < PW; ++r) {
+    const int i = threadIdx.x + r * blockDim.x;
+    if (i >= nw) break;
+    float acc[E];
+#pragma unroll
+    for (int j = 0; j < E; ++j) acc[j] = 0.f;
+    for (int p = 0; p < ra.world; ++p) {
+      const unsigned got = p == ra.rank
+                               ? d[r]
+                               : ll_wait(mine + (u64)p * ra.cap + i, e, t0, ra.timeout, ra.err, p, gone);
+#pragma unroll
+      for (int j = 0; j < E; ++j) acc[j] += K::ld(elem_of<T>(got, j));
+    }
+#pragma unroll
+    for (int j = 0; j < E; ++j) {
+      const T s = K::st(vals[r * E + j] + K::ld(K::st(acc[j])));
+      xo[i * E + j] = s;
+      const float v = K::ld(s);
+      vals[r * E + j] = v;
+      ss += v * v;
+    }
+  }
+  float ws[PER];
+  load_norm_weights<K>(w, n, ws);
+  const float inv = rsqrtf(block_sum(ss, red) / (float)n + eps);
+  store_normed<K>(y, n, vals, ws, inv);
+}
+
 // Rotary embedding of one token's q and k heads (pairs (p, p + hd/2), or (2p, 2p + 1) when
 // interleaved) with the position's cos/sin row; q goes to qo, k and v into the caches at the
 // position (from the device when pos_ptr is set).
@@ -1405,10 +1584,16 @@ __device__ void rope_store(const typename K::T* q, const typename K::T* k,
     k += (long long)blockIdx.y * nkv * hd; v += (long long)blockIdx.y * nkv * hd; \
   }
 #define KERNELS(sfx, K) \
-extern "C" __global__ void rms_norm_##sfx(const K::T* x, const K::T* w, K::T* y, int n, \
+extern "C" __global__ void __launch_bounds__(1024, 1) rms_norm_##sfx(const K::T* x, const K::T* w, K::T* y, int n, \
     float eps) { add_rms<K, false>(x, x, w, y, y, n, eps); } \
-extern "C" __global__ void add_rms_norm_##sfx(const K::T* x, const K::T* a, const K::T* w, \
+extern "C" __global__ void __launch_bounds__(1024, 1) add_rms_norm_##sfx(const K::T* x, const K::T* a, const K::T* w, \
     K::T* xo, K::T* y, int n, float eps) { add_rms<K, true>(x, a, w, xo, y, n, eps); } \
+extern "C" __global__ void __launch_bounds__(1024, 1) add_rms_norm_reduce_##sfx(const K::T* x, \
+    const K::T* a, \
+    const K::T* w, K::T* xo, K::T* y, int n, float eps, const u64* peers, u64* ticket, \
+    unsigned* err, int rank, int world, u64 cap, u64 half, u64 base, u64 timeout) { \
+  add_rms_reduced<K>(x, a, w, xo, y, n, eps, \
+      ReduceArgs{peers, ticket, err, rank, world, cap, half, base, timeout}); } \
 extern "C" __global__ void rope_store_##sfx(const K::T* q, const K::T* k, const K::T* v, \
     const K::T* cosr, const K::T* sinr, K::T* qo, K::T* kc, K::T* vc, const unsigned* pos_ptr, \
     int pos_host, int nq, int nkv, int hd, long long kc_h, long long kc_p, long long vc_h, \
@@ -1620,7 +1805,13 @@ MMA_KERNELS(f16, F16)
         }
     }
 
-    const OPS: [&str; 4] = ["rms_norm", "add_rms_norm", "silu_mul", "rope_store"];
+    const OPS: [&str; 5] = [
+        "rms_norm",
+        "add_rms_norm",
+        "add_rms_norm_reduce",
+        "silu_mul",
+        "rope_store",
+    ];
     const SUFFIXES: [&str; 3] = ["f32", "bf16", "f16"];
 
     /// One device's kernels and attention workspace.
@@ -1865,6 +2056,9 @@ MMA_KERNELS(f16, F16)
     /// Output `[2, ..x]`: the sum, then the normed sum.
     struct AddNorm {
         eps: f32,
+        /// The delta is this rank's part, all-reduced in the kernel first (see
+        /// [`super::add_rms_norm_in`]).
+        reduce: Option<crate::comm::PeerReduce>,
     }
 
     impl CustomOp3 for AddNorm {
@@ -1885,7 +2079,11 @@ MMA_KERNELS(f16, F16)
         ) -> candle_core::Result<(CudaStorage, Shape)> {
             let dev = x.device().clone();
             let k = kernels(&dev)?;
-            let f = k.func("add_rms_norm", x.dtype())?;
+            let name = match self.reduce {
+                Some(_) => "add_rms_norm_reduce",
+                None => "add_rms_norm",
+            };
+            let f = k.func(name, x.dtype())?;
             let (xs, xe) = contiguous_range(xl, "add_rms_norm")?;
             let (as_, ae) = contiguous_range(al, "add_rms_norm")?;
             let (ws, we) = contiguous_range(wl, "add_rms_norm")?;
@@ -1913,7 +2111,11 @@ MMA_KERNELS(f16, F16)
                             .arg(&mut y)
                             .arg(&n32)
                             .arg(&eps);
-                        // SAFETY: arguments match the kernel's signature.
+                        if let Some(p) = &self.reduce {
+                            p.push_args(&mut b);
+                        }
+                        // SAFETY: arguments match the kernel's signature (with a target,
+                        // the caller checked that the rows are whole words within its slot).
                         unsafe { b.launch(cfg) }.map_err(cerr)?;
                     }
                     Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(dims)))
@@ -1946,10 +2148,42 @@ MMA_KERNELS(f16, F16)
                     .into());
                 }
                 let d = d.contiguous()?;
-                let both = x.apply_op3_no_bwd(&d, &w, &AddNorm { eps })?;
+                let both = x.apply_op3_no_bwd(&d, &w, &AddNorm { eps, reduce: None })?;
                 Ok((both.get(0)?, both.get(1)?))
             }
         }
+    }
+
+    /// The kernel behind [`super::add_rms_norm_in`]: `delta` (this rank's part) all-reduced
+    /// through `target`, added to `x` and normed. `None` (nothing launched) where it does not
+    /// serve: shapes or dtypes that differ, rows that are not whole 4-byte words, or more
+    /// words than the target's slot.
+    pub(super) fn add_rms_norm_reduced(
+        x: &Tensor,
+        delta: &Tensor,
+        w: &Tensor,
+        eps: f32,
+        target: crate::comm::PeerReduce,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let n = w.elem_count();
+        let bytes = x.elem_count() * x.dtype().size_in_bytes();
+        let fits = delta.shape() == x.shape()
+            && delta.dtype() == x.dtype()
+            && w.dtype() == x.dtype()
+            && x.dims().last() == Some(&n)
+            && n > 0
+            && (n * x.dtype().size_in_bytes()) % 4 == 0
+            && (bytes / 4) as u64 <= target.cap;
+        if !fits {
+            return Ok(None);
+        }
+        let (x, d, w) = (x.contiguous()?, delta.contiguous()?, w.contiguous()?);
+        let op = AddNorm {
+            eps,
+            reduce: Some(target),
+        };
+        let both = x.apply_op3_no_bwd(&d, &w, &op)?;
+        Ok(Some((both.get(0)?, both.get(1)?)))
     }
 
     struct SiluMul;
@@ -2137,15 +2371,7 @@ MMA_KERNELS(f16, F16)
                                 .arg(&t.interleaved);
                         }
                         if let Some(p) = &self.reduce {
-                            b.arg(&p.table)
-                                .arg(&p.ticket)
-                                .arg(&p.err)
-                                .arg(&p.rank)
-                                .arg(&p.world)
-                                .arg(&p.cap)
-                                .arg(&p.half)
-                                .arg(&p.base)
-                                .arg(&p.timeout);
+                            p.push_args(&mut b);
                         }
                         // SAFETY: arguments match the kernel's signature; the caller checked
                         // shapes, dtypes and 16-byte alignment of every operand (and, with a

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Tensor, D};
 
-use super::fused::{self, NormIn};
+use super::fused::{self, NormIn, Owed};
 use super::lora::Lora;
 use crate::comm::Communicator;
 use crate::error::{Error, LayerContext, Result};
@@ -23,6 +23,59 @@ pub enum Reduce {
     /// Output slices are concatenated along the last dimension (column-parallel with a full
     /// output, e.g. a vocab-parallel lm_head).
     AllGather,
+}
+
+/// A layer's output on this rank, with the all-reduce it may still owe (see
+/// [`ParallelLinear::forward_owing`]).
+#[derive(Debug, Clone)]
+pub struct Partial<'a> {
+    /// The output, or with `owed` this rank's part of it.
+    pub y: Tensor,
+    /// The all-reduce that makes `y` the output.
+    pub owed: Option<Owed<'a>>,
+}
+
+impl<'a> Partial<'a> {
+    /// An output that owes nothing.
+    pub fn done(y: Tensor) -> Self {
+        Self { y, owed: None }
+    }
+
+    /// The output, doing the all-reduce it owes.
+    ///
+    /// # Errors
+    /// Collective errors.
+    pub fn settle(self) -> Result<Tensor> {
+        match self.owed {
+            Some(o) => o.settle(&self.y),
+            None => Ok(self.y),
+        }
+    }
+
+    /// The same rows of the output (`f` applied to `y`; an owed all-reduce is per element).
+    ///
+    /// # Errors
+    /// As `f`.
+    pub fn map(self, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(Self {
+            y: f(&self.y)?,
+            owed: self.owed,
+        })
+    }
+
+    /// The input of the norm that follows: `x` plus this output, normed by `w`.
+    pub fn norm_in<'b>(this: Option<&'b Self>, x: &'b Tensor, w: &'b Tensor, eps: f32) -> NormIn<'b>
+    where
+        'a: 'b,
+    {
+        NormIn {
+            x,
+            delta: this.map(|p| &p.y),
+            owed: this.and_then(|p| p.owed),
+            w,
+            eps,
+        }
+    }
 }
 
 /// One weight tensor (or one chunk of a packed tensor) a rank loads: `{name}.weight` of full
@@ -249,9 +302,32 @@ impl ParallelLinear {
     /// # Errors
     /// Kernel or collective errors, naming the layer.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        (|| match self.reduced_product(x)? {
-            Some(y) => crate::quant::add_bias(y, self.bias_after.as_ref()),
+        (|| match self.reduced_product(x, false)? {
+            Some((y, _)) => crate::quant::add_bias(y, self.bias_after.as_ref()),
             None => self.combine(self.product(x)?),
+        })()
+        .in_layer(&self.name)
+    }
+
+    /// [`Self::forward`], except that a row-parallel product whose all-reduce could be done
+    /// by the norm that follows it (see [`fused::add_rms_norm_in`]) returns this rank's part
+    /// and the all-reduce it owes, which the caller passes on in a [`NormIn`] or settles.
+    ///
+    /// # Errors
+    /// Kernel or collective errors, naming the layer.
+    pub fn forward_owing(&self, x: &Tensor) -> Result<Partial<'_>> {
+        (|| -> Result<Partial<'_>> {
+            match self.reduced_product(x, fused::norm_reduce_on())? {
+                Some((y, Some(owed))) => Ok(Partial {
+                    y,
+                    owed: Some(owed),
+                }),
+                Some((y, None)) => Ok(Partial::done(crate::quant::add_bias(
+                    y,
+                    self.bias_after.as_ref(),
+                )?)),
+                None => Ok(Partial::done(self.combine(self.product(x)?)?)),
+            }
         })()
         .in_layer(&self.name)
     }
@@ -261,8 +337,9 @@ impl ParallelLinear {
     /// ([`crate::comm::Communicator::reduce_target`], decided on shapes every rank shares,
     /// counting 4 bytes an element whatever the product's type). A rank whose product cannot
     /// (no dense unbiased weight, a shape the kernel does not take) runs its product and then
-    /// an all-reduce of the same protocol, so ranks may differ in this.
-    fn reduced_product(&self, x: &Tensor) -> Result<Option<Tensor>> {
+    /// an all-reduce of the same protocol, so ranks may differ in this; with `owe` and no
+    /// bias to add after the sum, it returns its part with that all-reduce still owed.
+    fn reduced_product(&self, x: &Tensor, owe: bool) -> Result<Option<(Tensor, Option<Owed<'_>>)>> {
         if !matches!(self.reduce, Reduce::AllReduce) {
             return Ok(None);
         }
@@ -273,10 +350,18 @@ impl ParallelLinear {
         };
         if let Some(w) = self.dense_unbiased() {
             if let Some(y) = fused::linear_reduced(x, w, target)? {
-                return Ok(Some(y));
+                return Ok(Some((y, None)));
             }
         }
-        Ok(Some(self.comm.all_reduce_product(&self.product(x)?)?))
+        let owed = Owed {
+            target,
+            comm: &*self.comm,
+        };
+        let y = self.product(x)?;
+        if owe && self.bias_after.is_none() {
+            return Ok(Some((y, Some(owed))));
+        }
+        Ok(Some((owed.settle(&y)?, None)))
     }
 
     /// The product of the normed input `n` (see [`NormIn`]), then as [`Self::forward`];
@@ -288,14 +373,15 @@ impl ParallelLinear {
     /// Kernel or collective errors, naming the layer.
     pub fn forward_normed(&self, n: NormIn<'_>, silu: bool) -> Result<(Tensor, Tensor)> {
         let run = || -> Result<(Tensor, Tensor)> {
-            let fused = match self.dense_unbiased() {
-                Some(w) => fused::norm_linear(n, w, silu)?,
-                None => None,
+            // An owed all-reduce is done by the norm's kernel, not the GEMV's.
+            let fused = match (self.dense_unbiased(), n.owed) {
+                (Some(w), None) => fused::norm_linear(n, w, silu)?,
+                _ => None,
             };
             let (x, y) = match fused {
                 Some(r) => r,
                 None => {
-                    let (x, h) = fused::add_rms_norm(n.x, n.delta, n.w, n.eps)?;
+                    let (x, h) = fused::add_rms_norm_in(n)?;
                     let y = self.product(&h)?;
                     (x, if silu { fused::silu_mul(&y)? } else { y })
                 }
@@ -317,7 +403,7 @@ impl ParallelLinear {
         n: NormIn<'_>,
         rope: fused::RopeIn<'_>,
     ) -> Result<Option<(Tensor, Tensor)>> {
-        if !matches!(self.reduce, Reduce::None) || self.bias_after.is_some() {
+        if !matches!(self.reduce, Reduce::None) || self.bias_after.is_some() || n.owed.is_some() {
             return Ok(None);
         }
         match self.dense_unbiased() {

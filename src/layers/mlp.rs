@@ -5,7 +5,7 @@ use std::sync::Arc;
 use candle_core::Tensor;
 
 use super::fused::NormIn;
-use super::linear::{ParallelLinear, Piece, Reduce};
+use super::linear::{ParallelLinear, Partial, Piece, Reduce};
 use super::lora::LoraSet;
 use crate::comm::Communicator;
 use crate::error::Result;
@@ -129,13 +129,14 @@ impl Mlp {
 
     /// [`Self::forward`] of the normed input `n`: `(residual sum, output)`, the norm, the
     /// gate/up product and silu in one kernel where it serves (see
-    /// [`ParallelLinear::forward_normed`]).
+    /// [`ParallelLinear::forward_normed`]); the output may still owe its all-reduce (see
+    /// [`ParallelLinear::forward_owing`]).
     ///
     /// # Errors
     /// Kernel or collective errors.
-    pub fn forward_normed(&self, n: NormIn<'_>) -> Result<(Tensor, Tensor)> {
+    pub fn forward_normed(&self, n: NormIn<'_>) -> Result<(Tensor, Partial<'_>)> {
         let (x, h) = self.gate_up.forward_normed(n, true)?;
-        Ok((x, self.down.forward(&h)?))
+        Ok((x, self.down.forward_owing(&h)?))
     }
 
     /// Moves the projections to `device`.

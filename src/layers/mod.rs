@@ -15,6 +15,6 @@ pub mod moe;
 pub mod prequantized;
 
 pub use attention::{expand_kv, AttentionDims, AttentionProjections};
-pub use linear::{load_linear, ParallelLinear, Piece, Reduce};
+pub use linear::{load_linear, ParallelLinear, Partial, Piece, Reduce};
 pub use lora::{Lora, LoraSet};
 pub use mlp::Mlp;

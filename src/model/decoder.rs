@@ -16,13 +16,13 @@ use super::sampling::StepOutput;
 use crate::comm::Communicator;
 use crate::error::{Error, LayerContext, Result};
 use crate::layers::fused::{
-    add_rms_norm, batch_words, decode_attention, decode_attention_batch, device_address,
+    add_rms_norm_in, batch_words, decode_attention, decode_attention_batch, device_address,
     layer_table, layer_tables, rope_store, rope_store_batch, set_positions, CacheLen, NormIn,
     RopeIn, RopeSeq, SeqTable, StorePos, BATCH_WORDS,
 };
 use crate::layers::moe::{MoeBlock, MoeImpl};
 use crate::layers::{
-    AttentionDims, AttentionProjections, LoraSet, Mlp, ParallelLinear, Piece, Reduce,
+    AttentionDims, AttentionProjections, LoraSet, Mlp, ParallelLinear, Partial, Piece, Reduce,
 };
 use crate::quant::{IsqType, QuantConfig};
 use crate::shard::{plan_heads, plan_split, Shard, SplitSpec};
@@ -83,13 +83,14 @@ impl FeedForward {
         }
     }
 
-    /// The block of the normed input `n`: `(residual sum, output)`.
-    fn forward_normed(&self, n: NormIn<'_>) -> Result<(Tensor, Tensor)> {
+    /// The block of the normed input `n`: `(residual sum, output)`, the output possibly
+    /// still owing its all-reduce.
+    fn forward_normed(&self, n: NormIn<'_>) -> Result<(Tensor, Partial<'_>)> {
         match self {
             FeedForward::Dense(m) => m.forward_normed(n),
             FeedForward::Moe(m) => {
-                let (x, h) = add_rms_norm(n.x, n.delta, n.w, n.eps)?;
-                Ok((x, m.forward(&h)?))
+                let (x, h) = add_rms_norm_in(n)?;
+                Ok((x, Partial::done(m.forward(&h)?)))
             }
         }
     }
@@ -592,7 +593,8 @@ impl Model {
                 .in_layer(&format!("model.layers.{i}"))?;
             (x, pending) = (nx, Some(f));
         }
-        let (x, pending) = (x.squeeze(1)?, pending.map(|p| p.squeeze(1)).transpose()?);
+        let x = x.squeeze(1)?;
+        let pending = pending.map(|p| p.map(|y| Ok(y.squeeze(1)?))).transpose()?;
         self.head(&x, pending.as_ref(), eps)
     }
 
@@ -776,18 +778,13 @@ impl Model {
                 x.i((0, t - 1..t))?
             })
         };
-        let pending = pending.as_ref().map(rows).transpose()?;
+        let pending = pending.map(|p| p.map(rows)).transpose()?;
         self.head(&rows(&x)?, pending.as_ref(), ctx.eps)
     }
 
     /// Final norm of `x + pending` and the lm_head: f32 logits.
-    fn head(&self, x: &Tensor, pending: Option<&Tensor>, eps: f32) -> Result<Tensor> {
-        let n = NormIn {
-            x,
-            delta: pending,
-            w: &self.norm,
-            eps,
-        };
+    fn head(&self, x: &Tensor, pending: Option<&Partial<'_>>, eps: f32) -> Result<Tensor> {
+        let n = Partial::norm_in(pending, x, &self.norm, eps);
         let (_, logits) = self.lm_head.forward_normed(n, false)?;
         Ok(logits.to_dtype(DType::F32)?)
     }
@@ -862,7 +859,7 @@ impl Model {
             let (nx, f) = self.layers[i]
                 .forward(&x, None, &ctx, &mut cache)
                 .in_layer(&format!("model.layers.{i}"))?;
-            x = (nx + f)?;
+            x = (nx + f.settle()?)?;
         }
         Ok(x.to_device(&Device::Cpu)?)
     }
@@ -1083,48 +1080,38 @@ impl DecoderLayer {
     fn forward(
         &self,
         x: &Tensor,
-        pending: Option<&Tensor>,
+        pending: Option<&Partial<'_>>,
         ctx: &StepCtx<'_>,
         cache: &mut LayerCache,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<(Tensor, Partial<'_>)> {
         self.forward_with(x, pending, ctx.eps, |n| {
             if let Some((x, q)) = self.qkv_rotated(n, ctx, cache)? {
                 let (k, v) = cache.fixed_views(ctx.write, 1)?;
-                let y = self.attend_cached(&q, &k, &v, ctx)?;
-                return Ok((x, self.attn.o(&y)?));
+                return Ok((x, self.attend_cached(&q, &k, &v, ctx)?));
             }
-            let (x, qkv) = self.attn.qkv_normed(n)?;
-            Ok((x, self.attention(&qkv, ctx, cache)?))
+            let (x, (q, k, v)) = self.attn.qkv_normed(n)?;
+            Ok((x, self.attend(&q, &k, &v, ctx, cache)?))
         })
     }
 
     /// Residual `x` plus `pending` (the previous layer's feed-forward output) and the input
-    /// norm (as a [`NormIn`]) through `attention` (the q/k/v product to the output
-    /// projection; it returns the residual sum and its output), residual, norm, feed-forward.
-    /// Returns the residual stream and this layer's feed-forward output, which the next norm
-    /// adds (each add fused with the norm and the product that follow it, see
-    /// [`ParallelLinear::forward_normed`]).
+    /// norm (as a [`NormIn`]) through `attention` (the q/k/v product to the attention of this
+    /// rank's heads; it returns the residual sum and that), the output projection, residual,
+    /// norm, feed-forward. Returns the residual stream and this layer's feed-forward output,
+    /// which the next norm adds (each add fused with the norm and the product that follow it,
+    /// see [`ParallelLinear::forward_normed`]; each row-parallel output's all-reduce done by
+    /// the norm that follows it where it can, see [`ParallelLinear::forward_owing`]).
     fn forward_with(
         &self,
         x: &Tensor,
-        pending: Option<&Tensor>,
+        pending: Option<&Partial<'_>>,
         eps: f32,
         attention: impl FnOnce(NormIn<'_>) -> Result<(Tensor, Tensor)>,
-    ) -> Result<(Tensor, Tensor)> {
-        let n = NormIn {
-            x,
-            delta: pending,
-            w: &self.input_norm,
-            eps,
-        };
-        let (x, a) = attention(n)?;
-        let n = NormIn {
-            x: &x,
-            delta: Some(&a),
-            w: &self.post_norm,
-            eps,
-        };
-        self.ffn.forward_normed(n)
+    ) -> Result<(Tensor, Partial<'_>)> {
+        let (x, y) = attention(Partial::norm_in(pending, x, &self.input_norm, eps))?;
+        let a = self.attn.o_owing(&y)?;
+        self.ffn
+            .forward_normed(Partial::norm_in(Some(&a), &x, &self.post_norm, eps))
     }
 
     /// The q/k/v product of one token with its rotary embedding and KV cache write in the same
@@ -1167,18 +1154,8 @@ impl DecoderLayer {
         }
     }
 
-    fn attention(
-        &self,
-        (q, k, v): &(Tensor, Tensor, Tensor),
-        ctx: &StepCtx<'_>,
-        cache: &mut LayerCache,
-    ) -> Result<Tensor> {
-        let y = self.attend(q, k, v, ctx, cache)?;
-        self.attn.o(&y)
-    }
-
     /// Attention of `[batch, 1, hidden]` rows, one sequence each (its own positions and
-    /// cache): one q/k/v product and one output projection for the batch.
+    /// cache), from one q/k/v product for the batch: `[batch, 1, local q heads * head_dim]`.
     fn attention_batch(
         &self,
         (q, k, v): &(Tensor, Tensor, Tensor),
@@ -1199,7 +1176,7 @@ impl DecoderLayer {
                 if let Some(y) =
                     decode_attention_batch(&q, &views, window, scale as f32, SeqTable::Host)?
                 {
-                    return self.attn.o(&y.reshape((b, 1, nq * hd))?);
+                    return Ok(y.reshape((b, 1, nq * hd))?);
                 }
             }
             let ys = ctxs
@@ -1208,7 +1185,7 @@ impl DecoderLayer {
                 .enumerate()
                 .map(|(i, (ctx, (k, v)))| self.attend_cached(&q.narrow(0, i, 1)?, k, v, ctx))
                 .collect::<Result<Vec<_>>>()?;
-            return self.attn.o(&Tensor::cat(&ys, 0)?);
+            return Ok(Tensor::cat(&ys, 0)?);
         }
         let rotated = ctxs
             .iter()
@@ -1224,7 +1201,7 @@ impl DecoderLayer {
             .zip(ctxs)
             .map(|((q, k, v), ctx)| self.attend_cached(q, k, v, ctx))
             .collect::<Result<Vec<_>>>()?;
-        self.attn.o(&Tensor::cat(&ys, 0)?)
+        Ok(Tensor::cat(&ys, 0)?)
     }
 
     /// [`Self::attention_batch`] of a captured batch step: every sequence's token rotated and
@@ -1263,7 +1240,7 @@ impl DecoderLayer {
             seqs.iter().map(|s| (s.caches[0], s.caches[1])).collect();
         let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let y = decode_attention_batch(&q, &views, window, scale, att)?.ok_or_else(unserved)?;
-        self.attn.o(&y.reshape((b, 1, nq * hd))?)
+        Ok(y.reshape((b, 1, nq * hd))?)
     }
 
     /// [`Self::rotate_store`] of one token of each of several sequences (`q`, `k`, `v`:
