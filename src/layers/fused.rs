@@ -524,10 +524,10 @@ __device__ float block_sum(float v, float* red) {
 
 // One block per row: y = x * rsqrt(mean(x^2) + eps) * w, where x is the row, or with `a` the
 // row plus a's row rounded to T (also written to xo). Each thread holds the elements of 4-byte
-// words tid, tid + blockDim.x, ... of the row (at most PER elements; as add_rms_reduced holds
-// them, so that both sum the squares in one order and give the same bits) in registers
-// between the passes. Every load of x and a is issued before the first store (a store could
-// alias them, so the compiler would not move loads above it), and w's while the block sums.
+// words tid, tid + blockDim.x, ... of the row (at most PER elements) in registers between the
+// two passes: as add_rms_reduced holds them, so that both sum the squares in one order and
+// give the same bits. The weights' loads are in flight while the block sums. (Issuing every
+// load of x and a before the first store measured no faster.)
 #define PER 16
 // The norm weights of the elements add_rms's thread holds, into ws.
 template <typename K>
@@ -565,31 +565,24 @@ __device__ void add_rms(const typename K::T* x, const typename K::T* a, const ty
   const long long off = (long long)blockIdx.x * n;
   x += off; y += off;
   if (ADD) { a += off; xo += off; }
-  float vals[PER], other[PER];
-#pragma unroll
-  for (int r = 0; r < PER / E; ++r)
-#pragma unroll
-    for (int j = 0; j < E; ++j) {
-      const int i = (threadIdx.x + r * blockDim.x) * E + j;
-      vals[r * E + j] = i < n ? K::ld(x[i]) : 0.f;
-      if (ADD) other[r * E + j] = i < n ? K::ld(a[i]) : 0.f;
-    }
+  float vals[PER], ws[PER];
   float ss = 0.f;
 #pragma unroll
   for (int r = 0; r < PER / E; ++r)
 #pragma unroll
     for (int j = 0; j < E; ++j) {
       const int i = (threadIdx.x + r * blockDim.x) * E + j;
+      vals[r * E + j] = 0.f;
       if (i < n) {
-        float v = vals[r * E + j];
-        if (ADD) { const T s = K::st(v + other[r * E + j]); xo[i] = s; v = K::ld(s); }
+        float v = K::ld(x[i]);
+        if (ADD) { const T s = K::st(v + K::ld(a[i])); xo[i] = s; v = K::ld(s); }
         vals[r * E + j] = v;
         ss += v * v;
       }
     }
-  load_norm_weights<K>(w, n, other);
+  load_norm_weights<K>(w, n, ws);
   const float inv = rsqrtf(block_sum(ss, red) / (float)n + eps);
-  store_normed<K>(y, n, vals, other, inv);
+  store_normed<K>(y, n, vals, ws, inv);
 }
 
 // y[r, c] = silu(gu[r, c]) * gu[r, half + c], silu's result rounded to T first.
