@@ -502,6 +502,18 @@ fn product64(x: &[f64], w: &[f64], rows: usize, n: usize, kd: usize) -> Vec<f64>
 /// reference (a kernel's result; results of two rounded steps get twice this).
 const KERNEL_TOLERANCES: [(DType, f64); 2] = [(DType::F32, 2e-5), (DType::BF16, 1.6e-2)];
 
+/// Whether rank `r` makes call `call` of a peer protocol its own way (the kernel that finishes
+/// the all-reduce itself) rather than the all-reduce kernel: every rank in calls 0, 3, ...,
+/// rank 0 alone in calls 1, 4, ..., no rank in calls 2, 5, ...: ranks that mix the two ways
+/// must still meet.
+fn own_way(call: usize, r: usize) -> bool {
+    match call % 3 {
+        0 => true,
+        1 => r == 0,
+        _ => false,
+    }
+}
+
 /// Largest |got - want| relative to the largest |want|.
 fn rel_err(got: &[f64], want: &[f64]) -> f64 {
     assert_eq!(got.len(), want.len());
@@ -1139,13 +1151,8 @@ fn norms_finishing_an_owed_all_reduce_match_the_all_reduce_then_the_norm() {
                         .reduce_target(rows * n * 4)?
                         .expect("a product target on the peer path");
                     let owed = Owed { target, comm: c };
-                    // The same call of the protocol made either way: every rank's norm
-                    // finishes it (calls 0, 3), only rank 0's (1, 4), none (2, 5).
-                    let own = match call % 3 {
-                        0 => true,
-                        1 => r == 0,
-                        _ => false,
-                    };
+                    // The same call of the protocol made either way (see `own_way`).
+                    let own = own_way(call, r);
                     let (sum, normed) = if own {
                         let n = NormIn {
                             x: &x,
@@ -1229,13 +1236,8 @@ fn products_finishing_their_all_reduce_match_products_all_reduced_after() {
                     let target = c
                         .reduce_target(rows * n * 4)?
                         .expect("a product target on the peer path");
-                    // The same call of the protocol made either way: every rank's product
-                    // finishes it (calls 0, 3), only rank 0's (1, 4), none (2, 5).
-                    let own = match call % 3 {
-                        0 => true,
-                        1 => r == 0,
-                        _ => false,
-                    };
+                    // The same call of the protocol made either way (see `own_way`).
+                    let own = own_way(call, r);
                     let reduced = if own {
                         fused::linear_reduced(&x, &w, target)?.expect("the GEMV serves")
                     } else {

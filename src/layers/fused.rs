@@ -529,31 +529,24 @@ __device__ float block_sum(float v, float* red) {
 // give the same bits. The weights' loads are in flight while the block sums. (Issuing every
 // load of x and a before the first store measured no faster.)
 #define PER 16
+// Runs the statements after E (elements per 4-byte word) for each element a norm thread holds:
+// slot q of its registers, element i of the row.
+#define FOR_HELD(E, ...) \
+  _Pragma("unroll") for (int r_ = 0; r_ < PER / (E); ++r_) \
+  _Pragma("unroll") for (int j_ = 0; j_ < (E); ++j_) { \
+    const int q = r_ * (E) + j_, i = (threadIdx.x + r_ * blockDim.x) * (E) + j_; \
+    (void)q; (void)i; __VA_ARGS__ }
 // The norm weights of the elements add_rms's thread holds, into ws.
 template <typename K>
 __device__ __forceinline__ void load_norm_weights(const typename K::T* w, int n, float* ws) {
-  constexpr int E = 4 / sizeof(typename K::T);
-#pragma unroll
-  for (int r = 0; r < PER / E; ++r)
-#pragma unroll
-    for (int j = 0; j < E; ++j) {
-      const int i = (threadIdx.x + r * blockDim.x) * E + j;
-      ws[r * E + j] = i < n ? K::ld(w[i]) : 0.f;
-    }
+  FOR_HELD(4 / sizeof(typename K::T), ws[q] = i < n ? K::ld(w[i]) : 0.f;)
 }
 
 // y = vals * inv * ws for the elements add_rms's thread holds.
 template <typename K>
 __device__ __forceinline__ void store_normed(typename K::T* y, int n, const float* vals,
                                              const float* ws, float inv) {
-  constexpr int E = 4 / sizeof(typename K::T);
-#pragma unroll
-  for (int r = 0; r < PER / E; ++r)
-#pragma unroll
-    for (int j = 0; j < E; ++j) {
-      const int i = (threadIdx.x + r * blockDim.x) * E + j;
-      if (i < n) y[i] = K::st(vals[r * E + j] * inv * ws[r * E + j]);
-    }
+  FOR_HELD(4 / sizeof(typename K::T), if (i < n) y[i] = K::st(vals[q] * inv * ws[q]);)
 }
 
 template <typename K, bool ADD>
@@ -567,19 +560,14 @@ __device__ void add_rms(const typename K::T* x, const typename K::T* a, const ty
   if (ADD) { a += off; xo += off; }
   float vals[PER], ws[PER];
   float ss = 0.f;
-#pragma unroll
-  for (int r = 0; r < PER / E; ++r)
-#pragma unroll
-    for (int j = 0; j < E; ++j) {
-      const int i = (threadIdx.x + r * blockDim.x) * E + j;
-      vals[r * E + j] = 0.f;
-      if (i < n) {
-        float v = K::ld(x[i]);
-        if (ADD) { const T s = K::st(v + K::ld(a[i])); xo[i] = s; v = K::ld(s); }
-        vals[r * E + j] = v;
-        ss += v * v;
-      }
-    }
+  FOR_HELD(E,
+    vals[q] = 0.f;
+    if (i < n) {
+      float v = K::ld(x[i]);
+      if (ADD) { const T s = K::st(v + K::ld(a[i])); xo[i] = s; v = K::ld(s); }
+      vals[q] = v;
+      ss += v * v;
+    })
   load_norm_weights<K>(w, n, ws);
   const float inv = rsqrtf(block_sum(ss, red) / (float)n + eps);
   store_normed<K>(y, n, vals, ws, inv);
