@@ -502,6 +502,30 @@ fn product64(x: &[f64], w: &[f64], rows: usize, n: usize, kd: usize) -> Vec<f64>
 /// reference (a kernel's result; results of two rounded steps get twice this).
 const KERNEL_TOLERANCES: [(DType, f64); 2] = [(DType::F32, 2e-5), (DType::BF16, 1.6e-2)];
 
+/// Calls of a peer protocol per rank in [`mixed_calls`].
+const MIXED_CALLS: usize = 6;
+
+/// `call(comm, own, rng)` made [`MIXED_CALLS`] times on every rank of `comms` at once (each
+/// rank's calls in order), `own` as [`own_way`] says for the call and rank: the results per
+/// rank, then per call.
+fn mixed_calls<T: Send>(
+    comms: &[shardwise::comm::nccl::NcclComm],
+    call: impl Fn(
+            &shardwise::comm::nccl::NcclComm,
+            bool,
+            &mut rand::rngs::ThreadRng,
+        ) -> shardwise::error::Result<T>
+        + Sync,
+) -> Vec<Vec<T>> {
+    shardwise::comm::each_rank(comms.iter().collect(), |r, c| {
+        let mut rng = rand::rng();
+        (0..MIXED_CALLS)
+            .map(|k| call(c, own_way(k, r), &mut rng))
+            .collect()
+    })
+    .unwrap()
+}
+
 /// Whether rank `r` makes call `call` of a peer protocol its own way (the kernel that finishes
 /// the all-reduce itself) rather than the all-reduce kernel: every rank in calls 0, 3, ...,
 /// rank 0 alone in calls 1, 4, ..., no rank in calls 2, 5, ...: ranks that mix the two ways
@@ -1133,56 +1157,48 @@ fn norms_finishing_an_owed_all_reduce_match_the_all_reduce_then_the_norm() {
         return;
     };
     let world = comms.len();
-    const CALLS: usize = 6;
     let eps = 1e-5f32;
     for (dtype, tol) in KERNEL_TOLERANCES {
         // A batch step's rows, rows of odd words (2050 bf16 elements), the region's whole slot,
         // and a width whose 2-byte rows are not whole words (the plain call then).
         for (rows, n) in [(8, 4096), (3, 2050), (2, 16384), (1, 4097)] {
-            let per_rank = shardwise::comm::each_rank(comms.iter().collect(), |r, c| {
+            let per_rank = mixed_calls(&comms, |c, own, rng| {
                 let dev = c.cuda_device();
-                let mut rng = rand::rng();
-                let mut out = Vec::new();
-                for call in 0..CALLS {
-                    let (x, x64) = put(&randn(rows * n, &mut rng), &[rows, n], dtype, dev);
-                    let (d, d64) = put(&randn(rows * n, &mut rng), &[rows, n], dtype, dev);
-                    let (w, w64) = put(&randn(n, &mut rng), &[n], dtype, dev);
-                    let target = c
-                        .reduce_target(rows * n * 4)?
-                        .expect("a product target on the peer path");
-                    let owed = Owed { target, comm: c };
-                    // The same call of the protocol made either way (see `own_way`).
-                    let own = own_way(call, r);
-                    let (sum, normed) = if own {
-                        let n = NormIn {
-                            x: &x,
-                            delta: Some(&d),
-                            owed: Some(owed),
-                            w: &w,
-                            eps,
-                        };
-                        fused::add_rms_norm_in(n)?
-                    } else {
-                        fused::add_rms_norm(&x, Some(&owed.settle(&d)?), &w, eps)?
+                let (x, x64) = put(&randn(rows * n, rng), &[rows, n], dtype, dev);
+                let (d, d64) = put(&randn(rows * n, rng), &[rows, n], dtype, dev);
+                let (w, w64) = put(&randn(n, rng), &[n], dtype, dev);
+                let target = c
+                    .reduce_target(rows * n * 4)?
+                    .expect("a product target on the peer path");
+                let owed = Owed { target, comm: c };
+                // The same call of the protocol made either way.
+                let (sum, normed) = if own {
+                    let n = NormIn {
+                        x: &x,
+                        delta: Some(&d),
+                        owed: Some(owed),
+                        w: &w,
+                        eps,
                     };
-                    let reduced = c.all_reduce_sum(&d)?;
-                    let (psum, pnormed) = fused::add_rms_norm(&x, Some(&reduced), &w, eps)?;
-                    // A product finishing its own all-reduce in between: the same region's
-                    // call numbers.
-                    let (px, _) = put(&randn(2 * 64, &mut rng), &[2, 64], dtype, dev);
-                    let (pw, _) = put(&randn(256 * 64, &mut rng), &[256, 64], dtype, dev);
-                    let pt = c.reduce_target(2 * 256 * 4)?.expect("a product target");
-                    let _ = fused::linear_reduced(&px, &pw, pt)?.expect("the GEMV serves");
-                    out.push((
-                        [values(&sum), values(&normed)],
-                        [values(&psum), values(&pnormed)],
-                        (x64, d64, w64, values(&reduced)),
-                    ));
-                }
-                Ok(out)
-            })
-            .unwrap();
-            for call in 0..CALLS {
+                    fused::add_rms_norm_in(n)?
+                } else {
+                    fused::add_rms_norm(&x, Some(&owed.settle(&d)?), &w, eps)?
+                };
+                let reduced = c.all_reduce_sum(&d)?;
+                let (psum, pnormed) = fused::add_rms_norm(&x, Some(&reduced), &w, eps)?;
+                // A product finishing its own all-reduce in between: the same region's call
+                // numbers.
+                let (px, _) = put(&randn(2 * 64, rng), &[2, 64], dtype, dev);
+                let (pw, _) = put(&randn(256 * 64, rng), &[256, 64], dtype, dev);
+                let pt = c.reduce_target(2 * 256 * 4)?.expect("a product target");
+                let _ = fused::linear_reduced(&px, &pw, pt)?.expect("the GEMV serves");
+                Ok((
+                    [values(&sum), values(&normed)],
+                    [values(&psum), values(&pnormed)],
+                    (x64, d64, w64, values(&reduced)),
+                ))
+            });
+            for call in 0..MIXED_CALLS {
                 let total: Vec<f64> = (0..rows * n)
                     .map(|i| per_rank.iter().map(|calls| calls[call].2 .1[i]).sum())
                     .collect();
@@ -1217,7 +1233,6 @@ fn products_finishing_their_all_reduce_match_products_all_reduced_after() {
         return;
     };
     let world = comms.len();
-    const CALLS: usize = 6;
     for (dtype, tol) in KERNEL_TOLERANCES {
         // Whole blocks of 4 outputs, a last block of 2, two rows, the region's whole slot.
         for (rows, n, kd) in [
@@ -1226,37 +1241,29 @@ fn products_finishing_their_all_reduce_match_products_all_reduced_after() {
             (2, 2050, 256),
             (2, 16384, 128),
         ] {
-            let per_rank = shardwise::comm::each_rank(comms.iter().collect(), |r, c| {
+            let per_rank = mixed_calls(&comms, |c, own, rng| {
                 let dev = c.cuda_device();
-                let mut rng = rand::rng();
-                let mut out = Vec::new();
-                for call in 0..CALLS {
-                    let (x, x64) = put(&randn(rows * kd, &mut rng), &[rows, kd], dtype, dev);
-                    let (w, w64) = put(&randn(n * kd, &mut rng), &[n, kd], dtype, dev);
-                    let target = c
-                        .reduce_target(rows * n * 4)?
-                        .expect("a product target on the peer path");
-                    // The same call of the protocol made either way (see `own_way`).
-                    let own = own_way(call, r);
-                    let reduced = if own {
-                        fused::linear_reduced(&x, &w, target)?.expect("the GEMV serves")
-                    } else {
-                        c.all_reduce_product(&fused::linear(&x, &w)?.expect("the GEMV serves"))?
-                    };
-                    let plain =
-                        c.all_reduce_sum(&fused::linear(&x, &w)?.expect("the GEMV serves"))?;
-                    // A gather in between: all three share the peer buffers' call numbers.
-                    let _ = c.all_gather(&x.narrow(1, 0, 3)?.contiguous()?, 1)?;
-                    out.push((
-                        values(&reduced),
-                        values(&plain),
-                        product64(&x64, &w64, rows, n, kd),
-                    ));
-                }
-                Ok(out)
-            })
-            .unwrap();
-            for call in 0..CALLS {
+                let (x, x64) = put(&randn(rows * kd, rng), &[rows, kd], dtype, dev);
+                let (w, w64) = put(&randn(n * kd, rng), &[n, kd], dtype, dev);
+                let target = c
+                    .reduce_target(rows * n * 4)?
+                    .expect("a product target on the peer path");
+                // The same call of the protocol made either way.
+                let reduced = if own {
+                    fused::linear_reduced(&x, &w, target)?.expect("the GEMV serves")
+                } else {
+                    c.all_reduce_product(&fused::linear(&x, &w)?.expect("the GEMV serves"))?
+                };
+                let plain = c.all_reduce_sum(&fused::linear(&x, &w)?.expect("the GEMV serves"))?;
+                // A gather in between: all three share the peer buffers' call numbers.
+                let _ = c.all_gather(&x.narrow(1, 0, 3)?.contiguous()?, 1)?;
+                Ok((
+                    values(&reduced),
+                    values(&plain),
+                    product64(&x64, &w64, rows, n, kd),
+                ))
+            });
+            for call in 0..MIXED_CALLS {
                 let want: Vec<f64> = (0..rows * n)
                     .map(|i| per_rank.iter().map(|calls| calls[call].2[i]).sum())
                     .collect();
