@@ -226,70 +226,58 @@ fn peer_all_reduce_names_a_rank_that_never_arrives() {
 
 #[test]
 fn product_all_reduce_names_a_rank_that_never_arrives() {
-    use shardwise::comm::Communicator;
     use shardwise::layers::fused;
     // As above, for the wait inside a product that finishes its own all-reduce.
-    let Some(comms) = short_deadline_pair() else {
-        return;
-    };
-    let dev = comms[0].cuda_device();
     let (rows, n, kd) = (1, 512, 256);
-    let x = candle_core::Tensor::ones((rows, kd), DType::BF16, dev).unwrap();
-    let w = candle_core::Tensor::ones((n, kd), DType::BF16, dev).unwrap();
-    let target = comms[0]
-        .reduce_target(rows * n * 4)
-        .unwrap()
-        .expect("a product target on the peer path");
-    // Rank 1 never runs its product: rank 0's blocks give up after the deadline, and the
-    // next call says who.
-    let t0 = std::time::Instant::now();
-    fused::linear_reduced(&x, &w, target)
-        .unwrap()
-        .expect("the GEMV serves");
-    dev.synchronize().unwrap();
-    let err = comms[0]
-        .reduce_target(rows * n * 4)
-        .unwrap_err()
-        .to_string();
-    names_rank_1_in_time(&err, t0);
+    lone_product_call_names_rank_1(rows * n * 4, |c, target| {
+        let dev = c.cuda_device();
+        let x = candle_core::Tensor::ones((rows, kd), DType::BF16, dev).unwrap();
+        let w = candle_core::Tensor::ones((n, kd), DType::BF16, dev).unwrap();
+        fused::linear_reduced(&x, &w, target)
+            .unwrap()
+            .expect("the GEMV serves");
+    });
 }
 
 #[test]
 fn norm_all_reduce_names_a_rank_that_never_arrives() {
-    use shardwise::comm::Communicator;
     use shardwise::layers::fused::{self, NormIn, Owed};
     // As above, for the wait inside a norm that finishes an owed all-reduce.
+    let (rows, n) = (8, 512);
+    lone_product_call_names_rank_1(rows * n * 4, |c, target| {
+        let dev = c.cuda_device();
+        let x = candle_core::Tensor::ones((rows, n), DType::BF16, dev).unwrap();
+        let w = candle_core::Tensor::ones(n, DType::BF16, dev).unwrap();
+        let norm = NormIn {
+            x: &x,
+            delta: Some(&x),
+            owed: Some(Owed { target, comm: c }),
+            w: &w,
+            eps: 1e-5,
+        };
+        fused::add_rms_norm_in(norm).unwrap();
+    });
+}
+
+/// Rank 0 of a [`short_deadline_pair`] makes one call of the products' peer protocol for an
+/// output of `bytes` bytes (`call`, given the target) that rank 1 never makes: its blocks give
+/// up after the deadline, and the next call names rank 1.
+fn lone_product_call_names_rank_1(
+    bytes: usize,
+    call: impl FnOnce(&shardwise::comm::nccl::NcclComm, shardwise::comm::PeerReduce),
+) {
+    use shardwise::comm::Communicator;
     let Some(comms) = short_deadline_pair() else {
         return;
     };
-    let dev = comms[0].cuda_device();
-    let (rows, n) = (8, 512);
-    let x = candle_core::Tensor::ones((rows, n), DType::BF16, dev).unwrap();
-    let w = candle_core::Tensor::ones(n, DType::BF16, dev).unwrap();
     let target = comms[0]
-        .reduce_target(rows * n * 4)
+        .reduce_target(bytes)
         .unwrap()
         .expect("a product target on the peer path");
-    let owed = Owed {
-        target,
-        comm: &comms[0],
-    };
-    // Rank 1 never runs its norm: rank 0's blocks give up after the deadline, and the next
-    // call says who.
     let t0 = std::time::Instant::now();
-    let norm = NormIn {
-        x: &x,
-        delta: Some(&x),
-        owed: Some(owed),
-        w: &w,
-        eps: 1e-5,
-    };
-    fused::add_rms_norm_in(norm).unwrap();
-    dev.synchronize().unwrap();
-    let err = comms[0]
-        .reduce_target(rows * n * 4)
-        .unwrap_err()
-        .to_string();
+    call(&comms[0], target);
+    comms[0].cuda_device().synchronize().unwrap();
+    let err = comms[0].reduce_target(bytes).unwrap_err().to_string();
     names_rank_1_in_time(&err, t0);
 }
 
