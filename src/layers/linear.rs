@@ -302,11 +302,8 @@ impl ParallelLinear {
     /// # Errors
     /// Kernel or collective errors, naming the layer.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        (|| match self.reduced_product(x, false)? {
-            Some((y, _)) => crate::quant::add_bias(y, self.bias_after.as_ref()),
-            None => self.combine(self.product(x)?),
-        })()
-        .in_layer(&self.name)
+        // Owing nothing, the output is whole.
+        Ok(self.output(x, false)?.y)
     }
 
     /// [`Self::forward`], except that a row-parallel product whose all-reduce could be done
@@ -316,18 +313,22 @@ impl ParallelLinear {
     /// # Errors
     /// Kernel or collective errors, naming the layer.
     pub fn forward_owing(&self, x: &Tensor) -> Result<Partial<'_>> {
+        self.output(x, fused::norm_reduce_on())
+    }
+
+    /// The output of [`Self::forward`], or with `owe` of [`Self::forward_owing`].
+    fn output(&self, x: &Tensor, owe: bool) -> Result<Partial<'_>> {
         (|| -> Result<Partial<'_>> {
-            match self.reduced_product(x, fused::norm_reduce_on())? {
-                Some((y, Some(owed))) => Ok(Partial {
+            Ok(match self.reduced_product(x, owe)? {
+                Some((y, Some(owed))) => Partial {
                     y,
                     owed: Some(owed),
-                }),
-                Some((y, None)) => Ok(Partial::done(crate::quant::add_bias(
-                    y,
-                    self.bias_after.as_ref(),
-                )?)),
-                None => Ok(Partial::done(self.combine(self.product(x)?)?)),
-            }
+                },
+                Some((y, None)) => {
+                    Partial::done(crate::quant::add_bias(y, self.bias_after.as_ref())?)
+                }
+                None => Partial::done(self.combine(self.product(x)?)?),
+            })
         })()
         .in_layer(&self.name)
     }
