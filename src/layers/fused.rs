@@ -1236,6 +1236,28 @@ struct ReduceArgs {
   int rank, world;
   u64 cap, half, base, timeout;
 };
+// Word i of this rank's payload (v: tagged with the call's number) into this rank's slot of
+// every peer's buffer, `at` words into the buffer (the call's half).
+__device__ __forceinline__ void ll_push(const ReduceArgs& ra, u64 at, u64 i, u64 v) {
+  for (int p = 0; p < ra.world; ++p)
+    if (p != ra.rank) st_ll((u64*)ra.peers[p] + at + (u64)ra.rank * ra.cap + i, v);
+}
+// The ranks' elements of payload word i summed in rank order into acc (own: this rank's word),
+// waiting for the peers' words of call e in this rank's buffer (see ll_wait).
+template <typename K>
+__device__ __forceinline__ void ll_sum(const ReduceArgs& ra, u64 at, u64 i, unsigned own,
+                                       unsigned e, u64 t0, bool& gone, float* acc) {
+  constexpr int E = 4 / sizeof(typename K::T);
+  const u64* mine = (const u64*)ra.peers[ra.rank] + at + i;
+#pragma unroll
+  for (int j = 0; j < E; ++j) acc[j] = 0.f;
+  for (int p = 0; p < ra.world; ++p) {
+    const unsigned got =
+        p == ra.rank ? own : ll_wait(mine + (u64)p * ra.cap, e, t0, ra.timeout, ra.err, p, gone);
+#pragma unroll
+    for (int j = 0; j < E; ++j) acc[j] += K::ld(elem_of<typename K::T>(got, j));
+  }
+}
 __device__ __forceinline__ unsigned tbits(float x) { return __float_as_uint(x); }
 __device__ __forceinline__ unsigned tbits(u16 x) { return x; }
 // Column j of group cg under rotary pairing (hd a multiple of 4).
@@ -1415,22 +1437,10 @@ __device__ void gemv(const typename K::T* x, const typename K::T* a, const typen
       const unsigned e = epoch;
       const u64 i = ((u64)m * n + c0 + c) / E;
       const u64 at = ra.base + (u64)(e & 1u) * ra.half;
-      const u64 v = ((u64)e << 32) | word;
-      for (int p = 0; p < ra.world; ++p)
-        if (p != ra.rank) st_ll((u64*)ra.peers[p] + at + (u64)ra.rank * ra.cap + i, v);
-      const u64* mine = (const u64*)ra.peers[ra.rank] + at + i;
-      const u64 t0 = now_ns();
+      ll_push(ra, at, i, ((u64)e << 32) | word);
       bool gone = false;
       float acc[E];
-#pragma unroll
-      for (int j = 0; j < E; ++j) acc[j] = 0.f;
-      for (int p = 0; p < ra.world; ++p) {
-        const unsigned got = p == ra.rank
-                                 ? word
-                                 : ll_wait(mine + (u64)p * ra.cap, e, t0, ra.timeout, ra.err, p, gone);
-#pragma unroll
-        for (int j = 0; j < E; ++j) acc[j] += K::ld(elem_of<T>(got, j));
-      }
+      ll_sum<K>(ra, at, i, word, e, now_ns(), gone, acc);
 #pragma unroll
       for (int j = 0; j < E; ++j) y[(long long)m * n + c0 + c + j] = K::st(acc[j]);
     }
@@ -1475,9 +1485,7 @@ __device__ void add_rms_reduced(const typename K::T* x, const typename K::T* a,
 #pragma unroll
   for (int r = 0; r < PW; ++r) {
     const int i = threadIdx.x + r * blockDim.x;
-    if (i < nw)
-      for (int p = 0; p < ra.world; ++p)
-        if (p != ra.rank) st_ll((u64*)ra.peers[p] + at + (u64)ra.rank * ra.cap + i, tag | d[r]);
+    if (i < nw) ll_push(ra, at, i, tag | d[r]);
   }
   float vals[PER];
 #pragma unroll
@@ -1486,7 +1494,6 @@ __device__ void add_rms_reduced(const typename K::T* x, const typename K::T* a,
 #pragma unroll
     for (int j = 0; j < E; ++j) vals[r * E + j] = i < nw ? K::ld(x[i * E + j]) : 0.f;
   }
-  const u64* mine = (const u64*)ra.peers[ra.rank] + at;
   const u64 t0 = now_ns();
   bool gone = false;
   float ss = 0.f;
@@ -1495,15 +1502,7 @@ __device__ void add_rms_reduced(const typename K::T* x, const typename K::T* a,
     const int i = threadIdx.x + r * blockDim.x;
     if (i >= nw) break;
     float acc[E];
-#pragma unroll
-    for (int j = 0; j < E; ++j) acc[j] = 0.f;
-    for (int p = 0; p < ra.world; ++p) {
-      const unsigned got = p == ra.rank
-                               ? d[r]
-                               : ll_wait(mine + (u64)p * ra.cap + i, e, t0, ra.timeout, ra.err, p, gone);
-#pragma unroll
-      for (int j = 0; j < E; ++j) acc[j] += K::ld(elem_of<T>(got, j));
-    }
+    ll_sum<K>(ra, at, i, d[r], e, t0, gone, acc);
 #pragma unroll
     for (int j = 0; j < E; ++j) {
       const T s = K::st(vals[r * E + j] + K::ld(K::st(acc[j])));
